@@ -1,0 +1,12 @@
+"""score_kernels: fused ops for RL fine-tuning of language models, usable by any trainer.
+
+Every public op checks its inputs (ValueError naming the argument), picks the fastest live backend
+(`backends()`), can be forced with `backend=`, has a pure-PyTorch reference beside it, and is a
+torch.library op so that torch.compile(fullgraph=True) can trace callers.
+"""
+from score_kernels._backend import backends
+from score_kernels.token_kl import ESTIMATORS as KL_ESTIMATORS
+from score_kernels.token_kl import token_kl, token_kl_reference
+
+__all__ = ["backends", "token_kl", "token_kl_reference", "KL_ESTIMATORS"]
+__version__ = "0.1.0"
