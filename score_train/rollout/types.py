@@ -1,0 +1,59 @@
+"""The rollout contract shared by the engine, the HF `generate` baseline, evaluation and training.
+
+A two-turn episode's token layout, exactly as the trainer scores it:
+
+    prompt_ids + turn1_ids + instruction_ids + turn2_ids
+
+- prompt_ids: the chat-templated [user: x] plus the assistant header.
+- turn1_ids: the sampled turn-1 tokens, including the EOS that ended it (if one did).
+- instruction_ids: everything between y1 and y2: the end-of-turn token(s) the template adds
+  after y1 when y1 did not already end with one, the user turn holding the instruction, and the
+  assistant header. Token ids, never re-tokenised text.
+- turn2_ids: the sampled turn-2 tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class TwoTurnSample:
+    prompt_index: int
+    sample_index: int
+    prompt_ids: list[int]
+    turn1_ids: list[int]
+    turn1_logprobs: list[float]
+    turn1_text: str
+    finish_reasons: list[str]  # one per turn generated: "eos" | "length" | "stop"
+    instruction_ids: list[int] = field(default_factory=list)
+    turn2_ids: list[int] | None = None
+    turn2_logprobs: list[float] | None = None
+    turn2_text: str | None = None
+
+    def full_ids(self) -> list[int]:
+        ids = self.prompt_ids + self.turn1_ids
+        if self.turn2_ids is not None:
+            ids = ids + self.instruction_ids + self.turn2_ids
+        return ids
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 256  # per turn
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+class Rollout(Protocol):
+    """Anything that can produce two-turn samples: the paged engine or the HF baseline."""
+
+    def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
+                 instruction: str | None = None) -> list[TwoTurnSample]:
+        """prompts are user messages (sent through the tokenizer's chat template).
+        Returns len(prompts) * params.n samples, ordered by (prompt_index, sample_index)."""
+        ...
