@@ -1,0 +1,43 @@
+"""The AOT compile check runs for sm_80 and sm_90 without a GPU, and dots become tensor-core ops."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compile_check_all_kernels(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "aot.json"
+    res = subprocess.run([sys.executable, "-m", "score_kernels.compile_check", "--arch", "sm_80,sm_90",
+                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert rows and all(r["ok"] for r in rows)
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    dots = [r for r in rows if r.get("expects_dot")]
+    for r in dots:
+        assert r["tensor_cores"], r
+    assert "kernel" in res.stdout and "compiled" in res.stdout
+
+
+def test_compile_check_fails_on_broken_kernel(tmp_path):
+    # a kernel that cannot compile (shape mismatch in tl.store) must make the check exit non-zero
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import sys, triton, triton.language as tl\n"
+        "from score_kernels import _aot, compile_check\n"
+        "@triton.jit\n"
+        "def bad(x_ptr, B: tl.constexpr):\n"
+        "    tl.store(x_ptr + tl.arange(0, B), tl.zeros((B, B), tl.float32))\n"
+        "_aot.SPECS[:] = []\n"
+        "_aot.register('bad', bad, {'x_ptr': '*fp32', 'B': 'constexpr'}, {'B': 16})\n"
+        "import score_kernels\n"
+        "rows = compile_check.run(['sm_90'])\n"
+        "rows = [r for r in rows if r['kernel'] == 'bad']\n"
+        "sys.exit(0 if rows and not rows[0]['ok'] else 3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
