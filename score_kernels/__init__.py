@@ -7,6 +7,11 @@ torch.library op so that torch.compile(fullgraph=True) can trace callers.
 from score_kernels._backend import backends
 from score_kernels.token_kl import ESTIMATORS as KL_ESTIMATORS
 from score_kernels.token_kl import token_kl, token_kl_reference
+from score_kernels.kv_cache import copy_blocks, copy_blocks_reference, store_kv, store_kv_reference
+from score_kernels.paged_attention import paged_attention, paged_attention_reference
+from score_kernels.sampling import sample
 
 __all__ = ["backends", "token_kl", "token_kl_reference", "KL_ESTIMATORS"]
+__all__ += ["store_kv", "store_kv_reference", "copy_blocks", "copy_blocks_reference", "paged_attention",
+            "paged_attention_reference", "sample"]
 __version__ = "0.1.0"
