@@ -24,6 +24,8 @@ from benchmarks.gpu_timing import calibrate  # noqa: E402
 
 
 def _commit() -> str:
+    if os.environ.get("SCORE_COMMIT"):  # the device copy of the tree has no .git
+        return os.environ["SCORE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
