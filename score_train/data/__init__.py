@@ -1,0 +1,44 @@
+"""Task sources. `load_task(spec, split, n, seed)` is the one entry point:
+
+    spec: "arithmetic" | "champ" | "humaneval" | "jsonl:PATH"
+    split: "train" | "eval" | "all" ("all" is not offered for arithmetic)
+
+Held-out problems: arithmetic assigns every distinct expression to one split by a hash; the fixed
+datasets split by a hash of the record id with `eval_fraction` (default 0.2). Evaluation of a
+training run must use split="eval".
+"""
+from __future__ import annotations
+
+import random
+
+from score_train.data.arithmetic import ArithmeticConfig, generate as generate_arithmetic
+from score_train.data.champ import load_champ
+from score_train.data.humaneval import load_humaneval
+from score_train.data.jsonl import JsonlFormatError, load_jsonl
+from score_train.data.records import Record, select_split, split_of
+
+__all__ = ["ArithmeticConfig", "JsonlFormatError", "Record", "generate_arithmetic", "load_champ",
+           "load_humaneval", "load_jsonl", "load_task", "select_split", "split_of"]
+
+
+def load_task(spec: str, split: str = "eval", n: int | None = None, seed: int = 0, *,
+              eval_fraction: float = 0.2, arithmetic: ArithmeticConfig | None = None) -> list[Record]:
+    """Records of a task's split. n=None: all of them (arithmetic needs n). For fixed datasets,
+    n < available picks a seeded random subset (in dataset order)."""
+    if spec == "arithmetic":
+        if split == "all":
+            raise ValueError("arithmetic has no 'all' split: ask for 'train' or 'eval'")
+        return generate_arithmetic(64 if n is None else n, split=split, seed=seed, cfg=arithmetic)
+    if spec == "champ":
+        recs = load_champ()
+    elif spec == "humaneval":
+        recs = load_humaneval()
+    elif spec.startswith("jsonl:"):
+        recs = load_jsonl(spec[len("jsonl:"):])
+    else:
+        raise ValueError(f"unknown task {spec!r}: use arithmetic, champ, humaneval or jsonl:PATH")
+    recs = select_split(recs, split, eval_fraction)
+    if n is not None and n < len(recs):
+        keep = sorted(random.Random(f"{spec}|{split}|{seed}").sample(range(len(recs)), n))
+        recs = [recs[i] for i in keep]
+    return recs
