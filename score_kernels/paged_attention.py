@@ -15,8 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from score_kernels import _checks
-from score_kernels._backend import pick_backend
+from score_kernels import _aot, _checks
+from score_kernels._backend import INTERPRET, pick_backend
+from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 from score_kernels.kv_cache import check_caches
 
 _SUPPORTED = ("triton", "torch")
@@ -75,6 +76,245 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, c
     return out
 
 
+# ----------------------------------------------------------------------------- triton
+# One program = one tile of BLOCK_Q consecutive queries of one sequence x the GROUP query heads that
+# share one kv head (rows r -> query r // GROUP, head r % GROUP), x one split of the key range.
+# Sequence b owns tiles [cu[b] // BLOCK_Q + b, cu[b+1] // BLOCK_Q + b + 1) (exactly [cu[b], cu[b+1])
+# when BLOCK_Q == 1), so the grid size follows from shapes alone (no host sync, CUDA-graph safe) and a
+# program finds its sequence by binary search over cu_seqlens_q.
+if HAVE_TRITON:
+
+    @triton.jit
+    def _tile_start(cu_ptr, b, BLOCK_Q: tl.constexpr):
+        start = tl.load(cu_ptr + b)
+        if BLOCK_Q > 1:
+            start = start // BLOCK_Q + b
+        return start
+
+    @triton.jit
+    def _paged_attn_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_ml_ptr, bt_ptr, ctx_ptr, cu_ptr,
+        scale_log2, n_seqs, search_iters, n_q, n_q_heads, kv_chunk,
+        stride_qt, stride_qh, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+        stride_ot, stride_oh, stride_bt,
+        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
+        UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        lo = tl.full([], 0, tl.int32)
+        hi = tl.full([], 0, tl.int32) + n_seqs
+        for _ in range(search_iters):
+            mid = (lo + hi) // 2
+            right = _tile_start(cu_ptr, mid, BLOCK_Q) <= pid
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        b = lo
+        q_start = tl.load(cu_ptr + b)
+        q_len = tl.load(cu_ptr + b + 1) - q_start
+        ctx = tl.load(ctx_ptr + b)
+        q0 = (pid - _tile_start(cu_ptr, b, BLOCK_Q)) * BLOCK_Q
+        if q0 >= q_len:
+            return
+
+        r = tl.arange(0, BLOCK_M)
+        qi = q0 + r // GROUP
+        head = kvh * GROUP + r % GROUP
+        row_ok = (r < BLOCK_Q * GROUP) & (qi < q_len)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        tok = (q_start + qi).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = q.to(k_ptr.dtype.element_ty)
+        if UPCAST:
+            q = q.to(tl.float32)
+        q_pos = ctx - q_len + qi
+        kv_stop = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)  # causal bound of the tile's last query
+        kv_lo = split * kv_chunk
+        kv_hi = tl.minimum(kv_stop, kv_lo + kv_chunk)
+
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        n = tl.arange(0, BLOCK_N)
+        for start in range(kv_lo, kv_hi, BLOCK_N):
+            pos = start + n
+            p_ok = pos < kv_hi
+            blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + pos // BLOCK_SIZE, mask=p_ok, other=0).to(tl.int64)
+            off = pos % BLOCK_SIZE
+            kv_ok = p_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (blk * stride_kb + off * stride_ko + kvh * stride_kh)[:, None] + d[None, :],
+                        mask=kv_ok, other=0.0)
+            v = tl.load(v_ptr + (blk * stride_vb + off * stride_vo + kvh * stride_vh)[:, None] + d[None, :],
+                        mask=kv_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            ok = p_ok[None, :] & (pos[None, :] <= q_pos[:, None])
+            qk = tl.where(ok, qk * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+
+        if SPLIT:
+            # unnormalised partials; _paged_attn_reduce_kernel merges the splits
+            prow = (split.to(tl.int64) * n_q + tok) * n_q_heads + head
+            tl.store(part_acc_ptr + prow[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + prow * 2, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
+        else:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _paged_attn_reduce_kernel(part_acc_ptr, part_ml_ptr, out_ptr, n_splits, n_q, n_q_heads,
+                                  stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCK_S: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        hd = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < n_splits
+        prow = (s.to(tl.int64) * n_q + t) * n_q_heads + hd
+        m = tl.load(part_ml_ptr + prow * 2, mask=s_ok, other=-1.0e30)
+        l = tl.load(part_ml_ptr + prow * 2 + 1, mask=s_ok, other=0.0)
+        w = tl.exp2(m - tl.max(m, 0))
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc_ptr + prow[:, None] * BLOCK_D + d[None, :], mask=s_ok[:, None], other=0.0)
+        den = tl.sum(l * w, 0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+        tl.store(out_ptr + t * stride_ot + hd * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+    _TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+    def _register_aot():
+        for dt in ("bf16",):
+            for hd in (64, 128):
+                for grp, decode in ((1, False), (7, False), (7, True), (4, True)):
+                    cfg = _config(grp, hd, decode, torch.bfloat16, interpret=False)
+                    sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}",
+                           "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "bt_ptr": "*i32", "ctx_ptr": "*i32",
+                           "cu_ptr": "*i32", "scale_log2": "fp32"}
+                    for a in ("n_seqs", "search_iters", "n_q", "n_q_heads", "kv_chunk", "stride_qt", "stride_qh",
+                              "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo", "stride_vh",
+                              "stride_ot", "stride_oh", "stride_bt"):
+                        sig[a] = "i32"
+                    consts = dict(cfg["constexprs"], BLOCK_SIZE=16, SPLIT=decode)
+                    for c in consts:
+                        sig[c] = "constexpr"
+                    # decode tiles have GROUP rows (padded to 16): too few for wgmma's 64-row tiles, and
+                    # decode is bandwidth-bound, so only the prefill/extend tiles must hit tensor cores
+                    _aot.register(f"paged_attention[{dt},D={hd},G={grp},{'decode' if decode else 'prefill'}]",
+                                  _paged_attn_kernel, sig, consts, num_warps=cfg["num_warps"],
+                                  num_stages=cfg["num_stages"], has_dot=not decode)
+            _aot.register(f"paged_attention_reduce[{dt}]", _paged_attn_reduce_kernel,
+                          {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "out_ptr": f"*{dt}", "n_splits": "i32",
+                           "n_q": "i32", "n_q_heads": "i32", "stride_ot": "i32", "stride_oh": "i32",
+                           "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"},
+                          {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_S": 32})
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _config(grp: int, head_dim: int, decode: bool, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile shape: decode tiles hold one query x GROUP heads; prefill/extend tiles about 64 rows."""
+    if decode:
+        block_q = 1
+        block_m = max(16, _next_pow2(grp))
+    else:
+        block_q = max(1, 64 // grp)
+        block_m = max(16, _next_pow2(block_q * grp))
+    block_d = max(16, _next_pow2(head_dim))
+    block_n = 64 if block_d <= 64 else 32 if not decode else 64
+    if interpret:
+        block_n = 16
+    return {"block_q": block_q, "num_warps": 4, "num_stages": 2 if decode else 3,
+            "constexprs": {"GROUP": grp, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                           "HEAD_DIM": head_dim, "BLOCK_D": block_d, "UPCAST": interpret,
+                           "IEEE": dtype == torch.float32}}
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: small, so that tests exercise split-K on small batches
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def _triton_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale,
+                            num_splits: int | None = None):
+    if q.dtype == torch.float64 or k_cache.dtype == torch.float64:
+        raise ValueError("paged_attention: the triton backend does not take float64; use backend='torch'")
+    nq, hq, d = q.shape
+    bsz = context_lens.shape[0]
+    hkv, block_size = k_cache.shape[2], k_cache.shape[1]
+    grp = hq // hkv
+    out = torch.empty_like(q)
+    if nq == 0 or bsz == 0:
+        return out
+    decode = nq <= bsz  # average q_len <= 1: one-query tiles
+    cfg = _config(grp, d, decode, k_cache.dtype, INTERPRET)
+    block_q = cfg["block_q"]
+    block_n = cfg["constexprs"]["BLOCK_N"]
+    n_tiles = nq if block_q == 1 else nq // block_q + bsz
+    max_ctx = block_tables.shape[1] * block_size  # static bound: no host sync on context_lens
+    if num_splits is None:
+        num_splits = 1
+        programs = n_tiles * hkv
+        if decode and programs < 2 * _sm_count(q.device):
+            num_splits = max(1, min(-(-2 * _sm_count(q.device) // programs), -(-max_ctx // (4 * block_n)), 32))
+    kv_chunk = -(-max_ctx // num_splits)
+    kv_chunk = -(-kv_chunk // block_n) * block_n
+    num_splits = max(1, -(-max_ctx // kv_chunk))
+    split = num_splits > 1
+    if split:
+        bd = cfg["constexprs"]["BLOCK_D"]
+        part_acc = torch.empty(num_splits, nq, hq, bd, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_splits, nq, hq, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    bt = block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)
+    ctx = context_lens if context_lens.dtype == torch.int32 else context_lens.to(torch.int32)
+    cu = cu_seqlens_q if cu_seqlens_q.dtype == torch.int32 else cu_seqlens_q.to(torch.int32)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    _paged_attn_kernel[(n_tiles, hkv, num_splits)](
+        q, k_cache, v_cache, out, part_acc, part_ml, bt, ctx, cu,
+        float(scale) * 1.4426950408889634, bsz, max(1, bsz.bit_length()), nq, hq, kv_chunk,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
+        BLOCK_SIZE=block_size, SPLIT=split, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **cfg["constexprs"])
+    if split:
+        _paged_attn_reduce_kernel[(nq, hq)](
+            part_acc, part_ml, out, num_splits, nq, hq, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_D=cfg["constexprs"]["BLOCK_D"], BLOCK_S=max(2, _next_pow2(num_splits)))
+    return out
+
+
+if HAVE_TRITON:
+    _register_aot()
+
+
 # ----------------------------------------------------------------------------- torch.library
 def _impl(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, backend):
     if backend == "triton":
@@ -92,10 +332,6 @@ def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, scale, backend):
     return torch.empty_like(q)
-
-
-def _triton_paged_attention(*args):  # replaced below once the Triton kernel lands
-    raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- public API
