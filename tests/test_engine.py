@@ -1,0 +1,200 @@
+"""The paged two-turn engine: greedy equality with HF generate, sharing invariance, phase counts."""
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+from score_train.model import from_hf, load_model, load_tokenizer
+from score_train.rollout.engine import ChatFormat, Engine
+from score_train.rollout.hf_baseline import HFRollout
+from score_train.rollout.types import SamplingParams
+from tests.test_model import random_hf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+VOCAB = 49152  # the SmolLM2 tokenizer's
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("embedded")
+
+
+def _cfg(kind):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, eos_token_id=2,
+                  bos_token_id=1)
+    if kind == "llama":
+        return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if kind == "qwen2":
+        return Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    return Qwen3Config(**common, num_attention_heads=6, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
+
+_MODELS = {}
+
+
+def tiny(kind="llama"):
+    if kind not in _MODELS:
+        hf = random_hf(_cfg(kind), seed=3)
+        _MODELS[kind] = (hf, from_hf(hf))
+    return _MODELS[kind]
+
+
+def rand_prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_same(a, b):
+    assert [(s.prompt_index, s.sample_index) for s in a] == [(s.prompt_index, s.sample_index) for s in b]
+    for x, y in zip(a, b):
+        assert x.turn1_ids == y.turn1_ids
+        assert x.finish_reasons == y.finish_reasons
+        assert x.instruction_ids == y.instruction_ids
+        assert x.turn2_ids == y.turn2_ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_greedy_two_turn_equals_hf(tok, kind):
+    hf, m = tiny(kind)
+    chat = ChatFormat(tok)
+    suffix = chat.suffix_ids("x", "Check your answer.")
+    prompts = rand_prompts([16, 37, 1, 32, 17])  # multiples of the block size and not
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=12)
+    eng = Engine(m, tok, block_size=16)
+    out = eng.generate_ids(prompts, params, suffixes=[suffix] * len(prompts))
+    ref = HFRollout(hf, tok, batch_size=1, eos_token_ids=eng.eos_ids).generate_ids(
+        prompts, params, suffixes=[suffix] * len(prompts))
+    assert_same(out, ref)
+    assert all(s.finish_reasons == ["length", "length"] for s in out)
+    for x, y in zip(out, ref):  # greedy log-probs are log_softmax(logits)[token]
+        torch.testing.assert_close(torch.tensor(x.turn1_logprobs), torch.tensor(y.turn1_logprobs),
+                                   rtol=1e-4, atol=1e-4)
+    assert eng.block_manager.num_free == eng.num_blocks
+
+
+def test_turn1_ending_in_eos_equals_hf(tok):
+    hf, m = tiny("llama")
+    prompts = rand_prompts([20, 33], seed=5)
+    chat = ChatFormat(tok)
+    suffix = chat.suffix_ids("x", "Again.")
+    # make the token greedy decoding emits at step 4 of prompt 0 an EOS (it did not appear earlier)
+    probe = Engine(m, tok, eos_token_ids={2}).generate_ids(prompts[:1], SamplingParams(n=1, temperature=0,
+                                                                                          max_new_tokens=8))
+    t1 = probe[0].turn1_ids
+    k = next(i for i in range(3, 8) if t1[i] not in t1[:i])
+    eos = {2, t1[k]}
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=10)
+    out = Engine(m, tok, eos_token_ids=eos).generate_ids(prompts, params, suffixes=[suffix] * 2)
+    ref = HFRollout(hf, tok, batch_size=1, eos_token_ids=eos).generate_ids(prompts, params, suffixes=[suffix] * 2)
+    assert_same(out, ref)
+    assert out[0].finish_reasons[0] == "eos" and out[0].turn1_ids[-1] == t1[k] and len(out[0].turn1_ids) == k + 1
+
+
+def test_text_api_equals_hf_and_template(tok):
+    hf, m = tiny("qwen3")
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    prompts = ["What is 37 + 45?", "Name a prime number larger than 10."]
+    out = Engine(m, tok).generate(prompts, params, instruction="Please check.")
+    ref = HFRollout(hf, tok, batch_size=2).generate(prompts, params, instruction="Please check.")
+    assert_same(out, ref)
+    s = out[0]
+    assert s.prompt_ids == ChatFormat(tok).prompt_ids(prompts[0])
+    # truncated y1: the template's end-of-turn token is inserted before the instruction turn
+    assert s.finish_reasons[0] == "length" and s.instruction_ids[0] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_instruction_ids_match_chat_template(tok):
+    chat = ChatFormat(tok)
+    x, instr = "What is 2 + 3?", "There might be an error. Fix it."
+    y1_text = "The answer is 5."
+    y1 = tok.encode(y1_text, add_special_tokens=False)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    full = chat._template([{"role": "user", "content": x}, {"role": "assistant", "content": y1_text},
+                           {"role": "user", "content": instr}], True)
+    suffix = chat.suffix_ids(x, instr)
+    for ended in (True, False):
+        t1 = y1 + [eot] if ended else y1
+        ids = chat.prompt_ids(x) + t1 + ChatFormat.instruction_ids(suffix, t1, {eot})
+        assert ids == full
+
+
+def test_sharing_and_batch_invariance(tok):
+    _, m = tiny("llama")
+    eng = Engine(m, tok, block_size=4)
+    suffix = ChatFormat(tok).suffix_ids("x", "Again.")
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    p = rand_prompts([10, 6], seed=7)
+    seeds = [11, 22, 33]
+    shared = eng.generate_ids(p[:1], params, suffixes=[suffix], seeds=seeds)
+    alone = []
+    for s in seeds:
+        alone += eng.generate_ids(p[:1], SamplingParams(n=1, temperature=1.0, top_p=0.9, max_new_tokens=8),
+                                  suffixes=[suffix], seeds=[s])
+    for x, y in zip(shared, alone):
+        assert x.turn1_ids == y.turn1_ids and x.turn2_ids == y.turn2_ids
+    assert len({tuple(x.turn1_ids) for x in shared}) > 1  # the seeds do differ
+    batched = eng.generate_ids(p[::-1], params, suffixes=[suffix] * 2, seeds=[1, 2, 3] + seeds)
+    for x, y in zip(batched[3:], shared):
+        assert x.turn1_ids == y.turn1_ids and x.turn2_ids == y.turn2_ids
+
+
+def test_phase_counts_never_recompute(tok):
+    _, m = tiny("qwen2")
+    eng = Engine(m, tok, block_size=16)
+    suffix = ChatFormat(tok).suffix_ids("x", "Again.")
+    prompts = rand_prompts([30, 48, 7], seed=9)
+    out = eng.generate_ids(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=9),
+                           suffixes=[suffix] * 3)
+    st = eng.stats
+    assert st["prompt_prefill"] == sum(map(len, prompts))  # each prompt once, not once per sample
+    assert st["turn1_decode"] == sum(len(s.turn1_ids) - 1 for s in out)
+    assert st["turn2_extend"] == sum(len(s.instruction_ids) + 1 for s in out)
+    assert st["turn2_decode"] == sum(len(s.turn2_ids) - 1 for s in out)
+    assert eng.block_manager.num_free == eng.num_blocks
+    for s in out:
+        assert len(s.turn1_logprobs) == len(s.turn1_ids) and len(s.turn2_logprobs) == len(s.turn2_ids)
+        assert all(lp <= 0 for lp in s.turn1_logprobs + s.turn2_logprobs)
+
+
+def test_small_pool_chunked_prefill_and_one_turn(tok):
+    _, m = tiny("llama")
+    suffix = ChatFormat(tok).suffix_ids("x", "Again.")
+    prompts = rand_prompts([40, 3, 21, 16], seed=11)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=7)
+    ref = Engine(m, tok).generate_ids(prompts, params, suffixes=[suffix] * 4)
+    # a pool that holds one group at a time, prompts prefilled in 8-token chunks
+    small = Engine(m, tok, block_size=4, num_blocks=70, max_batch_tokens=8)
+    out = small.generate_ids(prompts, params, suffixes=[suffix] * 4)
+    assert_same(out, ref)
+    one = Engine(m, tok).generate_ids(prompts, params)
+    assert all(s.turn2_ids is None and len(s.finish_reasons) == 1 for s in one)
+    assert [s.turn1_ids for s in one] == [s.turn1_ids for s in ref]
+    with pytest.raises(ValueError, match="KV blocks"):
+        Engine(m, tok, block_size=4, num_blocks=10).generate_ids(prompts, params, suffixes=[suffix] * 4)
+
+
+def test_stop_strings(tok):
+    _, m = tiny("llama")
+    prompts = rand_prompts([12], seed=13)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=10)
+    eng = Engine(m, tok)
+    full = eng.generate_ids(prompts, params)[0]
+    stop = tok.decode(full.turn1_ids[3:5])
+    hit = eng.generate_ids(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=10, stop=(stop,)))[0]
+    assert hit.finish_reasons == ["stop"]
+    assert hit.turn1_ids == full.turn1_ids[:len(hit.turn1_ids)] and len(hit.turn1_ids) <= 5
+    assert stop in tok.decode(hit.turn1_ids)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_two_turn_equals_hf():
+    m, tok = load_model("embedded")
+    prompts = ["What is 2 + 2?", "What is 37 + 45? Answer with a number.", "Write one word: hello"]
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=40)
+    eng = Engine(m, tok)
+    out = eng.generate(prompts, params)
+    ref = HFRollout(m, tok, batch_size=1).generate(prompts, params)
+    assert_same(out, ref)
+    reasons = {r for s in out for r in s.finish_reasons}
+    assert "eos" in reasons  # the instruct model ends its turns itself
