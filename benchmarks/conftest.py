@@ -1,0 +1,212 @@
+"""Paired benchmarks and the ratio gate.
+
+Every benchmark test is parametrised over variant in ("baseline", "ours") and calls the `paired`
+fixture: pytest-benchmark times each variant (median of a few rounds) in the same run, baseline
+first. With `--perf-gate`, the `ours` test times the baseline again, interleaved round by round with
+ours so that both see the same load, and checks
+
+    time ratio   = median(ours) / median(baseline)           <= thresholds.yaml[machine][op].time
+    memory ratio = peak extra(ours) / peak extra(baseline)   <= thresholds.yaml[machine][op].memory
+
+Both sides slow down together on a busy machine, so the ratio holds where milliseconds do not. A
+time ratio over its threshold is re-measured once more (interleaved) before it fails, so one burst
+of load on one side does not fail the run; a real regression fails both passes. Memory is measured in a fresh process per variant on the CPU (benchmarks/memory_probe.py)
+and with torch.cuda.max_memory_allocated on a GPU.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import yaml
+
+from benchmarks import memory_probe
+
+THRESHOLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "thresholds.yaml")
+VARIANTS = ("baseline", "ours")
+
+_MEDIANS: dict[tuple, dict] = {}  # (op, machine) -> {variant: median seconds}
+_MEMORY: dict[tuple, dict] = {}  # (op, machine) -> {variant: peak extra bytes}
+_CASE: dict = {}  # the last built case, shared by its two variant tests
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("score perf gate")
+    g.addoption("--perf-gate", action="store_true",
+                help="fail when ours/baseline time or memory ratios exceed benchmarks/thresholds.yaml")
+    g.addoption("--bench-machine", choices=("cpu", "gpu"), default="cpu",
+                help="shape registry from benchmarks/shapes.py (gpu runs on CUDA); default cpu")
+    g.addoption("--bench-memory", action="store_true",
+                help="also measure peak extra memory per variant (always on with --perf-gate)")
+    g.addoption("--bench-rounds", type=int, default=None, help="override every case's number of rounds")
+    g.addoption("--bench-threads", type=int, default=1,
+                help="torch CPU threads (default 1: on a shared machine a descheduled thread stalls every "
+                     "parallel region's barrier, which punishes ops with many small kernels and skews "
+                     "ratios; 0 keeps torch's default)")
+    g.addoption("--bench-thresholds", default=None, help=f"thresholds file (default {THRESHOLDS})")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=1)
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ[memory_probe.THREADS_ENV] = str(threads)  # the memory probes run the same way
+
+
+def load_thresholds(path: str | None = None) -> dict:
+    with open(path or os.environ.get("SCORE_PERF_THRESHOLDS") or THRESHOLDS) as f:
+        return yaml.safe_load(f) or {}
+
+
+def _sync(machine: str, fn):
+    if machine != "gpu":
+        return fn
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return synced
+
+
+def _interleaved(ours, baseline, rounds: int) -> tuple[float, float]:
+    """Medians with the variants alternating (and alternating who goes first) round by round."""
+    t = {"ours": [], "baseline": []}
+    fns = {"ours": ours, "baseline": baseline}
+    for v in ("ours", "baseline"):
+        fns[v]()  # warm-up
+    for r in range(rounds):
+        for v in (("ours", "baseline") if r % 2 else ("baseline", "ours")):
+            t0 = time.perf_counter()
+            fns[v]()
+            t[v].append(time.perf_counter() - t0)
+    return statistics.median(t["ours"]), statistics.median(t["baseline"])
+
+
+def _fmt_t(s: float) -> str:
+    return f"{s * 1e3:.3f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def _fmt_b(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB"
+
+
+def _machine_name(machine: str) -> str:
+    if machine == "gpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()} cores, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
+
+
+@pytest.fixture
+def paired(request, benchmark):
+    """paired(op, variant): benchmark one variant of CASES[op] from the calling test module."""
+    cfg = request.config
+    machine = cfg.getoption("--bench-machine")
+    gate = cfg.getoption("--perf-gate")
+    if machine == "gpu" and not torch.cuda.is_available():
+        pytest.skip("--bench-machine gpu needs a CUDA GPU")
+
+    def run(op: str, variant: str):
+        module = request.module.__name__
+        key = (module, op, machine)
+        if _CASE.get("key") != key:
+            _CASE.clear()
+            if machine == "gpu":
+                torch.cuda.empty_cache()
+            _CASE.update(key=key, case=memory_probe.load_case(module, op, machine))
+        case = _CASE["case"]
+        fn = _sync(machine, case[variant])
+        rounds = cfg.getoption("--bench-rounds") or case.get("rounds", 5)
+        benchmark.group = f"{op} [{case['shape']}]"
+        benchmark.extra_info.update(op=op, variant=variant, shape=case["shape"], machine=machine,
+                                    device=_machine_name(machine))
+        meds = _MEDIANS.setdefault((op, machine), {})
+        if gate and variant == "ours":
+            # Under the gate, the baseline runs once per round beside ours (before it on even rounds,
+            # after it on odd ones), so both sides see the same load; its test's median is not used.
+            partner, times, k = _sync(machine, case["baseline"]), [], [0]
+
+            def timed_partner():
+                t0 = time.perf_counter()
+                partner()
+                times.append(time.perf_counter() - t0)
+
+            def setup():
+                if k[0] % 2 == 0:
+                    timed_partner()
+
+            def teardown(*_a, **_k):
+                if k[0] % 2 == 1:
+                    timed_partner()
+                k[0] += 1
+
+            benchmark.pedantic(fn, setup=setup, teardown=teardown, rounds=rounds, iterations=1, warmup_rounds=1)
+            meds["baseline"] = statistics.median(times[1:]) if len(times) > 1 else None
+        else:
+            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+        stats = getattr(benchmark, "stats", None)
+        meds[variant] = stats.stats.median if stats is not None else None
+        if gate and variant == "ours" and meds["ours"] and meds["baseline"]:
+            benchmark.extra_info.update(paired_baseline_s=meds["baseline"], time_ratio=meds["ours"] / meds["baseline"])
+
+        if variant == "ours" and (gate or cfg.getoption("--bench-memory")):
+            mem = _MEMORY[(op, machine)] = _peak_extra(module, op, machine, case)
+            benchmark.extra_info.update(peak_extra_bytes=mem["ours"], baseline_peak_extra_bytes=mem["baseline"])
+        if gate and variant == "ours":
+            _gate(cfg, module, op, machine, case, rounds)
+
+    return run
+
+
+def _peak_extra(module, op, machine, case) -> dict:
+    """Peak extra bytes of both variants: on the CPU two fresh processes, run side by side (only
+    memory is read there, so they need not take turns)."""
+    if machine == "gpu":
+        return {v: memory_probe.cuda_peak_extra(case[v]) for v in VARIANTS}
+    return memory_probe.probe_subprocesses(module, op, VARIANTS, machine)
+
+
+def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
+    table = load_thresholds(cfg.getoption("--bench-thresholds")).get(machine)
+    if table is None:
+        pytest.skip(f"no '{machine}' section in thresholds.yaml: record ratios on this machine kind first")
+    limits = table.get(op)
+    med = _MEDIANS.get((op, machine), {})
+    where = f"{op} [{case['shape']}] on {machine}"
+    if limits is None:
+        pytest.fail(f"perf gate: no threshold for {where} in thresholds.yaml; measured medians "
+                    f"ours {med.get('ours')}, baseline {med.get('baseline')}: add one with headroom",
+                    pytrace=False)
+    errors = []
+    if "time" in limits:
+        ours_fn, base_fn = _sync(machine, case["ours"]), _sync(machine, case["baseline"])
+        m_o, m_b = med.get("ours"), med.get("baseline")
+        note = f"medians of {rounds} interleaved rounds"
+        if m_o is None or m_b is None:  # benchmark disabled or baseline deselected: time both here
+            m_o, m_b = _interleaved(ours_fn, base_fn, rounds)
+            note = f"median of {rounds} interleaved rounds"
+        ratio = m_o / m_b
+        if ratio > limits["time"]:
+            first = ratio
+            m_o, m_b = _interleaved(ours_fn, base_fn, max(rounds, 5))
+            ratio = m_o / m_b
+            note = f"confirmed over {max(rounds, 5)} interleaved rounds; first pass {first:.3f}"
+        if ratio > limits["time"]:
+            errors.append(f"perf gate: {where}: time ratio ours/baseline {ratio:.3f} > threshold "
+                          f"{limits['time']} (median ours {_fmt_t(m_o)}, baseline {_fmt_t(m_b)}; {note})")
+    if "memory" in limits:
+        mem = _MEMORY.get((op, machine)) or _peak_extra(module, op, machine, case)
+        p_o, p_b = mem["ours"], mem["baseline"]
+        if p_o is None or p_b is None:
+            errors.append(f"perf gate: {where}: memory not measured (ours {p_o}, baseline {p_b})")
+        else:
+            ratio = p_o / max(p_b, 1)
+            if ratio > limits["memory"]:
+                errors.append(f"perf gate: {where}: memory ratio ours/baseline {ratio:.3f} > threshold "
+                              f"{limits['memory']} (peak extra ours {_fmt_b(p_o)}, baseline {_fmt_b(p_b)})")
+    if errors:
+        pytest.fail("\n".join(errors), pytrace=False)
