@@ -143,8 +143,8 @@ def render_markdown(recs: list[dict], chart: str | None) -> str:
     if chart:
         lines += [f"![speed-up and memory ratio per op]({chart})", ""]
     lines += [
-        "| op | shape | machine | ours | baseline | time ratio | speed-up | peak extra mem ours / baseline | "
-        "memory ratio | roofline | record |",
+        ("| op | shape | machine | ours | baseline | time ratio | speed-up | peak extra mem ours / baseline | "
+         "memory ratio | roofline | record |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:

@@ -1,6 +1,9 @@
 """Log-probs from hidden states or logits, forward+backward, vs the naive path a trainer would write:
 `log_softmax(h @ W.T).gather(targets)` (and the full-vocabulary KL sum for linear_kl), with an
 arbitrary upstream gradient. CPU: fp32; GPU: bf16 inputs, fp32 log-softmax."""
+import importlib
+import importlib.util
+
 import pytest
 import torch
 
@@ -12,6 +15,9 @@ from benchmarks.shapes import shape
 
 def _op(name):
     fn = getattr(score_kernels, name, None)
+    if fn is None:  # written but not exported yet
+        fn = getattr(importlib.import_module("score_kernels.linear_logprobs"), name, None) if \
+            importlib.util.find_spec("score_kernels.linear_logprobs") else None
     if fn is None:
         pytest.skip(f"score_kernels.{name} has not landed yet")
     return fn
@@ -28,21 +34,24 @@ def _dtype(machine):
 
 def _hidden_case(machine, op, with_ref=False):
     s, dev, dt = _shape(machine, op), device_for(machine), _dtype(machine)
-    g = torch.Generator().manual_seed(0)
-    h = (torch.randn(s["N"], s["d"], generator=g) * 0.5).to(dev, dt).requires_grad_(True)
-    w = (torch.randn(s["V"], s["d"], generator=g) * 0.05).to(dev, dt).requires_grad_(True)
-    t = torch.randint(0, s["V"], (s["N"],), generator=g).to(dev)
-    up = torch.randn(s["N"], generator=g).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)  # inputs made where they live: GPU shapes are GBs
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, device=dev) * std).to(dt)
+
+    h = randn(s["N"], s["d"], std=0.5).requires_grad_(True)
+    w = randn(s["V"], s["d"], std=0.05).requires_grad_(True)
+    t = torch.randint(0, s["V"], (s["N"],), generator=g, device=dev)
+    up = torch.randn(s["N"], generator=g, device=dev)
     ref = None
     if with_ref:
-        ref = ((h.detach() + 0.1 * torch.randn(h.shape, generator=g).to(dev, dt)),
-               (w.detach() + 0.01 * torch.randn(w.shape, generator=g).to(dev, dt)))
+        ref = (h.detach() + randn(s["N"], s["d"], std=0.1), w.detach() + randn(s["V"], s["d"], std=0.01))
     return s, h, w, t, up, ref, f"N={s['N']} d={s['d']} V={s['V']} {str(dt)[6:]}"
 
 
 def case_linear_logprobs(machine: str) -> dict:
     op = _op("linear_logprobs")
-    s, h, w, t, up, _, name = _hidden_case(machine, "linear_logprobs")
+    _, h, w, t, up, _, name = _hidden_case(machine, "linear_logprobs")
 
     def naive():
         lp = torch.log_softmax((h @ w.t()).float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
@@ -54,7 +63,7 @@ def case_linear_logprobs(machine: str) -> dict:
 
 def case_linear_kl(machine: str) -> dict:
     op = _op("linear_kl")
-    s, h, w, t, up, (rh, rw), name = _hidden_case(machine, "linear_kl", with_ref=True)
+    _, h, w, _, up, (rh, rw), name = _hidden_case(machine, "linear_kl", with_ref=True)
 
     def naive():
         lp = torch.log_softmax((h @ w.t()).float(), dim=-1)
@@ -70,10 +79,10 @@ def case_linear_kl(machine: str) -> dict:
 def case_logprobs_from_logits(machine: str) -> dict:
     op = _op("logprobs_from_logits")
     s, dev, dt = shape(machine, "logprobs_from_logits"), device_for(machine), _dtype(machine)
-    g = torch.Generator().manual_seed(0)
-    z = (torch.randn(s["N"], s["V"], generator=g) * 2).to(dev, dt).requires_grad_(True)
-    t = torch.randint(0, s["V"], (s["N"],), generator=g).to(dev)
-    up = torch.randn(s["N"], generator=g).to(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    z = (torch.randn(s["N"], s["V"], generator=g, device=dev) * 2).to(dt).requires_grad_(True)
+    t = torch.randint(0, s["V"], (s["N"],), generator=g, device=dev)
+    up = torch.randn(s["N"], generator=g, device=dev)
 
     def naive():
         lp = torch.log_softmax(z.float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)

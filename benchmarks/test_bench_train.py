@@ -1,0 +1,103 @@
+"""One training step (forward, loss, backward, clip, AdamW) on the same packed samples: the trainer's
+`score_train.train.train_step` (lean model, fused log-probs, fused policy_loss with the per-turn k3
+KL against a frozen reference) vs a Hugging Face forward on the padded batch with the naive loss
+(`log_softmax(logits).gather`, the same REINFORCE + k3 KL terms in chained torch ops).
+SCoRe Stage II settings. CPU: a small random model with a realistic vocabulary, so the logits matter."""
+import copy
+
+import pytest
+import torch
+
+from benchmarks.conftest import VARIANTS
+from benchmarks.memory_probe import device_for
+from benchmarks.shapes import shape
+
+MODELS = {
+    "small": {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "qwen2.5-0.5b": {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True},
+}
+
+
+def _samples(B, T, V, g):
+    """B two-turn samples of exactly T tokens: prompt, y1, instruction, y2."""
+    from score_train.rollout.types import TwoTurnSample
+
+    out = []
+    for b in range(B):
+        p, i = T // 4, T // 16
+        t1 = int(torch.randint(T // 8, T // 3, (1,), generator=g))
+        ids = torch.randint(4, V, (T,), generator=g).tolist()
+        lps = (-torch.rand(T, generator=g) * 3).tolist()
+        out.append(TwoTurnSample(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
+                                 turn1_ids=ids[p:p + t1], turn1_logprobs=lps[p:p + t1], turn1_text="",
+                                 finish_reasons=["length", "length"], instruction_ids=ids[p + t1:p + t1 + i],
+                                 turn2_ids=ids[p + t1 + i:], turn2_logprobs=lps[p + t1 + i:], turn2_text=""))
+    return out
+
+
+def case_train_step(machine: str) -> dict:
+    try:
+        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+        from score_train import algos
+        from score_train.config import Config
+        from score_train.model import from_hf
+        from score_train.train import StepInputs, train_step
+    except ImportError as e:
+        pytest.skip(f"the trainer has not landed yet ({e})")
+    s, dev = shape(machine, "train_step"), device_for(machine)
+    name = s.get("model", "small" if machine == "cpu" else "qwen2.5-0.5b")
+    dt = torch.bfloat16 if machine == "gpu" else torch.float32
+    B, T, V = s["B"], s["T"], MODELS[name]["vocab_size"]
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config((Qwen2Config if name.startswith("qwen") else LlamaConfig)(**MODELS[name]))
+    hf_ref = copy.deepcopy(hf).eval().requires_grad_(False)
+    policy = from_hf(copy.deepcopy(hf), dtype=dt, device=dev)
+    ref = from_hf(copy.deepcopy(hf), dtype=dt, device=dev).requires_grad_(False)
+    hf, hf_ref = hf.to(dev, dt), hf_ref.to(dev, dt)
+
+    cfg = Config()
+    cfg.optim.micro_batch_tokens = B * T
+    settings = algos.stage_settings(cfg.algo, "stage2")
+    g = torch.Generator().manual_seed(0)
+    samples = _samples(B, T, V, g)
+    values = torch.randn(B, 2, generator=g)
+    inp = StepInputs(samples=samples, values=values, settings=settings)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+
+    # The baseline's padded batch (all rows are T long here, so no padding work is wasted on it).
+    batch = algos.pack_samples(samples)
+    ids = batch.input_ids.view(B, T).to(dev)
+    tgt = batch.targets.view(B, T).to(dev)
+    tids = batch.turn_ids.view(B, T).to(dev)
+    adv = algos.token_values(values, batch).view(B, T).to(dev)
+    coef = algos.kl_coef_tokens(settings, batch).view(B, T).to(dev)
+    mask = tids >= 0
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+
+    def naive():
+        hf_opt.zero_grad(set_to_none=True)
+        safe = tgt.clamp(min=0)[..., None]
+        lp = torch.log_softmax(hf(ids).logits.float(), -1).gather(-1, safe).squeeze(-1)
+        with torch.no_grad():
+            rlp = torch.log_softmax(hf_ref(ids).logits.float(), -1).gather(-1, safe).squeeze(-1)
+        d = lp - rlp
+        per_tok = -adv * torch.exp(lp - lp.detach()) + coef * (torch.exp(-d) + d - 1)
+        loss = (per_tok * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.optim.grad_clip)
+        hf_opt.step()
+        return float(loss)
+
+    return {"shape": f"{name} B={B} T={T} V={V} {str(dt)[6:]}",
+            "ours": lambda: train_step(policy, ref, opt, inp, cfg, 0), "baseline": naive, "rounds": 3}
+
+
+CASES = {"train_step": case_train_step}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step(paired, variant):
+    paired("train_step", variant)
