@@ -74,7 +74,7 @@ def test_deterministic_and_depends_on_seed_and_position():
 
 @pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.6), (12, 0.3)])
 def test_filtered_tokens_never_drawn(top_k, top_p):
-    v, n = 40, 4000
+    v, n = 40, 1500
     x = logits_(1, v, scale=1.0).expand(n, -1).contiguous()
     tok, _ = sample(x, **params(n, top_k=top_k, top_p=top_p))
     order = x[0].argsort(descending=True)
@@ -90,7 +90,7 @@ def test_filtered_tokens_never_drawn(top_k, top_p):
 
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.6, None), (1.5, 6)])
 def test_empirical_distribution_matches_softmax(temperature, top_k):
-    v, n = 10, 40000
+    v, n = 10, 12000
     x = logits_(1, v, seed=3, scale=1.0)
     tok, _ = sample(x.expand(n, -1).contiguous(), **params(n, temperature=temperature, top_k=top_k, seed0=10**6))
     scaled = x[0] / temperature
@@ -101,7 +101,7 @@ def test_empirical_distribution_matches_softmax(temperature, top_k):
     keep = expected > 0
     assert counts[~keep].sum() == 0
     chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum().item()
-    assert chi2 < 35.0, chi2  # 9 dof: p < 1e-4 under the null
+    assert chi2 < 35.0, chi2  # at most 9 dof: p < 1e-4 under the null
 
 
 def test_uniforms_are_uniform_and_open_interval():
@@ -136,3 +136,23 @@ def test_gpu_matches_cpu_and_is_batch_invariant():
     assert (tok_g.cpu() == tok_c).float().mean() >= 0.95  # log() may differ in the last bit across devices
     tok_g2, _ = sample(x.cuda()[5:6], **{k: (None if v is None else v[5:6]) for k, v in p_gpu.items()})
     assert tok_g2.item() == tok_g[5].item()
+
+
+def test_batched_path_agrees_with_row_path():
+    # the batched path (used on GPUs) draws the same tokens as the CPU row path, up to float rounding
+    from score_kernels.sampling import sample_reference
+    b, v = 64, 2000
+    x = logits_(b, v, seed=5, scale=2.0)
+    t = torch.rand(b, generator=torch.Generator().manual_seed(2)) + 0.3
+    t[:4] = 0.0
+    tp = torch.where(torch.arange(b) % 3 == 0, torch.tensor(0.8), torch.tensor(1.0))
+    tk = torch.where(torch.arange(b) % 4 == 1, torch.tensor(30), torch.tensor(0))
+    args = (x, t, tp, tk, torch.arange(b) * 7919, torch.arange(b) + 3)
+    tok_r, lp_r = sample_reference(*args)
+    tok_b, lp_b = sample_reference(*args, _batched=True)
+    assert (tok_r == tok_b).float().mean() >= 0.95
+    same = tok_r == tok_b
+    torch.testing.assert_close(lp_r[same], lp_b[same], rtol=1e-5, atol=1e-5)
+    tok_n, _ = sample_reference(x, t, None, None, args[4], args[5], _batched=True)
+    tok_m, _ = sample_reference(x, t, None, None, args[4], args[5])
+    assert (tok_n == tok_m).float().mean() >= 0.95
