@@ -10,8 +10,13 @@ from score_kernels.token_kl import token_kl, token_kl_reference
 from score_kernels.kv_cache import copy_blocks, copy_blocks_reference, store_kv, store_kv_reference
 from score_kernels.paged_attention import paged_attention, paged_attention_reference
 from score_kernels.sampling import sample
+from score_kernels.advantages import (token_advantages, token_advantages_reference, turn_advantages,
+                                      turn_advantages_reference)
+from score_kernels.policy_loss import policy_loss, policy_loss_reference
 
 __all__ = ["backends", "token_kl", "token_kl_reference", "KL_ESTIMATORS"]
 __all__ += ["store_kv", "store_kv_reference", "copy_blocks", "copy_blocks_reference", "paged_attention",
             "paged_attention_reference", "sample"]
+__all__ += ["turn_advantages", "turn_advantages_reference", "token_advantages", "token_advantages_reference",
+            "policy_loss", "policy_loss_reference"]
 __version__ = "0.1.0"
