@@ -37,42 +37,33 @@ def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, c
                               scale: float | None = None) -> torch.Tensor:
     """Pure PyTorch. Computes in float64 for float64 q, else float32; returns q's dtype.
 
-    Decode rows (q_len 1) run as one batched masked attention; prefill/extend rows loop over sequences.
+    Sequences with the same q_len (all decode rows; the samples of one extend; equal-length prompts) run
+    as one batched SDPA over their gathered blocks, with a causal mask aligned to each context's end.
     """
     nq, hq, d = q.shape
     hkv = k_cache.shape[2]
-    grp = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(nq, hq, d, dtype=q.dtype, device=q.device)
     cu = cu_seqlens_q.tolist()
     ctx = context_lens.tolist()
-    bsz = len(ctx)
-    qlens = [cu[b + 1] - cu[b] for b in range(bsz)]
-    dec = [b for b in range(bsz) if qlens[b] == 1]
-    if dec:
-        rows = torch.tensor([cu[b] for b in dec], device=q.device)
-        dec_t = torch.tensor(dec, device=q.device)
-        lmax = max(ctx[b] for b in dec)
-        k = _gather(k_cache, block_tables[dec_t], lmax).to(ct)  # [n, L, Hkv, D]
-        v = _gather(v_cache, block_tables[dec_t], lmax).to(ct)
-        qd = q.index_select(0, rows).to(ct).reshape(len(dec), hkv, grp, d)
-        s = torch.einsum("nhgd,nlhd->nhgl", qd, k) * scale
-        valid = torch.arange(lmax, device=q.device)[None, :] < context_lens[dec_t].to(q.device)[:, None]
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-        o = torch.einsum("nhgl,nlhd->nhgd", torch.softmax(s, dim=-1), v)
-        out.index_copy_(0, rows, o.reshape(len(dec), hq, d).to(q.dtype))
-    for b in range(bsz):
-        ql, c = qlens[b], ctx[b]
-        if ql == 1 or ql == 0:
-            continue
-        k = _gather(k_cache, block_tables[b], c).to(ct).transpose(0, 1)  # [Hkv, c, D]
-        v = _gather(v_cache, block_tables[b], c).to(ct).transpose(0, 1)
-        qb = q[cu[b]:cu[b + 1]].to(ct).transpose(0, 1)  # [Hq, ql, D]
-        qpos = torch.arange(c - ql, c, device=q.device)
-        mask = torch.arange(c, device=q.device)[None, :] <= qpos[:, None]
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=grp > 1)
-        out[cu[b]:cu[b + 1]] = o.transpose(0, 1).to(q.dtype)
+    groups: dict[int, list[int]] = {}
+    for b in range(len(ctx)):
+        if cu[b + 1] > cu[b]:
+            groups.setdefault(cu[b + 1] - cu[b], []).append(b)
+    dev = q.device
+    for ql, seqs in groups.items():
+        idx = torch.tensor(seqs, device=dev)
+        lmax = max(ctx[b] for b in seqs)
+        tables = block_tables.index_select(0, idx)
+        k = _gather(k_cache, tables, lmax).to(ct).transpose(1, 2)  # [n, Hkv, L, D]
+        v = _gather(v_cache, tables, lmax).to(ct).transpose(1, 2)
+        rows = (torch.tensor([cu[b] for b in seqs], device=dev)[:, None] + torch.arange(ql, device=dev)).reshape(-1)
+        qg = q.index_select(0, rows).to(ct).reshape(len(seqs), ql, hq, d).transpose(1, 2)  # [n, Hq, ql, D]
+        qpos = context_lens.index_select(0, idx).to(dev).long()[:, None] - ql + torch.arange(ql, device=dev)
+        mask = torch.arange(lmax, device=dev)[None, None, :] <= qpos[:, :, None]  # [n, ql, L]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=hq != hkv)
+        out.index_copy_(0, rows, o.transpose(1, 2).reshape(-1, hq, d).to(q.dtype))
     return out
 
 
