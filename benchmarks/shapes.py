@@ -19,6 +19,9 @@ SHAPES = {
         "token_kl": {"n": 1 << 24},
         "paged_attention_decode": {"B": 512, "ctx": 1024, "Hq": 14, "Hkv": 2, "D": 64},
         "store_kv": {"N": 32768, "Hkv": 2, "D": 64},
+        # bench_paged_attention: Qwen2.5-0.5B attention shape; decode, small-batch decode (split-K), prefill
+        "paged_attention": {"Hq": 14, "Hkv": 2, "D": 64, "block_size": 16, "decode": {"B": 512, "ctx": 768},
+                            "decode_small": {"B": 4, "ctx": 4096}, "prefill": {"B": 16, "q_len": 512}},
         "linear_logprobs": [{"N": 16384, "d": 4096, "V": 151936}, {"N": 8192, "d": 2048, "V": 128256}],
         "logprobs_from_logits": {"N": 8192, "V": 128256},
         "linear_kl": {"N": 8192, "d": 2048, "V": 128256},

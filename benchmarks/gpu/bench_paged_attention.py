@@ -1,0 +1,67 @@
+"""GPU benchmark: paged attention (Triton) vs the PyTorch reference, Qwen2.5-0.5B attention shape, bf16.
+
+Decode is bandwidth-bound: its roofline is the KV bytes read (B * ctx * Hkv * D * 2 bytes, K and V)
+over the measured copy bandwidth. Also: a small-batch long-context decode with and without split-K,
+and a prefill (tensor-core bound, TF/s of the causal QK^T and PV).
+"""
+import torch
+
+from benchmarks.gpu_timing import bench, row
+from benchmarks.shapes import shape
+from score_kernels import paged_attention, paged_attention_reference
+from score_kernels.paged_attention import _triton_paged_attention
+
+
+def _batch(B, ctx, q_len, hq, hkv, d, bs, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per_seq = -(-ctx // bs)
+    nblocks = B * per_seq + 1
+    kc = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    vc = torch.randn(nblocks, bs, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    tables = torch.randperm(nblocks, device="cuda", generator=g)[: B * per_seq].reshape(B, per_seq).int()
+    lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    cu = torch.arange(B + 1, dtype=torch.int32, device="cuda") * q_len
+    q = torch.randn(B * q_len, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, kc, vc, tables, lens, cu
+
+
+def _run(rows, op, shp, variants, make, **kw):
+    for variant, fn in variants:
+        try:
+            res = bench(fn, make)
+        except Exception as e:  # a backend that is not live on this machine
+            rows.append({"op": op, "shape": shp, "variant": variant, "error": str(e)[:120]})
+            continue
+        rows.append(row(op, shp, variant, res, **kw))
+
+
+def run(quick: bool = False) -> list[dict]:
+    s = shape("gpu", "paged_attention")
+    hq, hkv, d, bs = s["Hq"], s["Hkv"], s["D"], s["block_size"]
+    rows = []
+    scale = d ** -0.5
+
+    dec = s["decode"]
+    B, ctx = dec["B"], dec["ctx"]
+    kv_bytes = 2 * B * ctx * hkv * d * 2
+    _run(rows, "paged_attn_decode", f"B={B} ctx={ctx} {hq}/{hkv}x{d}",
+         [("torch_ref", paged_attention_reference), ("triton", paged_attention)],
+         lambda: _batch(B, ctx, 1, hq, hkv, d, bs), bytes_moved=kv_bytes)
+
+    sm = s["decode_small"]
+    B, ctx = sm["B"], sm["ctx"]
+    kv_bytes = 2 * B * ctx * hkv * d * 2
+    _run(rows, "paged_attn_decode", f"B={B} ctx={ctx} {hq}/{hkv}x{d}",
+         [("torch_ref", paged_attention_reference),
+          ("triton_no_split", lambda *a: _triton_paged_attention(*a, scale, num_splits=1)),
+          ("triton_split_k", paged_attention)],
+         lambda: _batch(B, ctx, 1, hq, hkv, d, bs), bytes_moved=kv_bytes)
+
+    if not quick:
+        pf = s["prefill"]
+        B, ql = pf["B"], pf["q_len"]
+        flops = 4 * B * hq * d * ql * (ql + 1) / 2  # causal QK^T + PV
+        _run(rows, "paged_attn_prefill", f"B={B} q={ql} {hq}/{hkv}x{d}",
+             [("torch_ref", paged_attention_reference), ("triton", paged_attention)],
+             lambda: _batch(B, ql, ql, hq, hkv, d, bs), flops=flops)
+    return rows
