@@ -194,8 +194,9 @@ if HAVE_TRITON:
     def _register_aot():
         for dt in ("bf16",):
             for hd in (64, 128):
-                for grp, decode in ((1, False), (7, False), (7, True), (4, True)):
-                    cfg = _config(grp, hd, decode, torch.bfloat16, interpret=False)
+                for grp, decode, many in ((1, False, True), (7, False, True), (7, True, True), (7, True, False),
+                                          (4, True, True)):
+                    cfg = _config(grp, hd, decode, torch.bfloat16, interpret=False, many=many)
                     sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "out_ptr": f"*{dt}",
                            "part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "bt_ptr": "*i32", "ctx_ptr": "*i32",
                            "cu_ptr": "*i32", "scale_log2": "fp32"}
@@ -203,12 +204,13 @@ if HAVE_TRITON:
                               "stride_kb", "stride_ko", "stride_kh", "stride_vb", "stride_vo", "stride_vh",
                               "stride_ot", "stride_oh", "stride_bt"):
                         sig[a] = "i32"
-                    consts = dict(cfg["constexprs"], BLOCK_SIZE=16, SPLIT=decode)
+                    consts = dict(cfg["constexprs"], BLOCK_SIZE=16, SPLIT=not many)
                     for c in consts:
                         sig[c] = "constexpr"
                     # decode tiles have GROUP rows (padded to 16): too few for wgmma's 64-row tiles, and
                     # decode is bandwidth-bound, so only the prefill/extend tiles must hit tensor cores
-                    _aot.register(f"paged_attention[{dt},D={hd},G={grp},{'decode' if decode else 'prefill'}]",
+                    kind = "prefill" if not decode else "decode" if many else "decode_split"
+                    _aot.register(f"paged_attention[{dt},D={hd},G={grp},{kind}]",
                                   _paged_attn_kernel, sig, consts, num_warps=cfg["num_warps"],
                                   num_stages=cfg["num_stages"], has_dot=not decode)
             _aot.register(f"paged_attention_reduce[{dt}]", _paged_attn_reduce_kernel,
@@ -222,19 +224,25 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _config(grp: int, head_dim: int, decode: bool, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile shape: decode tiles hold one query x GROUP heads; prefill/extend tiles about 64 rows."""
+def _config(grp: int, head_dim: int, decode: bool, dtype: torch.dtype, interpret: bool,
+            many: bool = True) -> dict:
+    """Tile shape: decode tiles hold one query x GROUP heads; prefill/extend tiles about 64 rows.
+    Decode numbers (H100, CUDA-graph timed, bf16, 14/2 heads): with >= 2 programs per SM, D=64 runs at
+    88% of the copy roofline with 32-key steps and 2 warps (71% with 64 and 4); D=128 at 91% with 64 and 4.
+    `many` is False when the decode grid is small (split-K), where 64-key steps and 4 warps win."""
+    block_d = max(16, _next_pow2(head_dim))
     if decode:
         block_q = 1
         block_m = max(16, _next_pow2(grp))
+        small_d = block_d <= 64 and many
+        block_n, warps, stages = (32, 2, 2) if small_d else (64, 4, 2)
     else:
         block_q = max(1, 64 // grp)
         block_m = max(16, _next_pow2(block_q * grp))
-    block_d = max(16, _next_pow2(head_dim))
-    block_n = 64 if block_d <= 64 else 32 if not decode else 64
+        block_n, warps, stages = (64 if block_d <= 64 else 32), 4, 3
     if interpret:
         block_n = 16
-    return {"block_q": block_q, "num_warps": 4, "num_stages": 2 if decode else 3,
+    return {"block_q": block_q, "num_warps": warps, "num_stages": stages,
             "constexprs": {"GROUP": grp, "BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n,
                            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "UPCAST": interpret,
                            "IEEE": dtype == torch.float32}}
@@ -263,16 +271,17 @@ def _triton_paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_
     if nq == 0 or bsz == 0:
         return out
     decode = nq <= bsz  # average q_len <= 1: one-query tiles
-    cfg = _config(grp, d, decode, k_cache.dtype, INTERPRET)
+    sms = _sm_count(q.device)
+    many = not decode or nq * hkv >= 2 * sms
+    cfg = _config(grp, d, decode, k_cache.dtype, INTERPRET, many)
     block_q = cfg["block_q"]
     block_n = cfg["constexprs"]["BLOCK_N"]
     n_tiles = nq if block_q == 1 else nq // block_q + bsz
     max_ctx = block_tables.shape[1] * block_size  # static bound: no host sync on context_lens
     if num_splits is None:
         num_splits = 1
-        programs = n_tiles * hkv
-        if decode and programs < 2 * _sm_count(q.device):
-            num_splits = max(1, min(-(-2 * _sm_count(q.device) // programs), -(-max_ctx // (4 * block_n)), 32))
+        if not many:  # too few programs to fill the GPU: split the keys (flash-decoding)
+            num_splits = max(1, min(-(-2 * sms // (n_tiles * hkv)), -(-max_ctx // (4 * block_n)), 32))
     kv_chunk = -(-max_ctx // num_splits)
     kv_chunk = -(-kv_chunk // block_n) * block_n
     num_splits = max(1, -(-max_ctx // kv_chunk))

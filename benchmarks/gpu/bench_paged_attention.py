@@ -2,7 +2,9 @@
 
 Decode is bandwidth-bound: its roofline is the KV bytes read (B * ctx * Hkv * D * 2 bytes, K and V)
 over the measured copy bandwidth. Also: a small-batch long-context decode with and without split-K,
-and a prefill (tensor-core bound, TF/s of the causal QK^T and PV).
+and a prefill (tensor-core bound, TF/s of the causal QK^T and PV). "_graph" variants replay the op
+from a CUDA graph, as the engine's decode does: the eager variants at these sizes mostly time the
+Python/Triton launch overhead (~80 us), not the kernel.
 """
 import torch
 
@@ -25,10 +27,29 @@ def _batch(B, ctx, q_len, hq, hkv, d, bs, seed=0):
     return q, kc, vc, tables, lens, cu
 
 
+def _graphed(fn, make):
+    """Inputs for timing fn inside a CUDA graph (as the engine's decode runs it): no launch overhead."""
+    def make_graph():
+        args = make()
+        fn(*args)  # compile outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(*args)
+        return (g, args)
+    return make_graph
+
+
+def _replay(g, args):
+    g.replay()
+
+
 def _run(rows, op, shp, variants, make, **kw):
     for variant, fn in variants:
         try:
-            res = bench(fn, make)
+            if variant.endswith("_graph"):
+                res = bench(_replay, _graphed(fn, make))
+            else:
+                res = bench(fn, make)
         except Exception as e:  # a backend that is not live on this machine
             rows.append({"op": op, "shape": shp, "variant": variant, "error": str(e)[:120]})
             continue
@@ -45,7 +66,7 @@ def run(quick: bool = False) -> list[dict]:
     B, ctx = dec["B"], dec["ctx"]
     kv_bytes = 2 * B * ctx * hkv * d * 2
     _run(rows, "paged_attn_decode", f"B={B} ctx={ctx} {hq}/{hkv}x{d}",
-         [("torch_ref", paged_attention_reference), ("triton", paged_attention)],
+         [("torch_ref", paged_attention_reference), ("triton", paged_attention), ("triton_graph", paged_attention)],
          lambda: _batch(B, ctx, 1, hq, hkv, d, bs), bytes_moved=kv_bytes)
 
     sm = s["decode_small"]
@@ -54,7 +75,9 @@ def run(quick: bool = False) -> list[dict]:
     _run(rows, "paged_attn_decode", f"B={B} ctx={ctx} {hq}/{hkv}x{d}",
          [("torch_ref", paged_attention_reference),
           ("triton_no_split", lambda *a: _triton_paged_attention(*a, scale, num_splits=1)),
-          ("triton_split_k", paged_attention)],
+          ("triton_split_k", paged_attention),
+          ("triton_no_split_graph", lambda *a: _triton_paged_attention(*a, scale, num_splits=1)),
+          ("triton_split_k_graph", paged_attention)],
          lambda: _batch(B, ctx, 1, hq, hkv, d, bs), bytes_moved=kv_bytes)
 
     if not quick:
@@ -62,6 +85,7 @@ def run(quick: bool = False) -> list[dict]:
         B, ql = pf["B"], pf["q_len"]
         flops = 4 * B * hq * d * ql * (ql + 1) / 2  # causal QK^T + PV
         _run(rows, "paged_attn_prefill", f"B={B} q={ql} {hq}/{hkv}x{d}",
-             [("torch_ref", paged_attention_reference), ("triton", paged_attention)],
+             [("torch_ref", paged_attention_reference), ("triton", paged_attention),
+              ("triton_graph", paged_attention)],
              lambda: _batch(B, ql, ql, hq, hkv, d, bs), flops=flops)
     return rows
