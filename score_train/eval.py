@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -285,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "datasets: a seeded subset, 0 = all of the split)")
     ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as in "
                     "the paper's inference-scaling runs)")
-    ap.add_argument("--k", type=int, default=2, help="samples per problem at --temperature; self-consistency "
-                    "compares majority over 2K turn-1 answers with K corrected answers (0: greedy only)")
+    ap.add_argument("--k", type=int, default=None, help="samples per problem at --temperature; self-consistency "
+                    "compares majority over 2K turn-1 answers with K corrected answers (0: greedy only; "
+                    "default 4 on a GPU, 0 on the CPU where sampling costs minutes per problem batch)")
     ap.add_argument("--no-greedy", action="store_true", help="skip the greedy evaluation")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="per turn (default: arithmetic 96, "
                     "math and code 512)")
@@ -322,6 +322,11 @@ def main(argv=None) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    k = args.k
+    if k is None:
+        k = 4 if device.startswith("cuda") else 0
+        if k == 0:
+            log("CPU: greedy only (pass --k K for sampled metrics and self-consistency)")
     t0 = time.perf_counter()
     rollout, backend = make_rollout(args.model, backend=args.backend, dtype=args.dtype, device=device)
     log(f"loaded {args.model} ({backend} backend, {device}) in {time.perf_counter() - t0:.1f}s")
@@ -331,7 +336,7 @@ def main(argv=None) -> int:
 
         pool = RewardPool()
     try:
-        result = evaluate(rollout, records, temperature=args.temperature, k=args.k, greedy=not args.no_greedy,
+        result = evaluate(rollout, records, temperature=args.temperature, k=k, greedy=not args.no_greedy,
                           max_new_tokens=max_new, style=args.style, seed=args.seed, reward_pool=pool,
                           keep_samples=not args.no_samples, log=log)
     finally:

@@ -173,14 +173,17 @@ def tiny_model_dir(tmp_path_factory):
     return str(d)
 
 
-def test_score_eval_tiny_model(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["engine", "hf"])
+def test_score_eval_tiny_model(backend, tiny_model_dir, tmp_path, capsys):
+    if importlib.util.find_spec(f"score_train.rollout.{'engine' if backend == 'engine' else 'hf_baseline'}") is None:
+        pytest.skip(f"the {backend} rollout is not there")
     out = tmp_path / "res.json"
     assert main(["--model", tiny_model_dir, "--task", "arithmetic", "--n-problems", "3", "--k", "1",
-                 "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)]) == 0
+                 "--max-new-tokens", "6", "--device", "cpu", "--backend", backend, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Acc@t1" in printed and "delta" in printed and "self-consistency" in printed
     res = json.loads(out.read_text())
-    assert res["n_problems"] == 3 and res["split"] == "eval" and res["backend"] in ("engine", "hf")
+    assert res["n_problems"] == 3 and res["split"] == "eval" and res["backend"] == backend
     for part in ("greedy", "sampled"):
         m = res[part]["metrics"]
         assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
