@@ -88,7 +88,7 @@ class ChatFormat:
 def eos_ids_of(model, tokenizer) -> set[int]:
     ids = set()
     for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+                getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if src is None:
             continue
         ids.update(src if isinstance(src, (list, tuple)) else [src])
@@ -132,8 +132,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int | None = None, max_num_seqs: int | None = None,
                  kv_cache_gb: float | None = None, eos_token_ids=None):
-        self.model, self.tokenizer = model, tokenizer
-        self.chat = ChatFormat(tokenizer)
+        self.model, self.tokenizer = model, tokenizer  # tokenizer may be None for generate_ids
+        self.chat = ChatFormat(tokenizer) if tokenizer is not None else None
         self.block_size = block_size
         self.fixed_blocks = num_blocks
         cpu = model.device.type == "cpu"
@@ -212,7 +212,8 @@ class Engine:
         self._ensure_pool(pool)
         bm = BlockManager(self.num_blocks, self.block_size)
         self.block_manager = bm
-        self.stats = {k: 0 for k in self.PHASES} | {"steps": 0, "generated": 0, "seconds": 0.0}
+        self.stats = {k: 0 for k in self.PHASES} | {"steps": 0, "generated": 0, "seconds": 0.0,
+                                                     "decode_steps": 0, "decode_seconds": 0.0, "decode_ctx_tokens": 0}
         t0 = time.perf_counter()
         stop = tuple(params.stop or ())
         waiting = list(zip(groups, worst))[::-1]
@@ -237,6 +238,7 @@ class Engine:
                 batch.append(s)
                 takes.append(take)
                 budget -= take
+            t_step = time.perf_counter()
             hidden_rows, sample_seqs = self._forward(batch, takes, bm)
             # sample: parents draw their n children's first tokens from one logits row
             if sample_seqs:
@@ -279,6 +281,10 @@ class Engine:
                         reserved -= g.reserved
             running = keep
             self.stats["steps"] += 1
+            if len(takes) == sum(takes):  # a pure decode step (timed for the roofline report)
+                self.stats["decode_steps"] += 1
+                self.stats["decode_seconds"] += time.perf_counter() - t_step
+                self.stats["decode_ctx_tokens"] += self._ctx_sum
             if progress is not None:
                 progress(len(sample_seqs) and sum(s.group.n if s.turn == -1 else 1 for s in sample_seqs))
         self.stats["seconds"] = time.perf_counter() - t0
@@ -314,6 +320,7 @@ class Engine:
                 ext = max(0, min(s.ext_end, a + take) - a)
                 st["turn2_extend"] += ext
                 st["turn2_decode"] += take - ext
+        self._ctx_sum = sum(ctx)
         dev = self.model.device
         if copies:
             bmap = torch.tensor(copies, dtype=torch.int64, device=dev)
@@ -382,7 +389,7 @@ class Engine:
         return any(x in tail for x in stop)
 
     def _outputs(self, done: list[_Seq], two_turn: bool, n: int) -> list[TwoTurnSample]:
-        dec = self.tokenizer.decode
+        dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         res = []
         for s in sorted(done, key=lambda s: (s.group.index, s.sample_index)):
             res.append(TwoTurnSample(

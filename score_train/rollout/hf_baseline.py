@@ -20,11 +20,12 @@ class HFRollout:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, eos_token_ids=None):
         self.hf = model.to_hf() if hasattr(model, "forward_paged") else model
-        self.tokenizer = tokenizer
-        self.chat = ChatFormat(tokenizer)
+        self.tokenizer = tokenizer  # may be None for generate_ids
+        self.chat = ChatFormat(tokenizer) if tokenizer is not None else None
         self.batch_size = batch_size
         self.eos_ids = set(eos_token_ids) if eos_token_ids is not None else eos_ids_of(self.hf, tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.stats: dict[str, float] = {}
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
@@ -48,7 +49,7 @@ class HFRollout:
         if suffixes is not None:
             instr = [ChatFormat.instruction_ids(suffixes[i], t1[k][0], self.eos_ids) for k, (i, _) in enumerate(keys)]
             t2 = self._run([ctx1[k] + t1[k][0] + instr[k] for k in range(len(keys))], params)
-        dec = self.tokenizer.decode
+        dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         out = []
         for k, (i, j) in enumerate(keys):
             ids1, lp1, r1 = t1[k]
@@ -68,7 +69,7 @@ class HFRollout:
         """One turn for every context: [(ids, logprobs, finish_reason)]."""
         dev = self.hf.device
         greedy = params.temperature <= 0
-        kw = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, eos_token_id=sorted(self.eos_ids),
+        kw = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, eos_token_id=sorted(self.eos_ids) or None,
                   pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True)
         if not greedy:
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
