@@ -209,3 +209,11 @@ def test_score_eval_embedded_smollm2(tmp_path, capsys):
     assert 0.03 <= m["acc_t1"] <= 0.6, m
     assert m["delta"] == pytest.approx(m["delta_i2c"] - m["delta_c2i"])
     print(capsys.readouterr().out)
+
+
+def test_cli_help(capsys):
+    from score_train.cli import eval_main
+
+    with pytest.raises(SystemExit) as e:
+        eval_main(["--help"])
+    assert e.value.code == 0 and "--n-problems" in capsys.readouterr().out

@@ -142,3 +142,19 @@ def test_reward_pool(workers):
         fut = pool.submit(items[:5])
         assert fut.result(timeout=60) == expect[:5]
         assert pool.score([]) == []
+
+
+def test_champ_gold_answers_score_themselves():
+    from score_train.data import load_champ
+
+    for r in load_champ():
+        assert reward("math", f"Final Answer: The final answer is ${r.answer}$. I hope it is correct.", r) == 1.0
+        assert reward("math", f"\\boxed{{{r.answer}}}", r) == 1.0
+
+
+def test_reward_pool_code_items():
+    code = Record(id="c", kind="code", problem="def f(x):\n", tests="assert f(1) == 2\n", entry_point="f")
+    items = [("code", "    return x + 1\n", code), ("code", "    while True: pass\n", code),
+             ("code", "    return x\n", code)]
+    with RewardPool(workers=1, code_timeout_s=1.0) as pool:
+        assert pool.score(items) == [1.0, 0.0, 0.0]

@@ -91,6 +91,23 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _wait_unreaped(pid: int, timeout_s: float) -> bool:
+    """Wait for pid to exit without reaping it (WNOWAIT); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.02)
+
+
 def _read(f) -> str:
     f.seek(0, os.SEEK_END)
     size = f.tell()
@@ -136,19 +153,15 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
                                     start_new_session=True, close_fds=True)
-            timed_out = False
             try:
                 proc.stdin.write((nonce + "\n").encode())
                 proc.stdin.close()
             except (BrokenPipeError, OSError):
                 pass
-            try:
-                rc = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(proc)
-                rc = proc.wait()
-            _kill_group(proc)  # stragglers that outlived the main process
+            timed_out = not _wait_unreaped(proc.pid, timeout_s)
+            # Kill the group while its leader is still a zombie, so its id cannot have been reused.
+            _kill_group(proc)
+            rc = proc.wait()
             stdout, stderr = _read(out), _read(err)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
