@@ -123,7 +123,8 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
     if memory_mb < 64:
         raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
     mode = sandbox_mode()
-    tmp = tempfile.mkdtemp(prefix="score_sbx_")
+    # nobody must be able to reach the directory: a caller's TMPDIR may sit under a private home.
+    tmp = tempfile.mkdtemp(prefix="score_sbx_", dir="/tmp" if mode.drop_user and os.path.isdir("/tmp") else None)
     nonce = secrets.token_hex(16)
     t0 = time.monotonic()
     try:
