@@ -217,3 +217,23 @@ def test_cli_help(capsys):
     with pytest.raises(SystemExit) as e:
         eval_main(["--help"])
     assert e.value.code == 0 and "--n-problems" in capsys.readouterr().out
+
+
+def test_prompts():
+    from score_train import prompts as P
+
+    arith = generate_arithmetic(1, "eval")[0]
+    assert P.turn1_message(arith) == arith.problem
+    assert P.turn1_message(arith, "paper").startswith(P.MATH_TURN1) and arith.problem in P.turn1_message(arith, "paper")
+    assert P.self_correction_instruction("arithmetic") == P.ARITHMETIC_SELF_CORRECT
+    assert P.self_correction_instruction("arithmetic", "paper") == P.MATH_SELF_CORRECT
+    math_rec = Record(id="m", kind="math", problem="Find x.", answer="1")
+    assert P.turn1_message(math_rec) == P.MATH_TURN1 + "\n\nProblem:\nFind x."
+    assert "Final Answer: The final answer is $answer$. I hope it is correct." in P.MATH_SELF_CORRECT
+    code = Record(id="c", kind="code", problem="def f(x):\n", tests="assert f(1)", entry_point="f")
+    assert "def f(x):" in P.turn1_message(code)
+    assert P.self_correction_instruction("code").startswith("# There might be an error in the code above")
+    for instr in (P.MATH_SELF_CORRECT, P.CODE_SELF_CORRECT, P.ARITHMETIC_SELF_CORRECT):
+        assert "wrong" not in instr.lower() and "incorrect" not in instr.lower()  # never reveals correctness
+    with pytest.raises(ValueError):
+        P.turn1_message(arith, "fancy")
