@@ -1,9 +1,14 @@
 """sample: batch-invariant token sampling with temperature, top-p, top-k and per-row seeds.
 
 Each row draws with the Gumbel-max trick (an exponential race): token = argmax(logits / T - log E[v])
-over the tokens that survive top-k/top-p, where E[v] = -log(1 - u[v]) ~ Exponential(1) and u[v] is a
-counter-based hash (murmur3 fmix32) of (seed, position, v). Nothing depends on the batch the row sits in, on other rows, or on a global
-RNG: the same (seed, position, logits) always gives the same token, alone or in any batch.
+over the tokens that survive top-k/top-p, where E[v] = -log(u[v]) ~ Exponential(1) and u[v] is a
+counter-based hash (murmur3 fmix32) of (seed, position, v). Nothing depends on the batch the row sits
+in, on other rows, or on a global RNG: the same (seed, position, logits) always gives the same token,
+alone or in any batch, on a given device. CPU and GPU may differ on near-ties (their log() differs in
+the last bit).
+
+Paths: CPU tensors run row by row in PyTorch; CUDA tensors without top-p/top-k run one fused Triton
+pass per row (online log-sum-exp + race); CUDA tensors with top-p/top-k run batched PyTorch.
 
 The returned log-prob is that of the temperature-scaled distribution *before* truncation,
 log_softmax(logits / T)[token] (what a trainer recomputes with temperature T); greedy rows (T == 0)
@@ -13,12 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from score_kernels import _checks
+from score_kernels import _aot, _checks
+from score_kernels._backend import INTERPRET, has_triton
+from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x85EBCA6B - (1 << 32), 0xC2B2AE35 - (1 << 32)  # murmur3 fmix32 constants as int32
-# A uniform u = (k + 0.5) / 2**23 lies in [2**-24, 1 - 2**-24], so the Gumbel noise -log(-log1p(-u))
-# lies in [-2.82, 16.64]: a token whose scaled logit is more than 19.45 below its row's best can never
+# A uniform u = (k + 0.5) / 2**23 lies in [2**-24, 1 - 2**-24] (both exact in fp32), so the Gumbel noise
+# -log(-log(u)) lies in [-2.82, 16.64]: a token whose scaled logit is more than 19.45 below its row's best can never
 # win the argmax. Skipping those tokens is exact; 20 leaves room for rounding.
 _REACH = 20.0
 
@@ -51,8 +58,8 @@ def _vocab_code(cols: torch.Tensor) -> torch.Tensor:
     return _to_i32((cols.long() * 0x9E3779B1) & _M32)  # odd multiplier: a bijection of the index
 
 
-def _exp_noise(key: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """Exponential(1) variates E = -log(1 - u), u from fmix32(key ^ code) in int32 arithmetic (products
+def _uniform(key: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """u = (k + 0.5) / 2**23 with k the top 23 bits of fmix32(key ^ code), in int32 arithmetic (products
     wrap; arithmetic shifts are masked into logical ones). A pure function of (key, code) per element."""
     x = key ^ code
     x = x ^ ((x >> 16) & 0xFFFF)
@@ -60,13 +67,17 @@ def _exp_noise(key: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     x = x ^ ((x >> 13) & 0x7FFFF)
     x = x * _C2
     x = x ^ ((x >> 16) & 0xFFFF)
-    u = (((x >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-    return -torch.log1p(-u)
+    return (((x >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def _exp_noise(key: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Exponential(1) variates E = -log(u)."""
+    return -torch.log(_uniform(key, code))
 
 
 def uniforms(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """u[b, v] = 1 - exp(-E[b, v]) in (0, 1), the uniforms behind the draws (for tests)."""
-    return -torch.expm1(-_exp_noise(row_keys(seeds, positions)[:, None], _codes(vocab, seeds.device)[None, :]))
+    """u[b, v] in (0, 1), the uniforms behind the draws (for tests)."""
+    return _uniform(row_keys(seeds, positions)[:, None], _codes(vocab, seeds.device)[None, :])
 
 
 def _filter(scaled: torch.Tensor, top_p: torch.Tensor | None, top_k: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +167,73 @@ def sample_reference(logits, temperature, top_p, top_k, seeds, positions, _batch
     return tokens, logprobs
 
 
+# ----------------------------------------------------------------------------- triton
+if HAVE_TRITON:
+
+    @triton.jit
+    def _sample_kernel(logits_ptr, stride_row, temp_ptr, key_ptr, tok_ptr, lp_ptr, vocab,
+                       BLOCK: tl.constexpr):
+        """One program per row: online log-sum-exp of logits / T and the exponential race, one pass."""
+        row = tl.program_id(0)
+        t = tl.load(temp_ptr + row).to(tl.float32)
+        greedy = t <= 0.0
+        t = tl.where(greedy, 1.0, t)
+        key = tl.load(key_ptr + row)
+        base = logits_ptr + row.to(tl.int64) * stride_row
+        m = tl.full([], float("-inf"), tl.float32)
+        ssum = tl.zeros([], tl.float32)
+        best = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.zeros([], tl.int32)
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < vocab
+            x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) / t
+            m_new = tl.maximum(m, tl.max(x, 0))
+            ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new), 0.0), 0)
+            m = m_new
+            h = key ^ (cols * -1640531535)  # cols * 0x9E3779B1 mod 2**32, as in _vocab_code
+            h = h ^ ((h >> 16) & 0xFFFF)
+            h = h * -2048144789
+            h = h ^ ((h >> 13) & 0x7FFFF)
+            h = h * -1028477387
+            h = h ^ ((h >> 16) & 0xFFFF)
+            k = (h >> 9) & 0x7FFFFF
+            u = (k.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+            w = ((0x7FFFFF - k).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 1 - u, exact
+            # -log(u) near u = 1 by its series in w = 1 - u: a fast log() would round it to 0 there
+            e = tl.where(w < 0.01, w + w * w * (0.5 + w * (1.0 / 3.0 + w * 0.25)), -tl.log(u))
+            r = tl.where(greedy, x, x - tl.log(e))
+            r = tl.where(ok, r, float("-inf"))
+            cb = tl.max(r, 0)
+            ci = tl.argmax(r, 0)
+            take = cb > best  # strict: the first maximum wins, as torch.argmax
+            best_idx = tl.where(take, start + ci, best_idx)
+            best = tl.where(take, cb, best)
+        xt = tl.load(base + best_idx).to(tl.float32) / t
+        tl.store(tok_ptr + row, best_idx.to(tl.int64))
+        tl.store(lp_ptr + row, xt - (m + tl.log(ssum)))
+
+    for _dt in ("bf16", "fp32"):
+        _aot.register(f"sample[{_dt}]", _sample_kernel,
+                      {"logits_ptr": f"*{_dt}", "stride_row": "i32", "temp_ptr": "*fp32", "key_ptr": "*i32",
+                       "tok_ptr": "*i64", "lp_ptr": "*fp32", "vocab": "i32", "BLOCK": "constexpr"},
+                      {"BLOCK": 2048}, num_warps=8)
+
+
+def _sample_triton(logits, temperature, seeds, positions, block: int | None = None):
+    """The fused GPU path (no top-p/top-k); also runs under the Triton interpreter on CPU tensors."""
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    bsz, vocab = x.shape
+    tokens = torch.empty(bsz, dtype=torch.int64, device=x.device)
+    logprobs = torch.empty(bsz, dtype=torch.float32, device=x.device)
+    if bsz:
+        keys = row_keys(seeds, positions).contiguous()
+        block = block or (256 if INTERPRET else 2048)
+        _sample_kernel[(bsz,)](x, x.stride(0), temperature.to(torch.float32).contiguous(), keys, tokens, logprobs,
+                               vocab, BLOCK=block, num_warps=8)
+    return tokens, logprobs
+
+
 def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_p: torch.Tensor | None = None,
            top_k: torch.Tensor | None = None, seeds: torch.Tensor,
            positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,4 +254,6 @@ def sample(logits: torch.Tensor, *, temperature: torch.Tensor, top_p: torch.Tens
         if t.shape[0] != bsz:
             raise ValueError(f"{name} must have shape [{bsz}] (one per logits row), got {tuple(t.shape)}")
         _checks.same_device(name, t, "logits", logits)
+    if logits.is_cuda and top_p is None and top_k is None and has_triton():
+        return _sample_triton(logits, temperature, seeds, positions)
     return sample_reference(logits, temperature, top_p, top_k, seeds, positions)

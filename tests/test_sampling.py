@@ -128,14 +128,17 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.gpu
 def test_gpu_matches_cpu_and_is_batch_invariant():
     x = torch.randn(64, 32000, generator=torch.Generator().manual_seed(0)) * 2
-    p_cpu = dict(temperature=torch.full((64,), 0.9), top_p=torch.full((64,), 0.95), top_k=None,
-                 seeds=torch.arange(64), positions=torch.arange(64))
-    tok_c, lp_c = sample(x, **p_cpu)
-    p_gpu = {k: (None if v is None else v.cuda()) for k, v in p_cpu.items()}
-    tok_g, lp_g = sample(x.cuda(), **p_gpu)
-    assert (tok_g.cpu() == tok_c).float().mean() >= 0.95  # log() may differ in the last bit across devices
-    tok_g2, _ = sample(x.cuda()[5:6], **{k: (None if v is None else v[5:6]) for k, v in p_gpu.items()})
-    assert tok_g2.item() == tok_g[5].item()
+    for top_p in (torch.full((64,), 0.95), None):  # batched torch path, fused triton path
+        p_cpu = dict(temperature=torch.full((64,), 0.9), top_p=top_p, top_k=None,
+                     seeds=torch.arange(64), positions=torch.arange(64))
+        tok_c, lp_c = sample(x, **p_cpu)
+        p_gpu = {k: (None if v is None else v.cuda()) for k, v in p_cpu.items()}
+        tok_g, lp_g = sample(x.cuda(), **p_gpu)
+        assert (tok_g.cpu() == tok_c).float().mean() >= 0.95  # log() may differ in the last bit across devices
+        same = tok_g.cpu() == tok_c
+        torch.testing.assert_close(lp_g.cpu()[same], lp_c[same], rtol=1e-4, atol=1e-4)
+        tok_g2, _ = sample(x.cuda()[5:6], **{k: (None if v is None else v[5:6]) for k, v in p_gpu.items()})
+        assert tok_g2.item() == tok_g[5].item()
 
 
 def test_batched_path_agrees_with_row_path():
@@ -156,3 +159,43 @@ def test_batched_path_agrees_with_row_path():
     tok_n, _ = sample_reference(x, t, None, None, args[4], args[5], _batched=True)
     tok_m, _ = sample_reference(x, t, None, None, args[4], args[5])
     assert (tok_n == tok_m).float().mean() >= 0.95
+
+
+def _triton_live():
+    from score_kernels import backends
+    return backends()["triton"]
+
+
+@pytest.mark.skipif(not _triton_live(), reason="triton not live")
+def test_triton_path_matches_torch_and_is_batch_invariant():
+    from score_kernels.sampling import _sample_triton, sample_reference
+    b, v = 8, 1000
+    x = logits_(b, v, seed=9, scale=2.0)
+    t = torch.tensor([0.0, 1.0, 0.7, 1.3, 1.0, 0.0, 0.5, 2.0], device=DEV)
+    seeds, pos = torch.arange(b, device=DEV) * 31 + 5, torch.arange(b, device=DEV) + 100
+    tok, lp = _sample_triton(x, t, seeds, pos)
+    want_tok, want_lp = sample_reference(x, t, None, None, seeds, pos, _batched=True)
+    assert torch.equal(tok[t == 0], x.argmax(-1)[t == 0])
+    assert (tok == want_tok).float().mean() >= 0.85  # only near-ties may differ (log() implementations)
+    same = tok == want_tok
+    torch.testing.assert_close(lp[same], want_lp[same], rtol=1e-5, atol=1e-5)
+    for i in (0, 3, 7):
+        ti, li = _sample_triton(x[i:i + 1], t[i:i + 1], seeds[i:i + 1], pos[i:i + 1])
+        assert ti.item() == tok[i].item() and li.item() == lp[i].item()
+    bf = x.to(torch.bfloat16)
+    tok_bf, lp_bf = _sample_triton(bf, t, seeds, pos)
+    torch.testing.assert_close(lp_bf, torch.log_softmax(bf.float() / torch.where(t > 0, t, 1)[:, None], -1)
+                               .gather(1, tok_bf[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu  # thousands of programs: too slow for the interpreter, which the agreement test covers
+def test_triton_path_empirical_distribution():
+    from score_kernels.sampling import _sample_triton
+    v, n = 10, 40000
+    x = logits_(1, v, seed=3, scale=1.0)
+    tok, _ = _sample_triton(x.expand(n, -1), torch.full((n,), 0.8, device=DEV),
+                            torch.arange(n, device=DEV) + 77, torch.zeros(n, dtype=torch.long, device=DEV))
+    expected = torch.softmax(x[0].double() / 0.8, -1) * n
+    counts = torch.bincount(tok, minlength=v).double()
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 35.0, chi2

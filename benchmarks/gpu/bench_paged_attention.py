@@ -2,7 +2,8 @@
 
 Decode is bandwidth-bound: its roofline is the KV bytes read (B * ctx * Hkv * D * 2 bytes, K and V)
 over the measured copy bandwidth. Also: a small-batch long-context decode with and without split-K,
-and a prefill (tensor-core bound, TF/s of the causal QK^T and PV). "_graph" variants replay the op
+a prefill (tensor-core bound, TF/s of the causal QK^T and PV), and the decode sampler
+(B rows x Qwen2.5's 151936-token vocabulary, bf16 logits read once). "_graph" variants replay the op
 from a CUDA graph, as the engine's decode does: the eager variants at these sizes mostly time the
 Python/Triton launch overhead (~80 us), not the kernel.
 """
@@ -12,6 +13,7 @@ from benchmarks.gpu_timing import bench, row
 from benchmarks.shapes import shape
 from score_kernels import paged_attention, paged_attention_reference
 from score_kernels.paged_attention import _triton_paged_attention
+from score_kernels.sampling import _sample_triton, sample_reference
 
 
 def _batch(B, ctx, q_len, hq, hkv, d, bs, seed=0):
@@ -88,4 +90,15 @@ def run(quick: bool = False) -> list[dict]:
              [("torch_ref", paged_attention_reference), ("triton", paged_attention),
               ("triton_graph", paged_attention)],
              lambda: _batch(B, ql, ql, hq, hkv, d, bs), flops=flops)
+
+    B, V = dec["B"], 151936
+    def make_logits():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(B, V, device="cuda", generator=g).to(torch.bfloat16) * 3
+        return (x, torch.full((B,), 0.8, device="cuda"), torch.arange(B, device="cuda"),
+                torch.full((B,), 700, device="cuda"))
+    _run(rows, "sample", f"B={B} V={V} bf16",
+         [("torch_batched", lambda x, t, s_, p: sample_reference(x, t, None, None, s_, p)),
+          ("triton", lambda x, t, s_, p: _sample_triton(x, t, s_, p))],
+         make_logits, bytes_moved=B * V * 2)
     return rows
