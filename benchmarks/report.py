@@ -49,7 +49,7 @@ def read_pytest(path: str) -> list[dict]:
         machine = f"{cpu} ({device})" if cpu and info.get("machine", "cpu") == "cpu" else device or cpu
         key = (op, info.get("shape", ""), machine)
         g = groups.setdefault(key, {"op": op, "shape": key[1], "machine": machine, "when": when,
-                                    "source": os.path.basename(path)})
+                                    "kind": info.get("machine", "cpu"), "source": os.path.basename(path)})
         g[f"{variant}_s"] = b["stats"]["median"]
         if info.get("paired_baseline_s"):  # the gate's interleaved baseline: the fairer pairing
             g["paired_baseline_s"] = info["paired_baseline_s"]
@@ -92,7 +92,7 @@ def read_gpu(path: str) -> list[dict]:
             out.append({
                 "op": op if r["variant"] == "ours" else f"{op} ({r['variant']})",
                 "shape": shp, "machine": data.get("device", "gpu"), "when": data.get("time", ""),
-                "source": os.path.basename(path), "ours_s": r["ms"] / 1e3, "baseline_s": base["ms"] / 1e3,
+                "kind": "gpu", "source": os.path.basename(path), "ours_s": r["ms"] / 1e3, "baseline_s": base["ms"] / 1e3,
                 "baseline_name": base["variant"], "time_ratio": _ratio(r["ms"], base["ms"]),
                 "mem_ratio": _ratio(o_mem, b_mem) if b_mem else None,
                 "ours_mem": None if o_mem is None else o_mem * 1e9,
@@ -194,13 +194,48 @@ def render_chart(recs: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def ratio_summary(paths: list[str], thresholds: dict) -> str:
+    """Every recorded ratio per op (not only the newest), beside its threshold: what thresholds are
+    set from (see docs/perf-regression.md)."""
+    seen: dict[tuple, dict] = {}
+    for p in paths:
+        for r in read_pytest(p):
+            d = seen.setdefault((r["op"], r["kind"]), {"time": [], "memory": []})
+            if r.get("time_ratio") is not None:
+                d["time"].append(r["time_ratio"])
+            if r.get("mem_ratio") is not None:
+                d["memory"].append(r["mem_ratio"])
+    head = (f"{'op':<22} {'machine':<7} {'n':>3}  {'time ratio min/med/max':<24} {'limit':>6}  "
+            f"{'memory ratio min/med/max':<24} {'limit':>6}")
+    lines = [head]
+    for (op, kind), d in sorted(seen.items()):
+        lim = (thresholds.get(kind) or {}).get(op) or {}
+
+        def rng(v):
+            return "-" if not v else f"{min(v):.3f}/{sorted(v)[len(v) // 2]:.3f}/{max(v):.3f}"
+
+        lines.append(f"{op:<22} {kind:<7} {len(d['time']):>3}  {rng(d['time']):<24} {lim.get('time', '-')!s:>6}  "
+                     f"{rng(d['memory']):<24} {lim.get('memory', '-')!s:>6}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pytest-dir", default=os.path.join(ROOT, "benchmarks", "results", "pytest"))
     p.add_argument("--gpu-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--chart", default=os.path.join(ROOT, "benchmarks", "results", "benchmarks.png"))
+    p.add_argument("--ratios", nargs="*", metavar="JSON",
+                   help="instead: print every ratio recorded in these pytest-benchmark JSON files (default: "
+                        "all saves under --pytest-dir) beside benchmarks/thresholds.yaml")
     a = p.parse_args(argv)
+    if a.ratios is not None:
+        import yaml
+
+        paths = a.ratios or sorted(glob.glob(os.path.join(a.pytest_dir, "**", "*.json"), recursive=True))
+        with open(os.path.join(ROOT, "benchmarks", "thresholds.yaml")) as f:
+            print(ratio_summary(paths, yaml.safe_load(f) or {}))
+        return 0
     recs = collect(a.pytest_dir, a.gpu_dir)
     rel = None
     if recs and a.chart:

@@ -15,9 +15,9 @@ from benchmarks.shapes import shape
 
 def _op(name):
     fn = getattr(score_kernels, name, None)
-    if fn is None:  # written but not exported yet
-        fn = getattr(importlib.import_module("score_kernels.linear_logprobs"), name, None) if \
-            importlib.util.find_spec("score_kernels.linear_logprobs") else None
+    for mod in ("linear_logprobs", name, "logprobs"):  # written but not exported yet
+        if fn is None and importlib.util.find_spec(f"score_kernels.{mod}"):
+            fn = getattr(importlib.import_module(f"score_kernels.{mod}"), name, None)
     if fn is None:
         pytest.skip(f"score_kernels.{name} has not landed yet")
     return fn
