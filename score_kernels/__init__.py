@@ -19,4 +19,11 @@ __all__ += ["store_kv", "store_kv_reference", "copy_blocks", "copy_blocks_refere
             "paged_attention_reference", "sample"]
 __all__ += ["turn_advantages", "turn_advantages_reference", "token_advantages", "token_advantages_reference",
             "policy_loss", "policy_loss_reference"]
+from score_kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from score_kernels.logits_logprobs import logprobs_from_logits, logprobs_from_logits_reference
+from score_kernels.linear_kl import linear_kl, linear_kl_reference
+from score_kernels.hf import causal_lm_logprobs
+
+__all__ += ["linear_logprobs", "linear_logprobs_reference", "logprobs_from_logits", "logprobs_from_logits_reference",
+            "linear_kl", "linear_kl_reference", "causal_lm_logprobs"]
 __version__ = "0.1.0"

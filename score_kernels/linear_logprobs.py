@@ -298,8 +298,8 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
     blk = _blocks(n, V)
     elt = h.element_size()
     vs = max(blk["BV"], (GPU_DZ_BYTES // max(1, n * elt)) // blk["BV"] * blk["BV"])
-    vs = min(vs, triton.cdiv(V, blk["BV"]) * blk["BV"])
-    dz = torch.empty(n, vs, dtype=h.dtype, device=h.device)
+    vs = min(vs, V)
+    dz_buf = torch.empty(n * vs, dtype=h.dtype, device=h.device)
     dh = torch.zeros(n, d, dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.empty_like(w) if need_w else None
     db = torch.empty(V, dtype=torch.float32, device=h.device) if need_b else None
@@ -308,6 +308,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
         v_hi = min(V, v_lo + vs)
         width = v_hi - v_lo
         grid = (triton.cdiv(n, blk["BN"]), triton.cdiv(width, blk["BV"]))
+        dz = dz_buf[: n * width].view(n, width)  # contiguous, so the GEMMs never see padding
         _bwd_dz_kernel[grid](
             h, w, b if b is not None else dummy, t if t is not None else lse,
             rh if kl else dummy, rw if kl else dummy, rb if (kl and rb is not None) else dummy,
@@ -316,7 +317,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
             rh.stride(0) if kl else 0, rw.stride(0) if kl else 0, inv_t, v_lo, v_hi, dz.stride(0),
             HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=ge is not None and not kl, KL=kl,
             num_warps=8 if h.is_cuda else 4, num_stages=3 if h.is_cuda else 1, **blk, **_kernel_flags(h))
-        dzs = dz[:, :width]
+        dzs = dz
         if need_w:
             torch.mm(dzs.t(), h, out=dw[v_lo:v_hi])
         if need_h:

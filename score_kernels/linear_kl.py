@@ -1,0 +1,255 @@
+"""linear_kl: exact full-vocabulary KL(pi || pi_ref) per token, straight from hidden states.
+
+    z = (hidden @ weight.T + bias) / T,  r = (ref_hidden @ ref_weight.T + ref_bias) / T
+    KL = sum_v p_v (log p_v - log q_v),  p = softmax(z), q = softmax(r)
+
+Neither logit tensor is materialised in full. Gradients flow to hidden, weight and bias only
+(the reference is a constant); dKL/dz_v = p_v ((z_v - r_v) - E_p[z - r]).
+
+- "triton" (GPU): the same kernels as linear_logprobs with the KL constexpr: the forward kernel
+  computes a policy tile and a reference tile per (tokens x vocab) block with tl.dot and merges
+  both log-sum-exps and E_p[z - r] online; the backward kernel recomputes both tiles for one vocab
+  slice at a time and writes dz, followed by GEMMs for dweight (complete per slice) and dhidden
+  (fp32 accumulation across slices).
+- "torch" (CPU, any device): token chunks forward, vocab slices backward, both recomputing the
+  logits (no cache), analytic backward.
+Masked-out positions (mask False) are compacted away: KL 0, zero gradient, no compute.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from score_kernels import _checks
+import score_kernels.linear_logprobs  # noqa: F401  (the module; the package attribute is the function)
+from score_kernels._backend import pick_backend
+
+_lp = sys.modules["score_kernels.linear_logprobs"]
+
+_SUPPORTED = ("triton", "torch")
+
+
+def linear_kl_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature=1.0,
+                        mask=None):
+    """Pure PyTorch, materialises both logit tensors (float64 if any input is float64, else float32)."""
+    ct = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+    z = hidden.to(ct) @ weight.to(ct).t()
+    r = ref_hidden.to(ct) @ ref_weight.to(ct).t()
+    if bias is not None:
+        z = z + bias.to(ct)
+    if ref_bias is not None:
+        r = r + ref_bias.to(ct)
+    lz = torch.log_softmax(z / temperature, -1)
+    lr = torch.log_softmax(r / temperature, -1)
+    kl = (lz.exp() * (lz - lr)).sum(-1)
+    if mask is not None:
+        kl = torch.where(mask, kl, torch.zeros((), dtype=ct))
+    return kl
+
+
+def _torch_forward(h, w, b, rh, rw, rb, inv_t):
+    ct = _lp._ct(h.dtype)
+    n, V = h.shape[0], w.shape[0]
+    wc, rwc = w.to(ct), rw.to(ct)
+    bc = b.to(ct) if b is not None else None
+    rbc = rb.to(ct) if rb is not None else None
+    C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
+    kw = dict(dtype=ct, device=h.device)
+    zb, rbuf = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
+    lse, rlse, kl = (torch.empty(n, **kw) for _ in range(3))
+    for r0 in range(0, n, C):
+        r1 = min(n, r0 + C)
+        c = r1 - r0
+        z = _lp._logits_into(zb[:c], h[r0:r1].to(ct), wc, bc, inv_t)
+        r = _lp._logits_into(rbuf[:c], rh[r0:r1].to(ct), rwc, rbc, inv_t)
+        lz = torch.logsumexp(z, 1, keepdim=True)
+        lr = torch.logsumexp(r, 1, keepdim=True)
+        z.sub_(lz)
+        r.sub_(lr).neg_().add_(z)  # log p - log q
+        kl[r0:r1] = z.exp_().mul_(r).sum(1)
+        lse[r0:r1], rlse[r0:r1] = lz.squeeze(1), lr.squeeze(1)
+    return kl, lse, rlse
+
+
+def _torch_backward(h, w, b, rh, rw, rb, lse, rlse, kl, g, inv_t, need_h, need_w, need_b):
+    ct = _lp._ct(h.dtype)
+    n, d = h.shape
+    V = w.shape[0]
+    hc, rhc, wc, rwc = h.to(ct), rh.to(ct), w.to(ct), rw.to(ct)
+    bc = b.to(ct) if b is not None else None
+    rbc = rb.to(ct) if rb is not None else None
+    vs = max(1, min(V, _lp.WORK_BYTES // max(1, 2 * n * 4)))
+    kw = dict(dtype=ct, device=h.device)
+    buf, buf2 = torch.empty(n * vs, **kw), torch.empty(n * vs, **kw)
+    dh = torch.zeros(n, d, **kw) if need_h else None
+    dw = torch.empty(V, d, **kw) if need_w else None
+    db = torch.empty(V, **kw) if need_b else None
+    g = g.to(ct)[:, None] * inv_t
+    kl = kl[:, None]
+    for v0 in range(0, V, vs):
+        v1 = min(V, v0 + vs)
+        width = v1 - v0
+        z = _lp._logits_into(buf[: n * width].view(n, width), hc, wc[v0:v1],
+                             bc[v0:v1] if bc is not None else None, inv_t).sub_(lse[:, None])
+        r = _lp._logits_into(buf2[: n * width].view(n, width), rhc, rwc[v0:v1],
+                             rbc[v0:v1] if rbc is not None else None, inv_t).sub_(rlse[:, None])
+        # dz = g p (log p - log q - KL) / T
+        r.neg_().add_(z).sub_(kl)
+        dz = z.exp_().mul_(r).mul_(g)
+        if need_w:
+            torch.matmul(dz.t(), hc, out=dw[v0:v1])
+        if need_h:
+            dh.addmm_(dz, wc[v0:v1])
+        if need_b:
+            db[v0:v1] = dz.sum(0)
+    return dh, dw, db
+
+
+def _index(mask, n):
+    if mask is None:
+        return None
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _select(idx, *xs):
+    return [x if (x is None or idx is None) else x.index_select(0, idx) for x in xs]
+
+
+@torch.library.custom_op("score::linear_kl", mutates_args=())
+def _kl_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ref_hidden: torch.Tensor,
+           ref_weight: torch.Tensor, ref_bias: torch.Tensor | None, mask: torch.Tensor | None,
+           temperature: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = hidden.shape[0]
+    od = _lp._out_dtype(hidden)
+    inv_t = 1.0 / temperature
+    idx = _index(mask, n)
+    h, rh = _select(idx, hidden, ref_hidden)
+    if h.shape[0] == 0:
+        z = torch.zeros(n, dtype=od, device=hidden.device)
+        return z, z.clone(), z.clone()
+    if backend == "triton":
+        lse, rlse, ed = _lp.triton_forward_stats(h.contiguous(), weight.contiguous(), bias, None, inv_t,
+                                                 entropy=False, rh=rh.contiguous(), rw=ref_weight.contiguous(),
+                                                 rb=ref_bias)
+        kl = ed - lse + rlse
+    else:
+        kl, lse, rlse = _torch_forward(h, weight, bias, rh, ref_weight, ref_bias, inv_t)
+    if idx is None:
+        return kl, lse, rlse
+    outs = [torch.zeros(n, dtype=od, device=hidden.device).index_copy_(0, idx, v) for v in (kl, lse, rlse)]
+    return outs[0], outs[1], outs[2]
+
+
+@_kl_op.register_fake
+def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, temperature, backend):
+    f = hidden.new_empty(hidden.shape[0], dtype=_lp._out_dtype(hidden))
+    return f, f.clone(), f.clone()
+
+
+@torch.library.custom_op("score::linear_kl_backward", mutates_args=())
+def _kl_bwd_op(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None,
+               mask: torch.Tensor | None, kl: torch.Tensor, lse: torch.Tensor, rlse: torch.Tensor,
+               temperature: float, backend: str, need_h: bool, need_w: bool, need_b: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = hidden.shape
+    inv_t = 1.0 / temperature
+    idx = _index(mask, n)
+    h, rh, gs, kls, lses, rlses = _select(idx, hidden, ref_hidden, g, kl, lse, rlse)
+    dh = dw = db = None
+    if h.shape[0]:
+        if backend == "triton":
+            ed = (kls + lses - rlses).float().contiguous()
+            dh, dw, db = _lp.triton_backward(h.contiguous(), weight.contiguous(), bias, None, lses.contiguous(), ed,
+                                             gs.float().contiguous(), None, inv_t, need_h, need_w, need_b,
+                                             rh=rh.contiguous(), rw=ref_weight.contiguous(), rb=ref_bias)
+        else:
+            dh, dw, db = _torch_backward(h, weight, bias, rh, ref_weight, ref_bias, lses, rlses, kls, gs, inv_t,
+                                         need_h, need_w, need_b)
+    if need_h:
+        if dh is None:
+            dh = torch.zeros_like(hidden)
+        elif idx is not None:
+            dh = torch.zeros_like(hidden).index_copy_(0, idx, dh.to(hidden.dtype))
+        else:
+            dh = dh.to(hidden.dtype)
+    else:
+        dh = hidden.new_empty(0)
+    dw = (dw.to(weight.dtype) if dw is not None else torch.zeros_like(weight)) if need_w else weight.new_empty(0)
+    db = (db.to(bias.dtype) if db is not None else torch.zeros_like(bias)) if need_b else weight.new_empty(0)
+    return dh, dw, db
+
+
+@_kl_bwd_op.register_fake
+def _(g, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse, temperature, backend,
+      need_h, need_w, need_b):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+            torch.empty_like(weight) if need_w else weight.new_empty(0),
+            torch.empty_like(bias) if need_b else weight.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, temperature, backend = inputs
+    kl, lse, rlse = output
+    ctx.mark_non_differentiable(lse, rlse)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse)
+    ctx.args = (temperature, backend)
+
+
+def _backward(ctx, g, _g_lse, _g_rlse):
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse = ctx.saved_tensors
+    temperature, backend = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if g is None:
+        return (None,) * 9
+    dh, dw, db = _kl_bwd_op(g, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse,
+                            temperature, backend, need_h, need_w, bool(need_b and bias is not None))
+    return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 6
+
+
+_kl_op.register_autograd(_backward, setup_context=_setup)
+
+
+def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, *,
+              bias: torch.Tensor | None = None, ref_bias: torch.Tensor | None = None, temperature: float = 1.0,
+              mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) over the full vocabulary per token, float32 shaped like hidden[..., 0]
+    (float64 for float64 inputs). Positions where mask is False give 0 with zero gradient.
+    Gradients flow to hidden, weight and bias; the reference side is treated as a constant.
+    backend: None picks triton on CUDA, else the chunked torch path; or force "triton"/"torch".
+    """
+    _lp.check_linear_inputs("linear_kl", hidden, weight, bias)
+    _lp.check_linear_inputs("linear_kl", ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden has leading shape {tuple(ref_hidden.shape[:-1])} but hidden has "
+                         f"{tuple(hidden.shape[:-1])}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has {ref_weight.shape[0]} vocabulary rows but weight has {weight.shape[0]}")
+    _checks.same_device("ref_hidden", ref_hidden, "hidden", hidden)
+    if mask is not None:
+        _checks.tensor("mask", mask)
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != hidden.shape[:-1]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden has leading shape "
+                             f"{tuple(hidden.shape[:-1])}")
+        _checks.same_device("mask", mask, "hidden", hidden)
+    temperature = _lp.check_temperature(temperature)
+    b = pick_backend(backend, hidden.device, supported=_SUPPORTED, op="linear_kl")
+    ct = _lp.common_dtype(hidden, weight, bias)
+    if ct == torch.float64 or ref_hidden.dtype == torch.float64 or ref_weight.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("linear_kl: backend 'triton' does not take float64 inputs")
+        b, ct = "torch", torch.float64
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1]).to(ct)
+    rh2 = ref_hidden.detach().reshape(-1, ref_hidden.shape[-1]).to(ct)
+    m2 = mask.reshape(-1) if mask is not None else None
+    kl, _, _ = _kl_op(h2, weight.to(ct), bias.to(ct) if bias is not None else None, rh2,
+                      ref_weight.detach().to(ct), ref_bias.detach().to(ct) if ref_bias is not None else None,
+                      m2, temperature, b)
+    return kl.reshape(lead)
