@@ -77,7 +77,9 @@ def _token_terms(lp, adv, ids, old, ref, coefs, est, clip, *, analytic):
         clipped = pg2 > pg
         dpg = torch.where(clipped, zero, pg)
         pg = torch.maximum(pg, pg2)
-    coef = torch.tensor(coefs, dtype=ct, device=lp.device)[torch.where(mask, ids, torch.zeros_like(ids)).long()]
+    coef = torch.zeros_like(lp)  # a where-chain, not an indexed H2D tensor: stays CUDA-graph capturable
+    for k, c in enumerate(coefs):
+        coef = torch.where(ids == k, c, coef)
     if ref is not None:
         ref = torch.where(mask, ref.to(ct), zero)
         kl = token_kl_reference(lp, ref, KL_ESTIMATORS[est]).to(ct)
@@ -172,7 +174,7 @@ def _torch_fwd(lp, adv, ids, old, ref, cu, gc_t, coefs, est, clip_lo, clip_hi, a
     clip = None if clip_lo < 0 else (clip_lo, clip_hi)
     with torch.no_grad():
         terms = _token_terms(lp, adv, ids.long(), old, ref, coefs, est, clip, analytic=True)
-        gc = gc_t if gc_t is not None else (torch.tensor(gc_f, dtype=_ctype(lp), device=lp.device) if gc_f > 0
+        gc = gc_t if gc_t is not None else (torch.full((), gc_f, dtype=_ctype(lp), device=lp.device) if gc_f > 0
                                             else None)
         loss, stats, w = _finish(terms, ids, rows, B, K, agg, gc)
     return loss, stats, terms["dl"].to(lp.dtype), w.contiguous()

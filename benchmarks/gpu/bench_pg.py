@@ -6,14 +6,14 @@ every input once, write the bf16 gradient once: 20 B/token), so frac_peak = that
 copy bandwidth. Ours moves 24 B/token (dl is stored in the forward and scaled in backward).
 
 advantages: turn_advantages (rloo + alpha=10 bonus) + token_advantages on B=1024 samples, T=1024.
-Timed eagerly (includes the Python dispatch) and as a replayed CUDA graph, which also proves that
-neither op synchronises with the host (capture fails on a sync).
+Everything is timed eagerly (Python dispatch included: at 1M tokens that dominates) and as replayed
+CUDA graphs (device time only; capture also proves no op synchronises with the host).
 """
 import statistics
 
 import torch
 
-from benchmarks.gpu_timing import bench, row
+from benchmarks.gpu_timing import bench, calibrate, row
 from benchmarks.shapes import shape
 from score_kernels import policy_loss, policy_loss_reference, token_advantages, turn_advantages
 
@@ -27,27 +27,38 @@ def _pg_inputs(B, T):
     return lp.requires_grad_(True), old, ref, adv, ids
 
 
-def _graph_time(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
+def _graph_time(fns, reps=30):
+    """Median seconds of one replay, rotating one captured graph per input set (so nothing is
+    timed out of L2 from the previous replay). Capture fails if an op syncs with the host."""
+    graphs = []
+    for fn in fns:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
             fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
+        graphs.append(g)
+    for g in graphs:
+        g.replay()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps):
+    for i in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        graphs[i % len(graphs)].replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3)
     return statistics.median(times)
+
+
+def _bw_row(op, shp, variant, t, moved, copy_gbs):
+    gbs = moved / t / 1e9
+    return {"op": op, "shape": shp, "variant": variant, "ms": t * 1e3, "gbs": gbs, "frac_peak": gbs / copy_gbs}
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -65,13 +76,35 @@ def run(quick: bool = False) -> list[dict]:
         ("cuda_ext", lambda lp, old, ref, adv, ids: torch.autograd.grad(
             policy_loss(lp, adv, ids, old_logprobs=old, ref_logprobs=ref, backend="cuda", **kw)[0], lp)),
     ]
+    shp = f"B={B},T={T},K=2,bf16"
+    copy_gbs = calibrate()["copy_gbs"]
+    # what a plain device copy of the same bytes reaches at this size (launch + ramp included)
+    bufs = [(torch.empty(moved // 2, dtype=torch.uint8, device="cuda"),
+             torch.empty(moved // 2, dtype=torch.uint8, device="cuda")) for _ in range(3)]
+    t = _graph_time([lambda d=d, s_=s_: d.copy_(s_) for d, s_ in bufs])
+    rows.append(_bw_row("policy_loss", shp, "copy_same_bytes[graph]", t, moved, copy_gbs))
+    del bufs
     for variant, fn in variants:
         try:
             res = bench(fn, lambda: _pg_inputs(B, T), rep=5 if quick else 10)
+            rows.append(row("policy_loss", shp, variant + "[eager]", res, bytes_moved=moved))
+            sets = [_pg_inputs(B, T) for _ in range(3)]
+            t = _graph_time([lambda x=x, fn=fn: fn(*x) for x in sets])
+            rows.append(_bw_row("policy_loss", shp, variant + "[graph]", t, moved, copy_gbs))
+            del sets
         except Exception as e:  # a backend that is not live on this machine
-            rows.append({"op": "policy_loss", "shape": f"B={B},T={T}", "variant": variant, "error": str(e)[:160]})
-            continue
-        rows.append(row("policy_loss", f"B={B},T={T},K=2,bf16", variant, res, bytes_moved=moved))
+            rows.append({"op": "policy_loss", "shape": shp, "variant": variant, "error": str(e)[:200]})
+    if not quick:  # 16M tokens: the kernel's own bandwidth, host overhead amortised
+        Bl = 16 * B
+        for variant, fn in variants[1:]:
+            try:
+                sets = [_pg_inputs(Bl, T) for _ in range(2)]
+                t = _graph_time([lambda x=x, fn=fn: fn(*x) for x in sets], reps=10)
+                rows.append(_bw_row("policy_loss", f"B={Bl},T={T},K=2,bf16", variant + "[graph]", t, moved * 16,
+                                    copy_gbs))
+                del sets
+            except Exception as e:
+                rows.append({"op": "policy_loss", "shape": f"B={Bl}", "variant": variant, "error": str(e)[:200]})
 
     a = shape("gpu", "turn_advantages")
     Ba, G = a["B"], a["group"]
@@ -95,9 +128,9 @@ def run(quick: bool = False) -> list[dict]:
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba},T={T},K=2", "variant": "cuda_eager",
                          "us": res["median_s"] * 1e6})
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba},T={T},K=2", "variant": "cuda_graph",
-                         "us": _graph_time(adv_fn) * 1e6, "target_us": 50})
+                         "us": _graph_time([adv_fn]) * 1e6, "target_us": 50})
             rows.append({"op": "turn_advantages", "shape": f"B={Ba},K=2", "variant": "cuda_graph",
-                         "us": _graph_time(lambda: turn_advantages(rewards, gids, shaping_alpha=10.0)) * 1e6})
+                         "us": _graph_time([lambda: turn_advantages(rewards, gids, shaping_alpha=10.0)]) * 1e6})
         except Exception as e:
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba}", "variant": variant, "error": str(e)[:160]})
     return rows

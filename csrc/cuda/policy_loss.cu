@@ -3,8 +3,10 @@
 // dl/dlp with common/pg_math.h, stores dl, and keeps batch partials in registers. Row sums are
 // taken per warp span (32 * ITEMS consecutive tokens): a span inside one row is warp-reduced into
 // one atomicAdd per row value; only spans that straddle a row boundary fall back to per-token
-// atomics. Batch partials are block-reduced into one set of double atomics per block. A one-block
-// finaliser turns the sums into loss, stats and the row weights; backward is one scaling pass.
+// atomics. The grid is one wave of resident blocks (grid-stride); each block writes its batch
+// partials to its own slot (no same-address atomics, which serialise in L2). A one-block
+// finaliser reduces the slots and row sums into loss, stats and the row weights; backward is one
+// scaling pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -21,6 +23,7 @@ constexpr int SPAN = 32 * ITEMS;
 // acc layout: [clipped, ratio, then per turn (n_k, kl_k, adv_k)]
 constexpr int A_CLIP = 0, A_RATIO = 1, A_TURN = 2;
 constexpr int ACC_N = A_TURN + 3 * PG_MAX_TURNS;
+constexpr int MAX_BLOCKS = 4096;
 
 template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -67,8 +70,7 @@ __global__ void __launch_bounds__(THREADS) pl_fwd_kernel(PLArgs a, PGParams p) {
   const A* __restrict__ adv = static_cast<const A*>(a.adv);
   const I* __restrict__ ids = static_cast<const I*>(a.ids);
   T* __restrict__ dl = static_cast<T*>(a.dl);
-  double* acc = a.work;
-  double* rows = a.work + ACC_N;
+  double* rows = a.work + MAX_BLOCKS * ACC_N;
   const int K = p.num_turns;
 
   C bacc[A_TURN + 3 * KM];
@@ -150,11 +152,9 @@ __global__ void __launch_bounds__(THREADS) pl_fwd_kernel(PLArgs a, PGParams p) {
   }
   __syncthreads();
   if (threadIdx.x < A_TURN + 3 * KM) {
-    C v = C(0);
-    for (int w = 0; w < THREADS / 32; ++w) v += sh[w][threadIdx.x];
-    const int j = threadIdx.x;
-    const bool used = j < A_TURN || (j - A_TURN) / 3 < K;
-    if (used && v != C(0)) atomicAdd(&acc[j], (double)v);
+    double v = 0;
+    for (int w = 0; w < THREADS / 32; ++w) v += (double)sh[w][threadIdx.x];
+    a.work[blockIdx.x * ACC_N + threadIdx.x] = v;
   }
 }
 
@@ -173,9 +173,19 @@ __device__ V block_sum(V v, V* sh) {
 template <typename C>
 __global__ void pl_finalize_kernel(PLArgs a, PGParams p) {
   __shared__ double sh[32];
-  const double* acc = a.work;
-  const double* rows = a.work + ACC_N;
+  __shared__ double acc[ACC_N];
+  const double* rows = a.work + MAX_BLOCKS * ACC_N;
   const int K = p.num_turns;
+  {  // warp j sums slot j over the forward's blocks (ACC_N <= 32 warps)
+    const int j = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (j < A_TURN + 3 * K) {
+      double v = 0;
+      for (int b = lane; b < a.nblocks; b += 32) v += a.work[b * ACC_N + j];
+      v = warp_sum(v);
+      if (lane == 0) acc[j] = v;
+    }
+  }
+  __syncthreads();
   double seqs = 0;
   for (int64_t b = threadIdx.x; b < a.B; b += blockDim.x) seqs += rows[3 * b + 2] > 0 ? 1.0 : 0.0;
   seqs = block_sum(seqs, sh);
@@ -249,13 +259,33 @@ unsigned grid_for(int64_t n, int64_t per_block) {
   return (unsigned)(b < 1 ? 1 : (b > 65535 * 16 ? 65535 * 16 : b));
 }
 
+// One wave of resident blocks, at most MAX_BLOCKS partial slots.
+template <typename K_>
+unsigned wave_grid(K_ kernel, int64_t n) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, 0);
+  int64_t wave = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
+  if (wave > MAX_BLOCKS) wave = MAX_BLOCKS;
+  int64_t need = (n + (int64_t)THREADS * ITEMS - 1) / ((int64_t)THREADS * ITEMS);
+  return (unsigned)(need < 1 ? 1 : (need < wave ? need : wave));
+}
+
 template <typename T, typename I>
-cudaError_t fwd_typed(const PLArgs& a, const PGParams& p, cudaStream_t s) {
+cudaError_t fwd_typed(PLArgs a, const PGParams& p, cudaStream_t s) {
   using C = typename CT<T>::type;
+  a.nblocks = 0;
   if (a.N > 0) {
-    const unsigned grid = grid_for(a.N, (int64_t)THREADS * ITEMS);
-    if (p.num_turns <= 2) pl_fwd_kernel<T, I, 2><<<grid, THREADS, 0, s>>>(a, p);
-    else pl_fwd_kernel<T, I, PG_MAX_TURNS><<<grid, THREADS, 0, s>>>(a, p);
+    if (p.num_turns <= 2) {
+      const unsigned grid = wave_grid(pl_fwd_kernel<T, I, 2>, a.N);
+      a.nblocks = (int)grid;
+      pl_fwd_kernel<T, I, 2><<<grid, THREADS, 0, s>>>(a, p);
+    } else {
+      const unsigned grid = wave_grid(pl_fwd_kernel<T, I, PG_MAX_TURNS>, a.N);
+      a.nblocks = (int)grid;
+      pl_fwd_kernel<T, I, PG_MAX_TURNS><<<grid, THREADS, 0, s>>>(a, p);
+    }
   }
   pl_finalize_kernel<C><<<1, 1024, 0, s>>>(a, p);
   return cudaGetLastError();
@@ -278,7 +308,7 @@ cudaError_t bwd_typed(const void* g, const void* dl, const void* w, const int64_
 
 }  // namespace
 
-size_t policy_loss_work_doubles(int64_t B) { return ACC_N + 3 * B; }
+size_t policy_loss_work_doubles(int64_t B) { return (size_t)MAX_BLOCKS * ACC_N + 3 * B; }
 
 cudaError_t launch_policy_loss_fwd(const PLArgs& a, const PGParams& p, cudaStream_t stream) {
   if (p.num_turns < 1 || p.num_turns > PG_MAX_TURNS) return cudaErrorInvalidValue;

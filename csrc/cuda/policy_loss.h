@@ -16,8 +16,10 @@ struct PLArgs {
   // outputs: dl (dtype), loss (compute type: double for F64 else float), stats float32
   // [ST_FIXED + 3K], row_w [B] (compute type)
   void* dl; void* loss; float* stats; void* row_w;
-  // zeroed workspace, double: acc [2 + 3 * PG_MAX_TURNS] then rows [3 * B]
+  // zeroed workspace of policy_loss_work_doubles(B) doubles: per-block batch partials, then row
+  // sums [3 * B]
   double* work;
+  int nblocks;  // set by the launcher
   const void* gcount;  // device scalar of the compute type, or null
   double gcount_f;     // > 0: a global count given as a number
 };
