@@ -180,17 +180,21 @@ if HAVE_TRITON:
         t = tl.where(greedy, 1.0, t)
         key = tl.load(key_ptr + row)
         base = logits_ptr + row.to(tl.int64) * stride_row
-        m = tl.full([], float("-inf"), tl.float32)
-        ssum = tl.zeros([], tl.float32)
-        best = tl.full([], float("-inf"), tl.float32)
-        best_idx = tl.zeros([], tl.int32)
+        # per-lane running state, reduced across lanes once at the end (no cross-warp work per chunk)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        ssum = tl.zeros([BLOCK], tl.float32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK], tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < vocab
             x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32) / t
-            m_new = tl.maximum(m, tl.max(x, 0))
-            ssum = ssum * tl.exp(m - m_new) + tl.sum(tl.where(ok, tl.exp(x - m_new), 0.0), 0)
-            m = m_new
+            # online sum of exp per lane with one exp: rescale the sum when x is the lane's new max
+            up = x > m
+            e = tl.exp(tl.where(up, m - x, x - m))
+            e = tl.where(x == float("-inf"), 0.0, e)
+            ssum = tl.where(up, ssum * e + 1.0, ssum + e)
+            m = tl.maximum(m, x)
             h = key ^ (cols * -1640531535)  # cols * 0x9E3779B1 mod 2**32, as in _vocab_code
             h = h ^ ((h >> 16) & 0xFFFF)
             h = h * -2048144789
@@ -201,17 +205,19 @@ if HAVE_TRITON:
             u = (k.to(tl.float32) + 0.5) * (1.0 / 8388608.0)
             w = ((0x7FFFFF - k).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 1 - u, exact
             # -log(u) near u = 1 by its series in w = 1 - u: a fast log() would round it to 0 there
-            e = tl.where(w < 0.01, w + w * w * (0.5 + w * (1.0 / 3.0 + w * 0.25)), -tl.log(u))
-            r = tl.where(greedy, x, x - tl.log(e))
+            en = tl.where(w < 0.01, w + w * w * (0.5 + w * (1.0 / 3.0 + w * 0.25)), -tl.log(u))
+            r = tl.where(greedy, x, x - tl.log(en))
             r = tl.where(ok, r, float("-inf"))
-            cb = tl.max(r, 0)
-            ci = tl.argmax(r, 0)
-            take = cb > best  # strict: the first maximum wins, as torch.argmax
-            best_idx = tl.where(take, start + ci, best_idx)
-            best = tl.where(take, cb, best)
-        xt = tl.load(base + best_idx).to(tl.float32) / t
-        tl.store(tok_ptr + row, best_idx.to(tl.int64))
-        tl.store(lp_ptr + row, xt - (m + tl.log(ssum)))
+            take = r > best  # strict: a lane keeps its first maximum
+            best_idx = tl.where(take, cols, best_idx)
+            best = tl.where(take, r, best)
+        top = tl.max(best, 0)
+        tok = tl.min(tl.where(best == top, best_idx, vocab), 0)  # the first maximum overall, as torch.argmax
+        mx = tl.max(m, 0)
+        lse = mx + tl.log(tl.sum(tl.where(m == float("-inf"), 0.0, ssum * tl.exp(m - mx)), 0))
+        xt = tl.load(base + tok).to(tl.float32) / t
+        tl.store(tok_ptr + row, tok.to(tl.int64))
+        tl.store(lp_ptr + row, xt - lse)
 
     for _dt in ("bf16", "fp32"):
         _aot.register(f"sample[{_dt}]", _sample_kernel,
