@@ -31,6 +31,7 @@ VARIANTS = ("baseline", "ours")
 _MEDIANS: dict[tuple, dict] = {}  # (op, machine) -> {variant: median seconds}
 _MEMORY: dict[tuple, dict] = {}  # (op, machine) -> {variant: peak extra bytes}
 _CASE: dict = {}  # the last built case, shared by its two variant tests
+_SUMMARY: list[tuple] = []  # (where, time ratio, limit, memory ratio, limit, ok) per gated op
 
 
 def pytest_addoption(parser):
@@ -187,7 +188,7 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
         pytest.fail(f"perf gate: no threshold for {where} in thresholds.yaml; measured medians "
                     f"ours {med.get('ours')}, baseline {med.get('baseline')}: add one with headroom",
                     pytrace=False)
-    errors = []
+    errors, t_ratio, m_ratio = [], None, None
     if "time" in limits:
         ours_fn, base_fn = _sync(machine, case["ours"]), _sync(machine, case["baseline"])
         m_o, m_b = med.get("ours"), med.get("baseline")
@@ -201,6 +202,7 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
             m_o, m_b = _interleaved(ours_fn, base_fn, max(rounds, 5))
             ratio = m_o / m_b
             note = f"confirmed over {max(rounds, 5)} interleaved rounds; first pass {first:.3f}"
+        t_ratio = ratio
         if ratio > limits["time"]:
             errors.append(f"perf gate: {where}: time ratio ours/baseline {ratio:.3f} > threshold "
                           f"{limits['time']} (median ours {_fmt_t(m_o)}, baseline {_fmt_t(m_b)}; {note})")
@@ -210,9 +212,24 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
         if p_o is None or p_b is None:
             errors.append(f"perf gate: {where}: memory not measured (ours {p_o}, baseline {p_b})")
         else:
-            ratio = p_o / max(p_b, 1)
+            ratio = m_ratio = p_o / max(p_b, 1)
             if ratio > limits["memory"]:
                 errors.append(f"perf gate: {where}: memory ratio ours/baseline {ratio:.3f} > threshold "
                               f"{limits['memory']} (peak extra ours {_fmt_b(p_o)}, baseline {_fmt_b(p_b)})")
+    _SUMMARY.append((where, t_ratio, limits.get("time"), m_ratio, limits.get("memory"), not errors))
     if errors:
         pytest.fail("\n".join(errors), pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables, so CI logs end with the verdict
+def pytest_terminal_summary(terminalreporter):
+    if not _SUMMARY:
+        return
+    tr = terminalreporter
+    tr.section("perf gate: ours / baseline")
+    tr.write_line(f"{'op [shape] on machine':<72} {'time':>7} {'limit':>6} {'memory':>7} {'limit':>6}")
+    for where, t, tl, m, ml, ok in _SUMMARY:
+        def f(x):
+            return "-" if x is None else f"{x:.3f}"
+        tr.write_line(f"{where[:72]:<72} {f(t):>7} {tl or '-'!s:>6} {f(m):>7} {ml or '-'!s:>6}"
+                      f"{'' if ok else '  FAIL'}")
