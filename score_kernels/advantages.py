@@ -17,6 +17,8 @@ CPU kernels (csrc/), the PyTorch reference, and torch.library ops. No gradients:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from score_kernels import _checks
@@ -87,7 +89,7 @@ def _row_index(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
 def token_advantages_reference(turn_values: torch.Tensor, turn_ids: torch.Tensor,
                                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Pure PyTorch: turn_values[b, turn_ids[b, t]] where 0 <= id < K, else 0."""
-    B, K = turn_values.shape
+    K = turn_values.shape[1]
     ids = turn_ids.long()
     valid = (ids >= 0) & (ids < K)
     safe = torch.where(valid, ids, torch.zeros_like(ids))
@@ -154,7 +156,7 @@ def turn_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     shaping_alpha = float(shaping_alpha)
-    if shaping_alpha != shaping_alpha:
+    if math.isnan(shaping_alpha):
         raise ValueError("shaping_alpha is NaN")
     if should_validate(validate, rewards.device) and not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contains NaN or inf")

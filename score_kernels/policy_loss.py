@@ -22,6 +22,7 @@ PyTorch path ("torch" backend) with the same structure, the autograd-chain refer
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -87,7 +88,7 @@ def _token_terms(lp, adv, ids, old, ref, coefs, est, clip, *, analytic):
     else:
         kl = torch.zeros_like(lp)
         dkl = torch.zeros_like(lp) if analytic else None
-    fz = lambda x: torch.where(mask, x, zero)  # noqa: E731
+    fz = lambda x: torch.where(mask, x, zero)
     out = {"mask": mask, "pg": fz(pg), "kl": fz(kl), "klterm": fz(coef * kl), "ratio": fz(ratio.detach()),
            "clipped": clipped & mask, "adv": adv}
     if analytic:
@@ -289,7 +290,7 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
         coefs = _coefs(kl_coef, num_turns)
     except (TypeError, ValueError) as e:
         raise ValueError(f"kl_coef must be a float or one float per turn, got {kl_coef!r}") from e
-    if not 1 <= len(coefs) <= MAX_TURNS or any(c != c for c in coefs):
+    if not 1 <= len(coefs) <= MAX_TURNS or any(math.isnan(c) for c in coefs):
         raise ValueError(f"kl_coef must give 1..{MAX_TURNS} finite values, got {kl_coef!r}")
     if num_turns is not None and len(coefs) != num_turns:
         raise ValueError(f"kl_coef has {len(coefs)} values but num_turns={num_turns}")
@@ -317,7 +318,7 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
             check_cu_seqlens(cu_seqlens, logprobs.shape[0])
     b = pick_backend(backend, logprobs.device, supported=_SUPPORTED, ext_ops=_EXT_OPS, op="policy_loss")
     dt = logprobs.dtype
-    cast = lambda x: None if x is None else x.detach().to(dt)  # noqa: E731  kernels read one dtype
+    cast = lambda x: None if x is None else x.detach().to(dt)
     loss, stats, _, _ = _pl_op(logprobs, advantages.detach(), turn_ids, cast(old_logprobs), cast(ref_logprobs),
                                cu_seqlens, gc_t, coefs, KL_ESTIMATORS.index(kl_estimator),
                                -1.0 if clip is None else clip[0], -1.0 if clip is None else clip[1],

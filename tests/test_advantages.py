@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from score_kernels import token_advantages, token_advantages_reference, turn_advantages, turn_advantages_reference
+from score_kernels import (
+    token_advantages,
+    token_advantages_reference,
+    turn_advantages,
+    turn_advantages_reference,
+)
 from score_kernels.advantages import ESTIMATORS
 from tests.helpers import device, live_backends
 

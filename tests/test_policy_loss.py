@@ -123,8 +123,8 @@ def _random(B, T, K, dtype, seed, *, packed=False, nan_masked=True):
     if nan_masked:
         lp = torch.where(ids < 0, float("nan"), lp)
         adv = torch.where(ids < 0, float("inf"), adv)
-    out = dict(lp=lp.to(DEV, dtype), old=old.to(DEV, dtype), ref=ref.to(DEV, dtype), adv=adv.to(DEV),
-               ids=ids.to(DEV), cu=None)
+    out = {"lp": lp.to(DEV, dtype), "old": old.to(DEV, dtype), "ref": ref.to(DEV, dtype), "adv": adv.to(DEV),
+               "ids": ids.to(DEV), "cu": None}
     if packed:  # drop a random tail of each row and pack the rest
         lens = torch.randint(0, T + 1, (B,), generator=gen)
         keep = torch.arange(T).unsqueeze(0) < lens.unsqueeze(1)
@@ -136,10 +136,10 @@ def _random(B, T, K, dtype, seed, *, packed=False, nan_masked=True):
 
 
 CONFIGS = [
-    dict(),
-    dict(old=True, clip_eps=0.2),
-    dict(old=True, clip_eps=(0.2, 0.28), ref=True, kl_coef=(0.25, 0.01)),
-    dict(ref=True, kl_coef=0.05),
+    {},
+    {"old": True, "clip_eps": 0.2},
+    {"old": True, "clip_eps": (0.2, 0.28), "ref": True, "kl_coef": (0.25, 0.01)},
+    {"ref": True, "kl_coef": 0.05},
 ]
 
 
@@ -153,9 +153,9 @@ def test_random_vs_reference(backend, cfg, agg, estimator, packed):
     if estimator != "k3" and not c.get("ref"):
         pytest.skip("estimator only matters with a reference")
     x = _random(9, 37, 2, torch.float32, seed=cfg * 7 + len(agg), packed=packed)
-    kw = dict(old_logprobs=x["old"] if c.get("old") else None, ref_logprobs=x["ref"] if c.get("ref") else None,
-              kl_coef=c.get("kl_coef", 0.0), kl_estimator=estimator, clip_eps=c.get("clip_eps"), agg=agg,
-              cu_seqlens=x["cu"])
+    kw = {"old_logprobs": x["old"] if c.get("old") else None, "ref_logprobs": x["ref"] if c.get("ref") else None,
+              "kl_coef": c.get("kl_coef", 0.0), "kl_estimator": estimator, "clip_eps": c.get("clip_eps"), "agg": agg,
+              "cu_seqlens": x["cu"]}
     loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], backend=backend, **kw)
     want, wstats = policy_loss_reference(x["lp"], x["adv"], x["ids"], **kw)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
@@ -172,7 +172,7 @@ def test_random_vs_reference(backend, cfg, agg, estimator, packed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_vs_float64(backend, dtype):
     x = _random(5, 64, 2, dtype, seed=11)
-    kw = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], kl_coef=(0.1, 0.01), clip_eps=0.2)
+    kw = {"old_logprobs": x["old"], "ref_logprobs": x["ref"], "kl_coef": (0.1, 0.01), "clip_eps": 0.2}
     loss, _ = policy_loss(x["lp"], x["adv"], x["ids"], backend=backend, **kw)
     lp64 = x["lp"].detach().double().requires_grad_(True)
     want, _ = policy_loss_reference(lp64, x["adv"], x["ids"], old_logprobs=x["old"].double(),
@@ -193,7 +193,7 @@ def test_gradcheck_float64(backend, agg, packed):
     # finite differences without the KL term; the cpu ext computes KL in float64
     ref = x["ref"] if backend == "cpu" else None
     for est in (["k1", "k2", "k3"] if backend == "cpu" else ["k3"]):
-        def f(lp):
+        def f(lp, est=est):
             return policy_loss(lp, x["adv"], x["ids"], old_logprobs=x["old"], ref_logprobs=ref,
                                kl_coef=(0.3, 0.07), kl_estimator=est, clip_eps=0.2, agg=agg, cu_seqlens=x["cu"],
                                backend=backend)[0]
@@ -274,9 +274,9 @@ def test_opcheck():
 ])
 def test_bad_input_raises_value_error(bad, match):
     gen = torch.Generator().manual_seed(0)
-    x = dict(lp=torch.randn(3, 8, generator=gen), adv=torch.randn(3, 8, generator=gen),
-             ids=torch.randint(-1, 2, (3, 8), generator=gen), old=torch.randn(3, 8, generator=gen),
-             ref=torch.randn(3, 8, generator=gen))
+    x = {"lp": torch.randn(3, 8, generator=gen), "adv": torch.randn(3, 8, generator=gen),
+             "ids": torch.randint(-1, 2, (3, 8), generator=gen), "old": torch.randn(3, 8, generator=gen),
+             "ref": torch.randn(3, 8, generator=gen)}
     x["ids"][0, 0] = 1
     with pytest.raises(ValueError, match=match):
         bad(x)
@@ -288,7 +288,7 @@ def test_cpu_benchmark_vs_chained_reference(benchmark):
 
     s = shape("cpu", "policy_loss")
     x = _random(s["B"], s["T"], s["K"], torch.float32, seed=0, nan_masked=False)
-    kw = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], kl_coef=(0.1, 0.01), clip_eps=0.2)
+    kw = {"old_logprobs": x["old"], "ref_logprobs": x["ref"], "kl_coef": (0.1, 0.01), "clip_eps": 0.2}
 
     def ours():
         torch.autograd.grad(policy_loss(x["lp"], x["adv"], x["ids"], **kw)[0], x["lp"])
@@ -313,8 +313,8 @@ def test_gpu_cuda_matches_torch_backend(dtype, packed):
         pytest.skip("cuda ext not live")
     for agg in AGGS:
         x = _random(64, 1000, 2, dtype, seed=3, packed=packed)
-        kw = dict(old_logprobs=x["old"], ref_logprobs=x["ref"], kl_coef=(0.25, 0.01), clip_eps=(0.2, 0.28),
-                  agg=agg, cu_seqlens=x["cu"])
+        kw = {"old_logprobs": x["old"], "ref_logprobs": x["ref"], "kl_coef": (0.25, 0.01), "clip_eps": (0.2, 0.28),
+                  "agg": agg, "cu_seqlens": x["cu"]}
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -324,11 +324,11 @@ def test_gpu_cuda_matches_torch_backend(dtype, packed):
             torch.cuda.set_sync_debug_mode(0)
         want, wstats = policy_loss(x["lp"], x["adv"], x["ids"], backend="torch", **kw)
         (wg,) = torch.autograd.grad(want, x["lp"])
-        tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=1e-4, atol=1e-6)
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype != torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-6}
         torch.testing.assert_close(loss, want, **tol)
         for k, v in wstats.items():
             torch.testing.assert_close(stats[k], v, rtol=1e-4, atol=1e-6, msg=k)
-        gt = dict(rtol=1e-5, atol=1e-8) if dtype != torch.bfloat16 else dict(rtol=1.6e-2, atol=1e-8)
+        gt = {"rtol": 1e-5, "atol": 1e-8} if dtype != torch.bfloat16 else {"rtol": 1.6e-2, "atol": 1e-8}
         torch.testing.assert_close(g, wg, **gt)
         assert (g[x["ids"] < 0] == 0).all()
 
@@ -339,7 +339,7 @@ def test_gpu_large_one_row_and_many_turns():
         pytest.skip("cuda ext not live")
     for B, T, K in ((1, 1 << 20, 2), (333, 777, 5)):
         x = _random(B, T, K, torch.float32, seed=B)
-        kw = dict(ref_logprobs=x["ref"], kl_coef=[0.1] * K, agg="seq-mean-token-mean")
+        kw = {"ref_logprobs": x["ref"], "kl_coef": [0.1] * K, "agg": "seq-mean-token-mean"}
         loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], backend="cuda", **kw)
         want, wstats = policy_loss(x["lp"], x["adv"], x["ids"], backend="torch", **kw)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)

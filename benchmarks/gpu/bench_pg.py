@@ -66,7 +66,7 @@ def run(quick: bool = False) -> list[dict]:
     s = shape("gpu", "policy_loss")
     B, T = s["B"], s["T"]
     n = B * T
-    kw = dict(kl_coef=(0.1, 0.01), clip_eps=0.2)
+    kw = {"kl_coef": (0.1, 0.01), "clip_eps": 0.2}
     moved = n * (2 + 2 + 2 + 4 + 8 + 2)
     variants = [
         ("chained_torch_reference", lambda lp, old, ref, adv, ids: torch.autograd.grad(
@@ -92,7 +92,7 @@ def run(quick: bool = False) -> list[dict]:
             t = _graph_time([lambda x=x, fn=fn: fn(*x) for x in sets])
             rows.append(_bw_row("policy_loss", shp, variant + "[graph]", t, moved, copy_gbs))
             del sets
-        except Exception as e:  # a backend that is not live on this machine
+        except Exception as e:  # noqa: BLE001  a backend that is not live on this machine
             rows.append({"op": "policy_loss", "shape": shp, "variant": variant, "error": str(e)[:200]})
     if not quick:  # 16M tokens: the kernel's own bandwidth, host overhead amortised
         Bl = 16 * B
@@ -103,7 +103,7 @@ def run(quick: bool = False) -> list[dict]:
                 rows.append(_bw_row("policy_loss", f"B={Bl},T={T},K=2,bf16", variant + "[graph]", t, moved * 16,
                                     copy_gbs))
                 del sets
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001
                 rows.append({"op": "policy_loss", "shape": f"B={Bl}", "variant": variant, "error": str(e)[:200]})
 
     a = shape("gpu", "turn_advantages")
@@ -115,23 +115,24 @@ def run(quick: bool = False) -> list[dict]:
     def adv_fn():
         return token_advantages(turn_advantages(rewards, gids, estimator="rloo", shaping_alpha=10.0), tids)
 
+    def torch_fn():
+        return token_advantages(turn_advantages(rewards, gids, backend="torch"), tids, backend="torch")
+
     for variant in ("cuda_ext", "torch"):
         try:
             if variant == "torch":  # the reference reads ids on the host (torch.unique): eager only
-                f = lambda: token_advantages(turn_advantages(rewards, gids, backend="torch"), tids,  # noqa: E731
-                                             backend="torch")
-                res = bench(lambda: f(), lambda: (), rep=20)
+                res = bench(torch_fn, lambda: (), rep=20)
                 rows.append({"op": "turn+token_advantages", "shape": f"B={Ba},T={T},K=2", "variant": "torch_eager",
                              "us": res["median_s"] * 1e6})
                 continue
-            res = bench(lambda: adv_fn(), lambda: (), rep=20)
+            res = bench(adv_fn, lambda: (), rep=20)
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba},T={T},K=2", "variant": "cuda_eager",
                          "us": res["median_s"] * 1e6})
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba},T={T},K=2", "variant": "cuda_graph",
                          "us": _graph_time([adv_fn]) * 1e6, "target_us": 50})
             rows.append({"op": "turn_advantages", "shape": f"B={Ba},K=2", "variant": "cuda_graph",
                          "us": _graph_time([lambda: turn_advantages(rewards, gids, shaping_alpha=10.0)]) * 1e6})
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             rows.append({"op": "turn+token_advantages", "shape": f"B={Ba}", "variant": variant, "error": str(e)[:160]})
     return rows
 
