@@ -5,6 +5,7 @@ import pytest
 
 from score_train.data import (ArithmeticConfig, JsonlFormatError, Record, generate_arithmetic, load_champ,
                               load_humaneval, load_jsonl, load_task)
+from score_train.rewards import reward
 from score_train.rewards.code import check_program
 
 
@@ -78,6 +79,8 @@ def test_humaneval_loads_and_canonical_solutions_pass():
         sol = probs[r.id.split(":", 1)[1]]["canonical_solution"]
         assert check_program(r.problem + sol, r.tests, timeout_s=10).passed, r.id
         assert not check_program(r.problem + "    pass\n", r.tests, timeout_s=10).passed
+        # the same solution as a model would write it, through the code reward
+        assert reward("code", f"Sure:\n```python\n{r.problem}{sol}```\n", r) == 1.0
 
 
 def _write(tmp_path, lines, name="t.jsonl"):

@@ -242,5 +242,12 @@ def test_extract_and_build():
     assert extract_code("plain code") == "plain code" and extract_code(None) == ""
     prompt = "from typing import List\n\ndef g(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n"
     full = build_program("def g(xs):\n    return sum(xs)\n", prompt, "g")
-    assert full.startswith("from typing import List") and full.count("def g") == 1
+    assert full.startswith(prompt.rstrip()) and full.endswith("def g(xs):\n    return sum(xs)\n")
+    assert check_program(full, "assert g([1, 2]) == 3\n").passed
+    # helpers defined in the prompt stay available when the model rewrites only the entry point
+    helper = "def h(x):\n    return x + 1\n\n\ndef g(x):\n    \"\"\"Uses h.\"\"\"\n"
+    assert check_program(build_program("def g(x):\n    return h(x) * 2\n", helper, "g"), "assert g(1) == 4\n").passed
+    # a prompt that is prose, not code: only its import lines are kept
+    prose = "import math\nWrite g, the square root.\n"
+    assert build_program("def g(x):\n    return math.sqrt(x)\n", prose, "g") == "import math\n\ndef g(x):\n    return math.sqrt(x)\n"
     assert build_program("    return sum(xs)\n", prompt, "g") == prompt + "    return sum(xs)\n"

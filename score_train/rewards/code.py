@@ -195,13 +195,19 @@ def extract_code(text: str | None) -> str:
 
 
 def build_program(code: str, prompt: str | None, entry_point: str | None) -> str:
-    """A full program from the model's code. If it defines entry_point it stands alone (with the
-    prompt's imports in front); otherwise it is taken as a completion of the prompt."""
+    """A full program from the model's code. If it defines entry_point, it follows the whole prompt
+    (which keeps the prompt's imports and helper functions; the prompt's docstring-only stub is
+    redefined), or only the prompt's imports when the prompt is not valid Python on its own.
+    Otherwise the code is taken as a completion of the prompt."""
     if not prompt:
         return code
     if entry_point and re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
-        imports = [ln for ln in prompt.splitlines() if re.match(r"\s*(from\s+\S+\s+)?import\s", ln)]
-        return "\n".join(imports) + "\n\n" + code
+        try:
+            compile(prompt, "prompt", "exec")
+            return prompt.rstrip("\n") + "\n\n\n" + code
+        except SyntaxError:
+            imports = [ln for ln in prompt.splitlines() if re.match(r"\s*(from\s+\S+\s+)?import\s", ln)]
+            return "\n".join(imports) + "\n\n" + code
     return prompt + code
 
 
