@@ -15,7 +15,7 @@ from benchmarks.shapes import shape
 
 def _op(name):
     fn = getattr(score_kernels, name, None)
-    for mod in ("linear_logprobs", name, "logprobs"):  # written but not exported yet
+    for mod in ("linear_logprobs", name, "logits_logprobs"):  # written but not exported yet
         if fn is None and importlib.util.find_spec(f"score_kernels.{mod}"):
             fn = getattr(importlib.import_module(f"score_kernels.{mod}"), name, None)
     if fn is None:
