@@ -33,6 +33,7 @@ from score_kernels._backend import INTERPRET, pick_backend
 from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 
 _SUPPORTED = ("triton", "torch")
+_LOWEST = -3.0e38  # stands in for -inf logits where 0 * -inf would make NaN
 
 # CPU/torch path budgets. WORK: fp32 scratch ([rows, V] chunks forward, [tokens, vocab slice] backward).
 # CACHE: logits kept from forward to backward so their GEMM is not recomputed; 0 disables.
@@ -57,7 +58,7 @@ def linear_logprobs_reference(hidden, weight, targets, bias=None, *, temperature
     lp = torch.where(valid, lsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), torch.zeros((), dtype=ct))
     if not return_entropy:
         return lp.to(torch.float32) if ct == torch.float32 else lp
-    ent = -(lsm.exp() * lsm).sum(-1)
+    ent = -torch.where(lsm > float("-inf"), lsm.exp() * lsm, torch.zeros((), dtype=ct)).sum(-1)
     ent = torch.where(valid, ent, torch.zeros((), dtype=ct))
     if ct == torch.float32:
         return lp.to(torch.float32), ent.to(torch.float32)
@@ -135,7 +136,7 @@ if HAVE_TRITON:
                 if ENTROPY:
                     # a is kept relative to the current max: rescaling adds (m - m_new) * s.
                     shift = (tl.where(s > 0, m, m_new) - m_new) * s
-                    zc = tl.where(cmask[None, :], z - m_new[:, None], 0.0)
+                    zc = tl.where(e > 0, z - m_new[:, None], 0.0)
                     a = alpha * (a + shift) + tl.sum(e * zc, 1)
                 hit = cols[None, :] == tgt[:, None]
                 x += tl.sum(tl.where(hit, z, 0.0), 1)
@@ -185,7 +186,7 @@ if HAVE_TRITON:
             dz = -g[:, None] * p
             if ENTROPY:
                 ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0)
-                dz -= ge[:, None] * p * (lsm + c[:, None])
+                dz -= tl.where(p > 0, ge[:, None] * p * (lsm + c[:, None]), 0.0)
             dz += tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0)
         dz = dz * inv_t
         ptrs = dz_ptr + rows[:, None] * stride_dz + (cols - v_lo)[None, :]
@@ -235,7 +236,7 @@ def _kernel_flags(h: torch.Tensor) -> dict:
 
 def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=None):
     """Runs the forward kernel over token blocks x vocab splits and merges the splits.
-    Returns (lse, x, a) for logprobs (x = target logit, a = entropy or None), or
+    Returns (lse, lp, ent) for logprobs (lp = target logprob, ent = entropy or None), or
     (lse, ref_lse, kl) for KL. All fp32 [N]."""
     n, d = h.shape
     V = w.shape[0]
@@ -268,12 +269,12 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
         ref_lse = RM + torch.log((rs * torch.exp(rm - RM)).sum(0))
         ed = (a * scale).sum(0) / S  # E_p[z - r]
         return lse, ref_lse, ed
-    xt = x.sum(0)
+    lp = (x.sum(0) - M) - torch.log(S)  # not x - lse: lse rounds at the scale of |M|
     ent = None
     if entropy:
         A = (scale * (a + (m - M) * s)).sum(0)
         ent = torch.log(S) - A / S
-    return lse, xt, ent
+    return lse, lp, ent
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -383,7 +384,7 @@ def torch_forward(h, w, b, t, inv_t, entropy, cache_rows):
             lp[r0:r1] = (zt - mx - logs).squeeze(1)
             if entropy:
                 # H = log s - sum e (z - mx) / s, with z already shifted by mx
-                ent[r0:r1] = (logs - e.mul_(z).sum(1, keepdim=True) / s).squeeze(1)
+                ent[r0:r1] = (logs - e.mul_(z.clamp_(min=_LOWEST)).sum(1, keepdim=True) / s).squeeze(1)
             if cached:
                 z.sub_(logs)
         del zb, eb
@@ -423,7 +424,7 @@ def torch_backward(h, w, b, t, lse, ent, cache, g, ge, inv_t, need_h, need_w, ne
             if k:
                 lsm[:k].copy_(cache[:, v0:v1])
             p = torch.exp(lsm, out=buf2[: n * width].view(n, width))
-            lsm.mul_(p)  # p * lsm
+            lsm.clamp_(min=_LOWEST).mul_(p)  # p * lsm; -inf logits (p = 0) contribute 0
             dz = p.mul_(coef).add_(lsm.mul_(ge), alpha=-inv_t)
         else:
             if k:
@@ -471,9 +472,8 @@ def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, save):
         z = torch.zeros(n, **f32)
         return z, z.clone(), z.clone(), cache
     if backend == "triton":
-        lse, xt, ent = triton_forward_stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t,
+        lse, lp, ent = triton_forward_stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t,
                                             entropy=entropy)
-        lp = xt - lse
     else:
         lp, ent, lse, cache = torch_forward(hs, w, b, ts, inv_t, entropy, _cache_rows(n, V, save))
     if ent is None:

@@ -22,6 +22,7 @@ from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 
 _SUPPORTED = ("triton", "torch")
 _BLOCK = 2048
+_LOWEST = -3.0e38
 
 
 def logprobs_from_logits_reference(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -32,7 +33,8 @@ def logprobs_from_logits_reference(logits, targets, *, temperature=1.0, ignore_i
     lp = torch.where(valid, lsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), torch.zeros((), dtype=ct))
     if not return_entropy:
         return lp
-    ent = torch.where(valid, -(lsm.exp() * lsm).sum(-1), torch.zeros((), dtype=ct))
+    plogp = torch.where(lsm > float("-inf"), lsm.exp() * lsm, torch.zeros((), dtype=ct))
+    ent = torch.where(valid, -plogp.sum(-1), torch.zeros((), dtype=ct))
     return lp, ent
 
 
@@ -65,7 +67,8 @@ if HAVE_TRITON:
         lse = M + tl.log(S)
         valid = tgt != ignore_index
         zt = tl.load(base + tl.where(valid, tgt, 0)).to(tl.float32) * inv_t
-        tl.store(lp_ptr + row, tl.where(valid, zt - lse, 0.0))
+        # (zt - M) - log S, not zt - lse: lse rounds at the scale of |M|
+        tl.store(lp_ptr + row, tl.where(valid, (zt - M) - tl.log(S), 0.0))
         tl.store(lse_ptr + row, lse)
         if ENTROPY:
             A = tl.sum(scale * (a + tl.where(s > 0, (m - M) * s, 0.0)), 0)
@@ -89,7 +92,7 @@ if HAVE_TRITON:
             p = tl.exp(lsm)
             dz = -g * p
             if ENTROPY:
-                dz -= ge * p * (lsm + h)
+                dz -= tl.where(p > 0, ge * p * (lsm + h), 0.0)
             dz += tl.where(cols == tgt, g, 0.0)
             dz = tl.where(valid, dz * inv_t, 0.0)
             tl.store(dx_ptr + row * stride_dx + cols, dz.to(dx_ptr.dtype.element_ty), mask=cm)
@@ -137,8 +140,8 @@ def _torch_fwd(x, t, inv_t, ignore_index, entropy):
         logs = s.log()
         lse[r0:r1] = (mx + logs).squeeze(1)
         lp[r0:r1] = (zt - mx - logs).squeeze(1)
-        if entropy:
-            ent[r0:r1] = (logs - e.mul_(z).sum(1, keepdim=True) / s).squeeze(1)
+        if entropy:  # -inf logits have p = 0: clamp so that 0 * z stays 0
+            ent[r0:r1] = (logs - e.mul_(z.clamp_(min=_LOWEST)).sum(1, keepdim=True) / s).squeeze(1)
     zero = torch.zeros((), **kw)
     return torch.where(valid, lp, zero), torch.where(valid, ent, zero), lse
 
@@ -163,7 +166,7 @@ def _torch_bwd(x, t, g, ge, lse, ent, inv_t, ignore_index):
         gc = g[r0:r1]
         if ge is not None:
             gec = ge[r0:r1]
-            lsm.add_(ent[r0:r1, None]).mul_(gec).add_(gc)  # g + ge (lsm + H)
+            lsm.clamp_(min=_LOWEST).add_(ent[r0:r1, None]).mul_(gec).add_(gc)  # g + ge (lsm + H)
             dz = p.mul_(lsm).mul_(-inv_t)
         else:
             dz = p.mul_(gc * -inv_t)
