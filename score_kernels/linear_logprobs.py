@@ -195,6 +195,7 @@ if HAVE_TRITON:
     # GPU specialisations for the AOT check: bf16/fp16 run on tensor cores; fp32 uses exact
     # (ieee) fp32 dots, which are FMA loops rather than tensor-core instructions.
     _GPU_BLOCKS = {"BN": 128, "BV": 128, "BK": 64}
+    GPU_LAUNCH = {"num_warps": 8, "num_stages": 3}
 
     def _sig(dt: str, kind: str) -> dict:
         sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64",
@@ -218,10 +219,10 @@ if HAVE_TRITON:
             _ce = dict(_GPU_BLOCKS, HAS_BIAS=_bias, HAS_RBIAS=False, ENTROPY=_ent, KL=_kl, UPCAST=False,
                        IEEE=_dt == "fp32")
             _tag = f"{_dt},{'kl' if _kl else 'lp'}{',ent' if _ent else ''}{',bias' if _bias else ''}"
-            _aot.register(f"linear_logprobs_fwd[{_tag}]", _fwd_kernel, _sig(_dt, "fwd"), _ce, num_warps=8,
-                          num_stages=3, has_dot=_dt != "fp32")
-            _aot.register(f"linear_logprobs_bwd_dz[{_tag}]", _bwd_dz_kernel, _sig(_dt, "bwd"), _ce, num_warps=8,
-                          num_stages=3, has_dot=_dt != "fp32")
+            _aot.register(f"linear_logprobs_fwd[{_tag}]", _fwd_kernel, _sig(_dt, "fwd"), _ce, **GPU_LAUNCH,
+                          has_dot=_dt != "fp32")
+            _aot.register(f"linear_logprobs_bwd_dz[{_tag}]", _bwd_dz_kernel, _sig(_dt, "bwd"), _ce, **GPU_LAUNCH,
+                          has_dot=_dt != "fp32")
 
 
 def _blocks(n: int, v: int) -> dict:
@@ -231,7 +232,8 @@ def _blocks(n: int, v: int) -> dict:
 
 
 def _kernel_flags(h: torch.Tensor) -> dict:
-    return {"UPCAST": INTERPRET and h.dtype != torch.float32, "IEEE": h.dtype == torch.float32}
+    launch = dict(GPU_LAUNCH) if h.is_cuda else {"num_warps": 4, "num_stages": 1}
+    return {"UPCAST": INTERPRET and h.dtype != torch.float32, "IEEE": h.dtype == torch.float32, **launch}
 
 
 def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=None):
@@ -258,7 +260,7 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
         n, V, d, rh.shape[1] if kl else d, h.stride(0), w.stride(0),
         rh.stride(0) if kl else 0, rw.stride(0) if kl else 0, inv_t, v_per,
         HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=entropy and not kl, KL=kl,
-        num_warps=8 if h.is_cuda else 4, num_stages=3 if h.is_cuda else 1, **blk, **_kernel_flags(h))
+        **blk, **_kernel_flags(h))
     # Merge the vocab splits (exact log-sum-exp algebra).
     M = m.amax(0)
     scale = torch.exp(m - M)
@@ -317,7 +319,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
             n, V, d, rh.shape[1] if kl else d, h.stride(0), w.stride(0),
             rh.stride(0) if kl else 0, rw.stride(0) if kl else 0, inv_t, v_lo, v_hi, dz.stride(0),
             HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=ge is not None and not kl, KL=kl,
-            num_warps=8 if h.is_cuda else 4, num_stages=3 if h.is_cuda else 1, **blk, **_kernel_flags(h))
+            **blk, **_kernel_flags(h))
         dzs = dz
         if need_w:
             torch.mm(dzs.t(), h, out=dw[v_lo:v_hi])
