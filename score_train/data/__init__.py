@@ -23,7 +23,7 @@ __all__ = ["ArithmeticConfig", "JsonlFormatError", "Record", "generate_arithmeti
 
 def load_task(spec: str, split: str = "eval", n: int | None = None, seed: int = 0, *,
               eval_fraction: float = 0.2, arithmetic: ArithmeticConfig | None = None) -> list[Record]:
-    """Records of a task's split. n=None: all of them (arithmetic needs n). For fixed datasets,
+    """Records of a task's split. n=None: all of them (arithmetic: 64). For fixed datasets,
     n < available picks a seeded random subset (in dataset order)."""
     if spec == "arithmetic":
         if split == "all":
