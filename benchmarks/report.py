@@ -9,7 +9,9 @@ Reads
   extra memory in `extra_info`;
 - GPU benchmark results (`python benchmarks/gpu_bench.py --out benchmarks/results/NAME.json`): rows of
   op, shape, variant, ms, frac_peak, extra_mem_gb; variants named naive*/torch*/reference*/hf* are the
-  baselines, every other variant is compared with them.
+  baselines, every other variant is compared with them;
+- standalone paired summaries in benchmarks/results/*.json with `time_s` and `extra_peak_bytes`
+  ({naive, ours}) such as benchmarks/cpu_logprobs.py writes.
 For each (op, shape, machine) only the newest record counts.
 """
 from __future__ import annotations
@@ -68,10 +70,33 @@ def read_pytest(path: str) -> list[dict]:
     return out
 
 
+def read_summary(path: str, data: dict) -> list[dict]:
+    """One pair from a standalone benchmark script's summary (e.g. benchmarks/cpu_logprobs.py):
+    {"op"?, "shape", "time_s": {naive|baseline, ours}, "extra_peak_bytes": {...}, "machine", "time"}."""
+    t, mem = data["time_s"], data.get("extra_peak_bytes") or {}
+    base = next((k for k in t if _is_baseline(k)), None)
+    if base is None or "ours" not in t:
+        return []
+    shp = data.get("shape", "")
+    if isinstance(shp, dict):
+        shp = " ".join(f"{k}={v}" for k, v in shp.items() if not isinstance(v, bool))
+    m = data.get("machine", "")
+    if isinstance(m, dict):
+        m = " ".join(f"{v} {k}" if k == "threads" else str(v) for k, v in m.items())
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return [{"op": data.get("op", stem.removeprefix("cpu_").removeprefix("gpu_")), "shape": shp, "machine": m,
+             "kind": "cpu" if stem.startswith("cpu") else "gpu", "when": str(data.get("time", "")),
+             "source": os.path.basename(path), "ours_s": t["ours"], "baseline_s": t[base],
+             "time_ratio": _ratio(t["ours"], t[base]), "ours_mem": mem.get("ours"), "baseline_mem": mem.get(base),
+             "mem_ratio": _ratio(mem.get("ours"), mem.get(base))}]
+
+
 def read_gpu(path: str) -> list[dict]:
     """Pairs from one benchmarks/gpu_bench.py result file: every non-baseline variant vs the baseline."""
     with open(path) as f:
         data = json.load(f)
+    if "time_s" in data:
+        return read_summary(path, data)
     if "rows" not in data:
         return []
     by_shape: dict[tuple, list] = {}
@@ -153,7 +178,7 @@ def render_markdown(recs: list[dict], chart: str | None) -> str:
         mem = f"{_mem(r.get('ours_mem'))} / {_mem(r.get('baseline_mem'))}"
         lines.append(f"| {r['op']} | {r['shape']} | {r['machine']} | {_t(r['ours_s'])} | {_t(r['baseline_s'])} | "
                      f"{_x(r['time_ratio'])} | {_x(speed)}x | {mem} | {_x(r.get('mem_ratio'))} | {roof} | "
-                     f"{r['source']} {r['when'][:16]} |")
+                     f"{r['source']} {r['when'][:19]} |")
     if not recs:
         lines.append("| (no recorded runs) | | | | | | | | | | |")
     return "\n".join(lines) + "\n"

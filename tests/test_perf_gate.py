@@ -65,12 +65,16 @@ def test_report_renders_fixture(tmp_path):
                         "--out", str(out), "--chart", str(chart)]) == 0
     md = out.read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| op")]
-    assert len(rows) == 3, md  # token_kl (cpu) and linear_logprobs triton + liger (gpu); unpaired store_kv dropped
+    # token_kl (cpu), linear_logprobs triton + liger (gpu), the standalone cpu summary; unpaired store_kv dropped
+    assert len(rows) == 4, md
     kl = next(r for r in rows if r.startswith("| token_kl |"))
     # the gate's interleaved baseline (5 ms) is the pair's baseline: ratio 0.4, memory 0.5
     assert "Test CPU" in kl and "| 2.00 ms | 5.00 ms | 0.40 | 2.50x |" in kl and "| 0.50 |" in kl, kl
     tri = next(r for r in rows if r.startswith("| linear_logprobs (triton) |"))
     assert "Test GPU" in tri and "| 0.50 | 2.00x |" in tri and "| 0.05 |" in tri and "| 57% |" in tri, tri
+    summ = next(r for r in rows if "cpu_summary.json" in r)
+    assert summ.startswith("| linear_logprobs | N=4096 d=576 V=49152 dtype=float32 | x86_64 2 threads |"), summ
+    assert "| 1.25 | 0.80x |" in summ and "| 0.25 |" in summ, summ
     assert "![speed-up and memory ratio per op](chart.png)" in md
     assert chart.stat().st_size > 5000 and chart.read_bytes()[:4] == b"\x89PNG"
 
