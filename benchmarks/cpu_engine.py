@@ -52,10 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 wins on an oversubscribed machine: OpenMP barriers stall)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "cpu_engine.json"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t = time.time()
     model, tok = load_model("embedded", dtype=torch.float32)
     print(f"loaded in {time.time() - t:.1f}s; torch threads {torch.get_num_threads()}", flush=True)
