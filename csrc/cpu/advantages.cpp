@@ -4,12 +4,16 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <unordered_map>
 #include <vector>
 
 #include "common/adv_math.h"
 
 namespace {
+
+// Batches of samples are small (B ~ 1k): below this, threads cost more than they save.
+constexpr int64_t kSampleGrain = 1 << 15;
 
 at::Tensor turn_advantages_cpu(const at::Tensor& rewards, const at::Tensor& group_ids, int64_t est,
                                double alpha, bool std_norm, double eps) {
@@ -25,7 +29,7 @@ at::Tensor turn_advantages_cpu(const at::Tensor& rewards, const at::Tensor& grou
 
   // Shaped rewards, once.
   std::vector<double> rs(B * K);
-  at::parallel_for(0, B, 1024, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, kSampleGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
       for (int64_t k = 0; k < K; ++k) rs[i * K + k] = score::shaped_reward<double>(rp[i * K + k], k ? rp[i * K + k - 1] : 0.0, (int)k, alpha);
   });
@@ -49,7 +53,7 @@ at::Tensor turn_advantages_cpu(const at::Tensor& rewards, const at::Tensor& grou
         const double d = rs[i * K + k] - sum[g[i] * K + k] / n[g[i]];
         m2[g[i] * K + k] += d * d;
       }
-  at::parallel_for(0, B, 1024, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B, kSampleGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t s = g[i] * K + k;
@@ -80,7 +84,8 @@ at::Tensor token_advantages_cpu(const at::Tensor& turn_values, const at::Tensor&
     TORCH_CHECK(ids.size(0) == B, "token_advantages: B mismatch");
   }
   const int64_t N = ids.numel();
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, cp ? N / std::max<int64_t>(1, B) : T));
+  at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const int64_t s = cp ? std::max<int64_t>(0, cp[b]) : b * T;
       const int64_t e = cp ? std::min<int64_t>(N, cp[b + 1]) : s + T;

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "common/pg_math.h"
@@ -36,7 +37,9 @@ template <typename T>
 void rows_pass(const T* lp, const T* adv, const int64_t* ids, const T* old, const T* ref, const int64_t* cu,
                int64_t B, int64_t T_, int64_t N, const PGParams& p, T* dl, double* part, int nv) {
   const int K = p.num_turns;
-  at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+  // rows per task: about 16k tokens, so small batches do not pay for thread start-up
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, N / std::max<int64_t>(1, B)));
+  at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       double* r = part + b * nv;
       const int64_t s = cu ? cu[b] : b * T_;
@@ -157,7 +160,8 @@ at::Tensor policy_loss_bwd_cpu(const at::Tensor& grad, const at::Tensor& dl, con
   AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "policy_loss_bwd", [&] {
     const scalar_t* dp = d.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, d.numel() / std::max<int64_t>(1, B)));
+    at::parallel_for(0, B, grain, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t s = static_cast<scalar_t>(wp[b] * g);
         const int64_t e = cp ? cp[b + 1] : (b + 1) * T_;
