@@ -71,15 +71,17 @@ def main(argv=None) -> int:
     eng.generate(prompts[:2], warm)
     t = time.perf_counter()
     out = eng.generate(prompts, params)
-    res = {"engine": summary(out, time.perf_counter() - t) | {"phases": {k: eng.stats[k] for k in Engine.PHASES},
-                                                               "steps": eng.stats["steps"]}}
+    phases = {k: eng.stats[k] for k in Engine.PHASES}
+    res = {"engine": summary(out, time.perf_counter() - t) | {"phases": phases, "steps": eng.stats["steps"],
+                                                               "forward_tokens": sum(phases.values())}}
     print("engine", res["engine"], flush=True)
     if not args.skip_hf:
         hf = HFRollout(model, tok, batch_size=args.hf_batch)
         hf.generate(prompts[:2], warm)
         t = time.perf_counter()
         ref = hf.generate(prompts, params)
-        res["hf_generate"] = summary(ref, time.perf_counter() - t) | {"batch_size": args.hf_batch}
+        res["hf_generate"] = summary(ref, time.perf_counter() - t) | {"batch_size": args.hf_batch,
+                                                                      "forward_tokens": hf.stats["forward_tokens"]}
         print("hf", res["hf_generate"], flush=True)
         res["speedup_tokens_per_s"] = round(res["engine"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"], 2)
         print(f"speedup {res['speedup_tokens_per_s']}x")

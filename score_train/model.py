@@ -285,8 +285,8 @@ class CausalLM(nn.Module):
         self.model = Decoder(config)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv, self.rope_scale = _rope_inv_freq(config)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        # not a buffer: module.to(bfloat16) would round the frequencies; kept fp32, moved on use
+        self.inv_freq, self.rope_scale = _rope_inv_freq(config)
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim ** -0.5
 
@@ -316,7 +316,9 @@ class CausalLM(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def _rope(self, positions, dtype):
-        freqs = positions[:, None].float() * self.inv_freq[None, :].to(positions.device)
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
@@ -390,8 +392,9 @@ class CausalLM(nn.Module):
         # rotary buffers were created on meta; ours hold the same frequencies
         for mod in hf.modules():
             if getattr(mod, "inv_freq", None) is not None and mod.inv_freq.is_meta:
-                mod.register_buffer("inv_freq", self.inv_freq.clone(), persistent=False)
-                mod.register_buffer("original_inv_freq", self.inv_freq.clone(), persistent=False)
+                inv = self.inv_freq.to(self.device)
+                mod.register_buffer("inv_freq", inv.clone(), persistent=False)
+                mod.register_buffer("original_inv_freq", inv.clone(), persistent=False)
                 mod.attention_scaling = self.rope_scale
         missing = [n for n, p in hf.named_parameters() if p.is_meta]
         if missing:
@@ -459,8 +462,7 @@ def from_hf(hf_model, dtype=None, device=None) -> CausalLM:
         raise UnsupportedModelError("untied model without lm_head.weight")
     sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     model.load_state_dict(sd, strict=True, assign=True)
-    inv, model.rope_scale = _rope_inv_freq(config)
-    model.register_buffer("inv_freq", inv, persistent=False)
+    model.inv_freq, model.rope_scale = _rope_inv_freq(config)
     for p in model.parameters():  # from a state dict they come as plain tensors under assign
         p.requires_grad_(True)
     return model.to(device=device or "cpu", dtype=dtype or torch.float32)

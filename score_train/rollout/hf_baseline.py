@@ -39,6 +39,7 @@ class HFRollout:
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None) -> list[TwoTurnSample]:
         t0 = time.perf_counter()
+        self._forward_tokens = 0
         torch.manual_seed(params.seed)
         n = params.n
         keys = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
@@ -62,7 +63,8 @@ class HFRollout:
                 s.finish_reasons.append(r2)
             out.append(s)
         self.stats = {"seconds": time.perf_counter() - t0,
-                      "generated": sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in out)}
+                      "generated": sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in out),
+                      "forward_tokens": self._forward_tokens}  # padded positions the model ran on
         return out
 
     def _run(self, contexts: list[list[int]], params: SamplingParams):
@@ -81,6 +83,7 @@ class HFRollout:
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=dev)
             g = self.hf.generate(input_ids=ids, attention_mask=mask, **kw)
             new = g.sequences[:, width:]
+            self._forward_tokens += len(chunk) * (width + new.shape[1] - 1)
             logits = torch.stack(g.logits, 1).float()  # [B, steps, V]
             if not greedy:
                 logits = logits / params.temperature
