@@ -232,3 +232,30 @@ def test_gpu_engine_bf16_sampling_runs():
     assert [s.turn1_ids for s in a] == [s.turn1_ids for s in b]  # seeded: reproducible
     assert eng.stats["turn2_extend"] == sum(len(s.instruction_ids) + 1 for s in b)
     assert eng.block_manager.num_free == eng.num_blocks
+
+
+def test_cli_end_to_end(tok, tmp_path, capsys):
+    import json
+
+    from score_train.rollout.cli import main
+    _, m = tiny("llama")
+    model_dir = tmp_path / "model"
+    m.save_pretrained(str(model_dir), tokenizer=tok)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "What is 2 + 2?"}\n\n{"prompt": "Name a colour."}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["--model", str(model_dir), "--input", str(inp), "--output", str(out), "--n", "2",
+               "--max-new-tokens", "5", "--two-turn", "--temperature", "0.8", "--seed", "1"])
+    assert rc == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in rows:
+        assert len(r["turn1_token_ids"]) == 5 and len(r["turn2_token_ids"]) == 5 and r["turn2"] is not None
+        assert r["finish_reasons"] == ["length", "length"]
+    # a malformed line fails with its line number and writes nothing
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    out2 = tmp_path / "out2.jsonl"
+    assert main(["--model", str(model_dir), "--input", str(bad), "--output", str(out2)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err and not out2.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".score-generate")] == []

@@ -38,6 +38,9 @@ def write_atomic(path: str, lines) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for obj in lines:
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
