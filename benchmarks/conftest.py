@@ -1,17 +1,18 @@
 """Paired benchmarks and the ratio gate.
 
 Every benchmark test is parametrised over variant in ("baseline", "ours") and calls the `paired`
-fixture: pytest-benchmark times each variant (median of a few rounds) in the same run, baseline
-first. With `--perf-gate`, the `ours` test times the baseline again, interleaved round by round with
-ours so that both see the same load, and checks
+fixture: pytest-benchmark times each variant (median of a few rounds; a round of a fast op is
+several back-to-back calls) in the same run, baseline first. With `--perf-gate`, the `ours` test
+times the baseline again right after ours in every round, so that both see the same load, and checks
 
     time ratio   = median(ours) / median(baseline)           <= thresholds.yaml[machine][op].time
     memory ratio = peak extra(ours) / peak extra(baseline)   <= thresholds.yaml[machine][op].memory
 
 Both sides slow down together on a busy machine, so the ratio holds where milliseconds do not. A
 time ratio over its threshold is re-measured once more (interleaved) before it fails, so one burst
-of load on one side does not fail the run; a real regression fails both passes. Memory is measured in a fresh process per variant on the CPU (benchmarks/memory_probe.py)
-and with torch.cuda.max_memory_allocated on a GPU.
+of load on one side does not fail the run; a real regression fails both passes. Memory is measured
+in a fresh process per variant on the CPU (benchmarks/memory_probe.py) and with
+torch.cuda.max_memory_allocated on a GPU.
 """
 from __future__ import annotations
 
@@ -76,8 +77,9 @@ def _sync(machine: str, fn):
     return synced
 
 
-def _interleaved(ours, baseline, rounds: int) -> tuple[float, float]:
-    """Medians with the variants alternating (and alternating who goes first) round by round."""
+def _interleaved(ours, baseline, rounds: int, calls: int = 1) -> tuple[float, float]:
+    """Per-call medians with the variants alternating (and alternating who goes first) round by
+    round; a round times `calls` back-to-back calls."""
     t = {"ours": [], "baseline": []}
     fns = {"ours": ours, "baseline": baseline}
     for v in ("ours", "baseline"):
@@ -85,8 +87,9 @@ def _interleaved(ours, baseline, rounds: int) -> tuple[float, float]:
     for r in range(rounds):
         for v in (("ours", "baseline") if r % 2 else ("baseline", "ours")):
             t0 = time.perf_counter()
-            fns[v]()
-            t[v].append(time.perf_counter() - t0)
+            for _ in range(calls):
+                fns[v]()
+            t[v].append((time.perf_counter() - t0) / calls)
     return statistics.median(t["ours"]), statistics.median(t["baseline"])
 
 
@@ -131,29 +134,24 @@ def paired(request, benchmark):
         benchmark.extra_info.update(op=op, variant=variant, shape=case["shape"], machine=machine,
                                     device=_machine_name(machine))
         meds = _MEDIANS.setdefault((op, machine), {})
+        # A round times `iterations` back-to-back calls: rounds of tens of milliseconds average over
+        # the scheduler's time slices, where a millisecond call is either preempted or not.
+        calls = case.get("iterations", 1)
         if gate and variant == "ours":
-            # Under the gate, the baseline runs once per round beside ours (before it on even rounds,
-            # after it on odd ones), so both sides see the same load; its test's median is not used.
-            partner, times, k = _sync(machine, case["baseline"]), [], [0]
-
-            def timed_partner():
-                t0 = time.perf_counter()
-                partner()
-                times.append(time.perf_counter() - t0)
-
-            def setup():
-                if k[0] % 2 == 0:
-                    timed_partner()
+            # Under the gate the baseline runs the same number of calls right after ours in every
+            # round, so both see the same load; its own test's median is not used.
+            partner, times = _sync(machine, case["baseline"]), []
 
             def teardown(*_a, **_k):
-                if k[0] % 2 == 1:
-                    timed_partner()
-                k[0] += 1
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    partner()
+                times.append((time.perf_counter() - t0) / calls)
 
-            benchmark.pedantic(fn, setup=setup, teardown=teardown, rounds=rounds, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(fn, teardown=teardown, rounds=rounds, iterations=calls, warmup_rounds=1)
             meds["baseline"] = statistics.median(times[1:]) if len(times) > 1 else None
         else:
-            benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+            benchmark.pedantic(fn, rounds=rounds, iterations=calls, warmup_rounds=1)
         stats = getattr(benchmark, "stats", None)
         meds[variant] = stats.stats.median if stats is not None else None
         if gate and variant == "ours" and meds["ours"] and meds["baseline"]:
@@ -194,12 +192,12 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
         m_o, m_b = med.get("ours"), med.get("baseline")
         note = f"medians of {rounds} interleaved rounds"
         if m_o is None or m_b is None:  # benchmark disabled or baseline deselected: time both here
-            m_o, m_b = _interleaved(ours_fn, base_fn, rounds)
+            m_o, m_b = _interleaved(ours_fn, base_fn, rounds, case.get("iterations", 1))
             note = f"median of {rounds} interleaved rounds"
         ratio = m_o / m_b
         if ratio > limits["time"]:
             first = ratio
-            m_o, m_b = _interleaved(ours_fn, base_fn, max(rounds, 5))
+            m_o, m_b = _interleaved(ours_fn, base_fn, max(rounds, 5), case.get("iterations", 1))
             ratio = m_o / m_b
             note = f"confirmed over {max(rounds, 5)} interleaved rounds; first pass {first:.3f}"
         t_ratio = ratio

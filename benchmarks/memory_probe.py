@@ -1,8 +1,9 @@
 """Benchmark cases, and the peak extra memory of one variant of one case.
 
 A case is built by a factory in a benchmarks/test_bench_*.py module (its `CASES` dict):
-`CASES[op](machine) -> {"shape": str, "ours": fn, "baseline": fn, optional "rounds": int}`; the
-callables take no arguments (their inputs are built by the factory, so inputs never count as extra).
+`CASES[op](machine) -> {"shape": str, "ours": fn, "baseline": fn, optional "rounds": int,
+"iterations": int (calls per round)}`; the callables take no arguments (their inputs are built by
+the factory, so inputs never count as extra).
 
 On the CPU each variant is probed in a fresh process, because a process's allocator state (and the
 other variant's high-water mark) would otherwise leak into the number:

@@ -29,7 +29,7 @@ def case_paged_attention(machine: str) -> dict:
     args = (q, k_cache, v_cache, tables, lens, cu)
     return {"shape": f"decode B={B} ctx={ctx} Hq={hq} Hkv={hkv} D={d} {str(dt)[6:]}",
             "ours": lambda: paged_attention(*args), "baseline": lambda: paged_attention_reference(*args),
-            "rounds": 21}
+            "rounds": 9, "iterations": 16}
 
 
 def case_store_kv(machine: str) -> dict:
@@ -45,7 +45,8 @@ def case_store_kv(machine: str) -> dict:
     slots[::97] = -1  # padding rows are skipped
     args = (key, value, k_cache, v_cache, slots)
     return {"shape": f"N={n} Hkv={hkv} D={d} {str(dt)[6:]}",
-            "ours": lambda: store_kv(*args), "baseline": lambda: store_kv_reference(*args), "rounds": 25}
+            "ours": lambda: store_kv(*args), "baseline": lambda: store_kv_reference(*args), "rounds": 9,
+            "iterations": 8}
 
 
 CASES = {"paged_attention": case_paged_attention, "store_kv": case_store_kv}

@@ -43,7 +43,7 @@ def case_turn_advantages(machine: str) -> dict:
     kw = {"estimator": "rloo", "shaping_alpha": 10.0}
     return {"shape": f"B={B} K={K} group={s['group']} rloo alpha=10",
             "ours": lambda: ours(rewards, groups, **kw),
-            "baseline": lambda: turn_advantages_reference(rewards, groups, **kw), "rounds": 51}
+            "baseline": lambda: turn_advantages_reference(rewards, groups, **kw), "rounds": 9, "iterations": 64}
 
 
 def case_token_advantages(machine: str) -> dict:
@@ -54,7 +54,7 @@ def case_token_advantages(machine: str) -> dict:
     vals = torch.randn(B, K, generator=g).to(dev)
     ids = _turn_ids(B, T, K, g, dev)
     return {"shape": f"B={B} T={T} K={K}", "ours": lambda: ours(vals, ids),
-            "baseline": lambda: token_advantages_reference(vals, ids), "rounds": 41}
+            "baseline": lambda: token_advantages_reference(vals, ids), "rounds": 9, "iterations": 64}
 
 
 def case_policy_loss(machine: str) -> dict:
@@ -75,7 +75,7 @@ def case_policy_loss(machine: str) -> dict:
         return torch.autograd.grad(loss, lp)
 
     return {"shape": f"B={B} T={T} K={K} fwd+bwd", "ours": lambda: run(ours),
-            "baseline": lambda: run(policy_loss_reference), "rounds": 25}
+            "baseline": lambda: run(policy_loss_reference), "rounds": 9, "iterations": 8}
 
 
 CASES = {"turn_advantages": case_turn_advantages, "token_advantages": case_token_advantages,
