@@ -28,6 +28,11 @@ class StageSettings:
 
     @property
     def num_turns(self) -> int:
+        """Turns the loss sees (pair-sft trains a built turn 2 from single-turn rollouts)."""
+        return len(self.pg_turns)
+
+    @property
+    def rollout_turns(self) -> int:
         return 2 if self.two_turn else 1
 
 

@@ -42,8 +42,9 @@ Sections: model, data, algo, rollout, optim, eval, run (see docs/trainer.md)."""
 
 
 def _ops():
-    from score_train import _trainer_shims as ops  # TEMPORARY until score_kernels exports them
-    return ops
+    import score_kernels
+
+    return score_kernels
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -400,14 +401,12 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)
     warm = max(cfg.optim.warmup_steps, 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     state = {"step": 0, "data_pos": 0, "stage": None, "best_train_reward": None, "evals": []}
     if cfg.run.resume:
         path = checkpoint.latest(ckpt_dir)
         if path:
             state = checkpoint.load(path, model, optimizer)
-            sched.last_epoch = state["step"] - 1
             print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
         else:
             print(f"score-train: nothing to resume in {ckpt_dir}; starting fresh", file=sys.stderr)
@@ -440,7 +439,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             t_roll = time.perf_counter() - t0
             gen_tokens = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
             # 2. rewards [B, K]
-            rewards = algos.reward_table(samples, reward_fn, recs, st.num_turns)
+            rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)
             # 3. advantages [B, K]
             train_samples, values = samples, None
             if st.sft:
@@ -458,7 +457,9 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             else:
                 values = algos.turn_values(st, rewards, algos.group_ids(samples), estimator=a.estimator,
                                            std_normalize=a.std_normalize)
-            # 4. optimisation
+            # 4. optimisation (the lr is a function of the step, so a resumed run gets the same one)
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.optim.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
             model.train()
             upd = {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
             if train_samples:
@@ -470,7 +471,6 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                                 "samples": [s.__dict__ for s in train_samples], "error": str(e)}, diag)
                     raise RuntimeError(f"step {step}: {e}. Stopped; diagnostic saved to {diag}. Try a lower "
                                        "optim.lr, optim.grad_clip, or model.dtype=float32.") from e
-            sched.step()
             state["data_pos"] = pos + P
             state["step"] = step + 1
             state["stage"] = stage
@@ -479,7 +479,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             rec = {"step": step + 1, "stage": stage, "reward_t1": r1, "lr": optimizer.param_groups[0]["lr"],
                    "rollout_s": t_roll, "gen_tokens": gen_tokens, "gen_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
                    "kept_samples": len(train_samples), **upd}
-            if st.num_turns > 1:
+            if st.rollout_turns > 1:
                 rec["reward_t2"] = float(rewards[:, 1].mean())
                 rec["i2c"] = float(((rewards[:, 0] < 0.5) & (rewards[:, 1] > 0.5)).float().mean())
                 rec["c2i"] = float(((rewards[:, 0] > 0.5) & (rewards[:, 1] < 0.5)).float().mean())
@@ -489,7 +489,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                 write_samples(os.path.join(run_dir, f"samples_train_step{step + 1}.md"),
                               [{"problem": recs[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
                                 "r1": float(rewards[i, 0]),
-                                "r2": float(rewards[i, 1]) if st.num_turns > 1 else None}
+                                "r2": float(rewards[i, 1]) if st.rollout_turns > 1 else None}
                                for i, s in enumerate(samples[: cfg.eval.sample_rows])])
             if bar is not None:
                 bar.update(1)

@@ -79,7 +79,7 @@ def test_stage2_values_include_bonus():
 
 def test_stage1_loss_gradient_on_turn1_is_beta2_kl_only():
     """Stage I: turn-1 tokens get no policy-gradient term, only the beta2-weighted KL."""
-    from score_train._trainer_shims import policy_loss
+    from score_kernels import policy_loss
 
     torch.manual_seed(0)
     a = AlgoConfig(name="score", beta1=0.01, beta2=0.1)

@@ -98,7 +98,8 @@ def test_weights_change_and_engine_sees_them(tiny_model_dir, tmp_path):
     s = T.train(cfg)
     base, _ = load_model(tiny_model_dir)
     trained = trainable_params(s["run_dir"])
-    changed = [n for n, p in base.named_parameters() if not torch.equal(p.detach(), trained[n])]
+    params = dict(base.named_parameters())
+    changed = [n for n, t in trained.items() if not torch.equal(params[n].detach(), t)]
     assert changed
     # the HF export loads and carries the trained weights
     from transformers import AutoModelForCausalLM
