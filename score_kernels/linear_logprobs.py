@@ -359,7 +359,9 @@ def torch_forward(h, w, b, t, inv_t, entropy, cache_rows):
     n, V = h.shape[0], w.shape[0]
     wc = w.to(ct)
     bc = b.to(ct) * inv_t if b is not None else None
-    C = chunk_rows(V, n, WORK_BYTES // 2)
+    # Bigger chunks make better GEMMs. When a backward follows, it will hold dweight ([V, d] fp32)
+    # next to the cache, so the forward may use that much more scratch without raising the peak.
+    C = chunk_rows(V, n, (WORK_BYTES + (V * w.shape[1] * 4 if cache_rows else 0)) // 2)
     k = min(n, cache_rows)
     kw = dict(dtype=ct, device=h.device)
     cache = torch.empty(k, V, **kw)
