@@ -48,6 +48,19 @@ def linear_kl_reference(hidden, weight, ref_hidden, ref_weight, *, bias=None, re
     return kl
 
 
+def _lse_in_place(z):
+    """Turns z into log_softmax(z) in place (ATen's row-wise kernel) and returns its log-sum-exp:
+    z0 - lsm0 from column 0, or the row's max minus the max of lsm where that logit is -inf."""
+    z0 = z[:, 0].clone()
+    bad = ~torch.isfinite(z0)
+    mx = z[bad].amax(1) if bool(bad.any()) else None
+    torch._log_softmax(z, 1, False, out=z)
+    lse = z0 - z[:, 0]
+    if mx is not None:
+        lse[bad] = mx - z[bad].amax(1)
+    return lse
+
+
 def _torch_forward(h, w, b, rh, rw, rb, inv_t):
     ct = _lp._ct(h.dtype)
     n, V = h.shape[0], w.shape[0]
@@ -63,12 +76,10 @@ def _torch_forward(h, w, b, rh, rw, rb, inv_t):
         c = r1 - r0
         z = _lp._logits_into(zb[:c], h[r0:r1].to(ct), wc, bc, inv_t)
         r = _lp._logits_into(rbuf[:c], rh[r0:r1].to(ct), rwc, rbc, inv_t)
-        lz = torch.logsumexp(z, 1, keepdim=True)
-        lr = torch.logsumexp(r, 1, keepdim=True)
-        z.sub_(lz)
-        r.sub_(lr).neg_().add_(z)  # log p - log q
+        lse[r0:r1] = _lse_in_place(z)
+        rlse[r0:r1] = _lse_in_place(r)
+        r.neg_().add_(z)  # log p - log q
         kl[r0:r1] = z.exp_().mul_(r).sum(1)
-        lse[r0:r1], rlse[r0:r1] = lz.squeeze(1), lr.squeeze(1)
     return kl, lse, rlse
 
 
