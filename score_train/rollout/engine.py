@@ -169,6 +169,10 @@ class Engine:
                         torch.zeros(shape, dtype=m.dtype, device=m.device)) for _ in range(m.num_layers)]
         self.num_blocks = blocks
 
+    def release(self) -> None:
+        """Free the KV pool (e.g. before a training step on a GPU); the next generate re-allocates it."""
+        self.caches, self.num_blocks = [], 0
+
     def _worst_blocks(self, g: _Group, params, turns: int) -> int:
         per_child = len(g.prompt_ids) + turns * params.max_new_tokens + len(g.suffix) + 2 * self.block_size
         return -(-len(g.prompt_ids) // self.block_size) + g.n * -(-per_child // self.block_size)
