@@ -245,7 +245,7 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             total_loss += float(loss.detach())
             w = b.num_policy_tokens / max(n_tok, 1)
             for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * (w if k.startswith(("kl", "clip", "ratio")) else 1.0)
+                stats_sum[k] = stats_sum.get(k, 0.0) + float(v.detach()) * (w if k.startswith(("kl", "clip", "ratio")) else 1.0)
         if reduce_grads is not None:
             reduce_grads(trainable)
         if cfg.optim.grad_clip > 0:
