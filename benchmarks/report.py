@@ -184,6 +184,14 @@ def render_markdown(recs: list[dict], chart: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short_machine(r: dict) -> str:
+    m = r["machine"]
+    if r.get("kind") == "gpu":
+        return m.removeprefix("NVIDIA ")
+    inner = m[m.rfind("(") + 1:m.rfind(")")] if m.endswith(")") else m
+    return f"CPU, {inner}"
+
+
 def render_chart(recs: list[dict], path: str) -> None:
     import matplotlib
 
@@ -191,26 +199,30 @@ def render_chart(recs: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    labels = [f"{r['op']}\n{r['machine'][:28]}" for r in recs]
-    speed = [1 / r["time_ratio"] if r.get("time_ratio") else 0 for r in recs]
-    mem = [r["mem_ratio"] if r.get("mem_ratio") else 0 for r in recs]
+    labels = [f"{r['op']}\n{_short_machine(r)}" for r in recs]
+    speed = [1 / r["time_ratio"] if r.get("time_ratio") else None for r in recs]
+    mem = [r.get("mem_ratio") for r in recs]
     h = max(2.5, 0.45 * len(recs) + 1.2)
     fig, axes = plt.subplots(1, 2, figsize=(12, h), sharey=True)
     y = list(range(len(recs)))
-    for ax, vals, title, colour in ((axes[0], speed, "speed-up: baseline time / ours (higher is better)", "tab:blue"),
-                                    (axes[1], mem, "peak extra memory: ours / baseline (lower is better)", "tab:orange")):
+    panels = ((axes[0], speed, "speed-up: baseline time / ours (higher is better)", "tab:blue"),
+              (axes[1], mem, "peak extra memory: ours / baseline (lower is better)", "tab:orange"))
+    for ax, vals, title, colour in panels:
+        pos = [v for v in vals if v]
+        lo, hi = min(pos + [0.5]) / 1.6, max(pos + [2.0]) * 1.6
+        # zero (ours allocates nothing measurable) sits at the axis floor; None (not measured) is blank
+        shown = [None if v is None else max(v, lo * 1.05) for v in vals]
         # bars grow from the 1x line, so better-than-baseline and worse read apart at a glance
-        ax.barh(y, [v - 1 if v else 0 for v in vals], left=1, color=colour)
+        ax.barh(y, [v - 1 if v else 0 for v in shown], left=1, color=colour)
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
-        lo, hi = min([v for v in vals if v] + [0.5]), max(vals + [2.0])
-        ax.set_xlim(lo / 1.6, hi * 1.6)
+        ax.set_xlim(lo, hi)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
         ax.set_title(title, fontsize=10)
-        for yi, v in zip(y, vals):
-            if v:
-                ax.text(v, yi, f" {v:.2f}", va="center", fontsize=7)
+        for yi, v, sv in zip(y, vals, shown):
+            if v is not None:
+                ax.text(sv, yi, f" {v:.2f}" if v >= 0.005 else " ~0", va="center", fontsize=7)
     axes[0].set_yticks(y, labels, fontsize=7)
     axes[0].invert_yaxis()
     fig.tight_layout()
