@@ -21,8 +21,8 @@ import sys
 
 import torch
 
-from score_kernels import _checks
 import score_kernels.linear_logprobs  # noqa: F401  (the module; the package attribute is the function)
+from score_kernels import _checks
 from score_kernels._backend import pick_backend
 
 _lp = sys.modules["score_kernels.linear_logprobs"]
@@ -68,7 +68,7 @@ def _torch_forward(h, w, b, rh, rw, rb, inv_t):
     bc = b.to(ct) if b is not None else None
     rbc = rb.to(ct) if rb is not None else None
     C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
-    kw = dict(dtype=ct, device=h.device)
+    kw = {"dtype": ct, "device": h.device}
     zb, rbuf = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
     lse, rlse, kl = (torch.empty(n, **kw) for _ in range(3))
     for r0 in range(0, n, C):
@@ -91,7 +91,7 @@ def _torch_backward(h, w, b, rh, rw, rb, lse, rlse, kl, g, inv_t, need_h, need_w
     bc = b.to(ct) if b is not None else None
     rbc = rb.to(ct) if rb is not None else None
     vs = max(1, min(V, _lp.WORK_BYTES // max(1, 2 * n * 4)))
-    kw = dict(dtype=ct, device=h.device)
+    kw = {"dtype": ct, "device": h.device}
     buf, buf2 = torch.empty(n * vs, **kw), torch.empty(n * vs, **kw)
     dh = torch.zeros(n, d, **kw) if need_h else None
     dw = torch.empty(V, d, **kw) if need_w else None
@@ -166,7 +166,7 @@ def _kl_bwd_op(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias
                mask: torch.Tensor | None, kl: torch.Tensor, lse: torch.Tensor, rlse: torch.Tensor,
                temperature: float, backend: str, need_h: bool, need_w: bool, need_b: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, d = hidden.shape
+    n = hidden.shape[0]
     inv_t = 1.0 / temperature
     idx = _index(mask, n)
     h, rh, gs, kls, lses, rlses = _select(idx, hidden, ref_hidden, g, kl, lse, rlse)

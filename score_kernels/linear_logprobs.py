@@ -250,7 +250,7 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
     n_split = max(1, min(triton.cdiv(2 * sms, n_blocks), triton.cdiv(V, blk["BV"])))
     v_per = triton.cdiv(triton.cdiv(V, n_split), blk["BV"]) * blk["BV"]
     n_split = triton.cdiv(V, v_per)
-    f32 = dict(dtype=torch.float32, device=h.device)
+    f32 = {"dtype": torch.float32, "device": h.device}
     m, s, a, x, rm, rs = (torch.empty(n_split, n, **f32) for _ in range(6))
     dummy = h
     _fwd_kernel[(n_blocks, n_split)](
@@ -363,7 +363,7 @@ def torch_forward(h, w, b, t, inv_t, entropy, cache_rows):
     # next to the cache, so the forward may use that much more scratch without raising the peak.
     C = chunk_rows(V, n, (WORK_BYTES + (V * w.shape[1] * 4 if cache_rows else 0)) // 2)
     k = min(n, cache_rows)
-    kw = dict(dtype=ct, device=h.device)
+    kw = {"dtype": ct, "device": h.device}
     cache = torch.empty(k, V, **kw)
     lse = torch.empty(n, **kw)
     lp = torch.empty(n, **kw)
@@ -405,7 +405,7 @@ def torch_backward(h, w, b, t, lse, ent, cache, g, ge, inv_t, need_h, need_w, ne
     wc = w.to(ct)
     hc = h.to(ct)
     k = cache.shape[0]
-    kw = dict(dtype=ct, device=h.device)
+    kw = {"dtype": ct, "device": h.device}
     nbuf = 2 if ge is not None else 1
     vs = max(1, min(V, WORK_BYTES // max(1, nbuf * n * 4)))
     buf = torch.empty(n * vs, **kw)
@@ -481,7 +481,7 @@ def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, save):
     inv_t = 1.0 / temperature
     idx = _valid_index(t, ignore_index)
     hs, ts = (h, t) if idx is None else (h.index_select(0, idx), t.index_select(0, idx))
-    f32 = dict(dtype=_out_dtype(h), device=h.device)
+    f32 = {"dtype": _out_dtype(h), "device": h.device}
     cache = torch.empty(0, V, **f32)
     if hs.shape[0] == 0:
         z = torch.zeros(n, **f32)
@@ -545,7 +545,6 @@ def _lp_bwd_op(g: torch.Tensor, ge: torch.Tensor, hidden: torch.Tensor, weight: 
     dh, dw, db, idx, _ = _bwd_impl(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature,
                                    ignore_index, backend, need_h, need_w, need_b, entropy)
     n, d = hidden.shape
-    V = weight.shape[0]
     if need_h:
         full = torch.zeros(n, d, dtype=hidden.dtype, device=hidden.device)
         if dh is not None:
@@ -573,7 +572,7 @@ def _(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature, ignore
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, save = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, _save = inputs
     _, _, lse, cache = output
     ent = output[1]
     # Unused outputs must not get materialised zero gradients: the cache alone is [rows, V].

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from score_kernels import _aot, _checks
 import score_kernels.linear_logprobs  # noqa: F401  (the module; the package attribute is the function)
+from score_kernels import _aot, _checks
 from score_kernels._backend import pick_backend
 
 _lp = sys.modules["score_kernels.linear_logprobs"]
@@ -120,7 +120,7 @@ def _torch_fwd(x, t, inv_t, ignore_index, entropy):
     ct = _lp._ct(x.dtype)
     n, V = x.shape
     C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
-    kw = dict(dtype=ct, device=x.device)
+    kw = {"dtype": ct, "device": x.device}
     lp, lse = torch.empty(n, **kw), torch.empty(n, **kw)
     ent = torch.zeros(n, **kw)
     zb, eb = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
@@ -151,7 +151,7 @@ def _torch_bwd(x, t, g, ge, lse, ent, inv_t, ignore_index):
     n, V = x.shape
     C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
     dx = torch.empty_like(x)
-    kw = dict(dtype=ct, device=x.device)
+    kw = {"dtype": ct, "device": x.device}
     zb, eb = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
     valid = t != ignore_index
     g = torch.where(valid, g.to(ct), 0.0)[:, None]
@@ -182,7 +182,7 @@ def _op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_
     inv_t = 1.0 / temperature
     if backend == "triton":
         x = logits if logits.stride(1) == 1 else logits.contiguous()
-        f32 = dict(dtype=torch.float32, device=x.device)
+        f32 = {"dtype": torch.float32, "device": x.device}
         lp, ent, lse = torch.empty(n, **f32), torch.zeros(n, **f32), torch.empty(n, **f32)
         if n:
             _row_fwd_kernel[(n,)](x, targets, lp, ent, lse, V, x.stride(0), inv_t, ignore_index,
@@ -222,7 +222,7 @@ def _(g, ge, logits, targets, lse, ent, temperature, ignore_index, backend):
 
 def _setup(ctx, inputs, output):
     logits, targets, temperature, ignore_index, entropy, backend = inputs
-    lp, ent, lse = output
+    _, ent, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, lse, ent)

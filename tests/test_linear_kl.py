@@ -24,7 +24,7 @@ def _case(lead, d, V, dtype, bias, rd=None, seed=0, masked=True):
     rb = torch.randn(V, generator=g, dtype=torch.float64) * 0.3 if bias else None
     mask = torch.rand(lead, generator=g) > 0.3 if masked else None
     up = torch.randn(lead, generator=g, dtype=torch.float64)
-    cast = lambda x: x.to(DEV, dtype) if x is not None else None  # noqa: E731
+    cast = lambda x: x.to(DEV, dtype) if x is not None else None
     return [cast(x) for x in (h, w, b, rh, rw, rb)], (mask.to(DEV) if mask is not None else None), up.to(DEV)
 
 
