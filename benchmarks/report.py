@@ -11,7 +11,8 @@ Reads
   op, shape, variant, ms, frac_peak, extra_mem_gb; variants named naive*/torch*/reference*/hf* are the
   baselines, every other variant is compared with them;
 - standalone paired summaries in benchmarks/results/*.json with `time_s` and `extra_peak_bytes`
-  ({naive, ours}) such as benchmarks/cpu_logprobs.py writes.
+  ({naive, ours}) such as benchmarks/cpu_logprobs.py writes, and the engine-vs-HF rollout summary
+  ({engine, hf_generate} with tokens_per_s) of benchmarks/cpu_engine.py.
 For each (op, shape, machine) only the newest record counts.
 """
 from __future__ import annotations
@@ -91,12 +92,28 @@ def read_summary(path: str, data: dict) -> list[dict]:
              "mem_ratio": _ratio(mem.get("ours"), mem.get(base))}]
 
 
+def read_rollout_summary(path: str, data: dict) -> list[dict]:
+    """The engine-vs-HF two-turn rollout summary (benchmarks/cpu_engine.py): time per generated token,
+    since the two sides sample different lengths."""
+    e, h, c = data["engine"], data["hf_generate"], data.get("config", {})
+    shp = (f"{c.get('model', '')}: {c.get('prompts')} prompts x n={c.get('n')}, {c.get('max_new_tokens_per_turn')}"
+           f"+{c.get('max_new_tokens_per_turn')} new, per generated token")
+    kind = "gpu" if "cuda" in str(c.get("torch", "")) or c.get("device") else "cpu"
+    machine = c.get("device") or f"{c.get('cpus', '?')} cores, {c.get('threads', '?')} thread(s)"
+    o, b = 1 / e["tokens_per_s"], 1 / h["tokens_per_s"]
+    return [{"op": "engine (two-turn rollout)", "shape": shp, "machine": machine, "kind": kind,
+             "when": str(c.get("time", "")), "source": os.path.basename(path), "ours_s": o, "baseline_s": b,
+             "time_ratio": o / b, "mem_ratio": None}]
+
+
 def read_gpu(path: str) -> list[dict]:
     """Pairs from one benchmarks/gpu_bench.py result file: every non-baseline variant vs the baseline."""
     with open(path) as f:
         data = json.load(f)
     if "time_s" in data:
         return read_summary(path, data)
+    if "engine" in data and "hf_generate" in data:
+        return read_rollout_summary(path, data)
     if "rows" not in data:
         return []
     by_shape: dict[tuple, list] = {}

@@ -65,8 +65,10 @@ def test_report_renders_fixture(tmp_path):
                         "--out", str(out), "--chart", str(chart)]) == 0
     md = out.read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| op")]
-    # token_kl (cpu), linear_logprobs triton + liger (gpu), the standalone cpu summary; unpaired store_kv dropped
-    assert len(rows) == 4, md
+    # token_kl (cpu), linear_logprobs triton + liger (gpu), the two standalone summaries; unpaired store_kv dropped
+    assert len(rows) == 5, md
+    roll = next(r for r in rows if r.startswith("| engine (two-turn rollout) |"))
+    assert "| 25.00 ms | 50.00 ms | 0.50 | 2.00x |" in roll, roll  # time per generated token
     kl = next(r for r in rows if r.startswith("| token_kl |"))
     # the gate's interleaved baseline (5 ms) is the pair's baseline: ratio 0.4, memory 0.5
     assert "Test CPU" in kl and "| 2.00 ms | 5.00 ms | 0.40 | 2.50x |" in kl and "| 0.50 |" in kl, kl
