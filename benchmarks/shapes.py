@@ -17,7 +17,7 @@ SHAPES = {
     },
     "gpu": {
         "token_kl": {"n": 1 << 24},
-        "paged_attention_decode": {"B": 512, "ctx": 1024, "Hq": 14, "Hkv": 2, "D": 64},
+        "paged_attention_decode": {"B": 512, "ctx": 768, "Hq": 14, "Hkv": 2, "D": 64},  # = paged_attention decode
         "store_kv": {"N": 32768, "Hkv": 2, "D": 64},
         # bench_paged_attention: Qwen2.5-0.5B attention shape; decode, small-batch decode (split-K), prefill
         "paged_attention": {"Hq": 14, "Hkv": 2, "D": 64, "block_size": 16, "decode": {"B": 512, "ctx": 768},
