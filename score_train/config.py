@@ -109,6 +109,14 @@ class RunConfig:
 
 
 @dataclass
+class DistConfig:
+    """torchrun + FSDP2 (score_train/distributed.py); ignored in a single process."""
+    shard_ref: bool = True  # shard the frozen reference too (False: replicate it, for small models)
+    activation_checkpointing: bool = False
+    timeout_s: float = 1800.0  # collective timeout: a dead rank ends the job instead of hanging it
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,8 +125,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         if self.algo.name not in ALGOS:
             raise ValueError(f"algo.name must be one of {ALGOS}, got {self.algo.name!r}")
         if self.algo.kl not in ("k1", "k2", "k3", "exact"):

@@ -119,9 +119,9 @@ def write_report(run_dir: str) -> str:
             summary = json.load(f)
     lines = [f"# Run report: {os.path.basename(os.path.abspath(run_dir))}", ""]
     if summary:
-        lines += [f"- algorithm: `{summary.get('algo')}`, steps: {summary.get('steps')}, "
-                  f"wall time: {summary.get('wall_s', 0) / 60:.1f} min on {summary.get('device')} "
-                  f"({summary.get('threads')} threads)", ""]
+        lines += [(f"- algorithm: `{summary.get('algo')}`, steps: {summary.get('steps')}, "
+                   f"wall time: {summary.get('wall_s', 0) / 60:.1f} min on {summary.get('device')} "
+                   f"({summary.get('threads')} threads)"), ""]
     lines += ["## Evaluation (greedy, held-out problems)", "",
               "| eval | step | problems | Acc@t1 | Acc@t2 | delta(t1,t2) | i->c | c->i |",
               "|---|---|---|---|---|---|---|---|"]

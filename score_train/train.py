@@ -86,6 +86,12 @@ def make_reward_fn(cfg: Config):
     """reward(record, text) -> 0/1 by the record's kind."""
     from score_train.rewards import reward as task_reward
 
+    if os.environ.get("SCORE_TEST_REWARD") == "hash":
+        # test-only: a deterministic 0/1 reward, so that tiny random models in subprocess tests (torchrun) get
+        # non-zero advantages; the in-process tests monkeypatch this function instead
+        import hashlib
+
+        return lambda rec, text: float(hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2)
     return lambda rec, text: task_reward(rec.kind, text, rec)
 
 
@@ -178,7 +184,7 @@ class StepInputs:
 
 def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
                world_size: int = 1, rank: int = 0, global_token_count: int | None = None,
-               global_seq_count: int | None = None, reduce_grads=None) -> dict:
+               global_seq_count: int | None = None, reduce_grads=None, dist_info=None) -> dict:
     """Optimisation pass(es) over one step's samples. The loss is normalised by the global number of
     policy tokens (token-mean) or sequences (seq-mean-*), so a distributed caller passes the counts of
     all ranks and `reduce_grads` (an all-reduce of the gradients) and gets the same update."""
@@ -186,12 +192,21 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
     st, a = inp.settings, cfg.algo
     kl_mode = a.kl
     need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
-    weight = model.lm_head_weight
     groups = algos.micro_batches(inp.samples, cfg.optim.micro_batch_tokens)
     batches = [algos.pack_samples([inp.samples[i] for i in g], rows=g) for g in groups]
     n_tok = sum(b.num_policy_tokens for b in batches)
     gtc = global_token_count if global_token_count is not None else n_tok
     gsc = global_seq_count if global_seq_count is not None else len(inp.samples)
+    gscale = 1.0
+    if dist_info is not None and dist_info.enabled:
+        from score_train import distributed as D
+
+        # global normalisers, and the same number of forward/backward passes on every rank: FSDP's collectives
+        # run per pass, so a rank with fewer micro-batches replays its first one with zero weight.
+        gtc, gsc = int(D.global_count(n_tok, dist_info)), int(D.global_count(len(inp.samples), dist_info))
+        n_passes = D.all_max(len(batches), dist_info)
+        batches = batches + [None] * (n_passes - len(batches))
+        gscale = D.grad_scale(dist_info)
     K = st.num_turns
     trainable = [p for p in model.parameters() if p.requires_grad]
     use_old = cfg.optim.epochs > 1 or a.clip_eps > 0
@@ -199,8 +214,9 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
     if use_old:  # the behaviour policy's log-probs, from the trainer's own forward (not the sampler's)
         with torch.no_grad():
             for j, b in enumerate(batches):
-                h, _ = forward_pair(model, None, b, cut, need_ref=False, autocast=cfg.model.autocast_bf16)
-                old[j] = policy_logprobs(h, weight, b)[0]
+                h, _ = forward_pair(model, None, b or batches[0], cut, need_ref=False,
+                                    autocast=cfg.model.autocast_bf16)
+                old[j] = policy_logprobs(h, model.lm_head_weight, b or batches[0])[0]
     stats_sum: dict[str, float] = {}
     t0 = time.perf_counter()
     total_loss = 0.0
@@ -208,13 +224,16 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
     for _epoch in range(cfg.optim.epochs):
         optimizer.zero_grad(set_to_none=True)
         for j, b in enumerate(batches):
+            pad = b is None  # a padding pass (distributed): same collectives, zero contribution
+            b = batches[0] if pad else b
             hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
-            lp, sel = policy_logprobs(hidden, weight, b)
+            lp, sel = policy_logprobs(hidden, model.lm_head_weight, b)  # read after forward: FSDP swaps in full weights
             dev = lp.device
             adv = algos.token_values(inp.values, b).to(dev)
             tids = b.turn_ids.to(dev)
             cu = b.cu_seqlens.to(dev)
-            kw = dict(old_logprobs=old[j], clip_eps=(a.clip_eps or None), agg=a.agg, cu_seqlens=cu, num_turns=K)
+            kw = {"old_logprobs": old[j], "clip_eps": a.clip_eps or None, "agg": a.agg, "cu_seqlens": cu,
+                  "num_turns": K}
             if a.agg == "token-mean":
                 kw["global_token_count"] = gtc
                 scale = 1.0
@@ -223,7 +242,7 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             exact_kl = None
             if need_ref and kl_mode == "exact":
                 coef = algos.kl_coef_tokens(st, b).to(dev)[sel]
-                kl_tok = ops.linear_kl(hidden[sel], weight, ref_hidden[sel], ref.lm_head_weight)
+                kl_tok = ops.linear_kl(hidden[sel], model.lm_head_weight, ref_hidden[sel], ref.lm_head_weight)
                 exact_kl = (coef * kl_tok).sum() / (gtc if a.agg == "token-mean" else max(n_tok, 1))
                 loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
                 loss = loss + exact_kl
@@ -238,10 +257,12 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
                                               kl_estimator=kl_mode, **kw)
             else:
                 loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
-            loss = loss * scale
+            loss = loss * (0.0 if pad else scale)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} in micro-batch {j}")
-            loss.backward()
+            (loss * gscale).backward()  # FSDP averages gradients over ranks; a global-count loss must sum
+            if pad:
+                continue
             total_loss += float(loss.detach())
             w = b.num_policy_tokens / max(n_tok, 1)
             for k, v in stats.items():
@@ -249,11 +270,13 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
         if reduce_grads is not None:
             reduce_grads(trainable)
         if cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip))
+            gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+            grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
         optimizer.step()
     dt = time.perf_counter() - t0
+    batches = [b for b in batches if b is not None]
     n_all = sum(len(b.input_ids) for b in batches)
     out = {"loss": total_loss / cfg.optim.epochs, "grad_norm": grad_norm, "policy_tokens": n_tok,
            "packed_tokens": n_all, "update_s": dt, "update_tokens_per_s": n_all * cfg.optim.epochs / max(dt, 1e-9)}
@@ -301,9 +324,8 @@ def write_samples(path: str, rows: list[dict]):
 
     with open(path, "w") as f:
         f.write("| problem | y1 | y2 | r1 | r2 |\n|---|---|---|---|---|\n")
-        for r in rows:
-            f.write(f"| {cell(r.get('problem'))} | {cell(r.get('y1'))} | {cell(r.get('y2'))} | "
-                    f"{r.get('r1')} | {r.get('r2')} |\n")
+        f.writelines(f"| {cell(r.get('problem'))} | {cell(r.get('y1'))} | {cell(r.get('y2'))} | "
+                    f"{r.get('r1')} | {r.get('r2')} |\n" for r in rows)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -311,9 +333,11 @@ def write_samples(path: str, rows: list[dict]):
 class Logger:
     """metrics.jsonl always; TensorBoard / W&B when asked for and installed."""
 
-    def __init__(self, run_dir: str, cfg: Config):
-        self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.tb = self.wb = None
+    def __init__(self, run_dir: str | None, cfg: Config):
+        self.f = self.tb = self.wb = None
+        if run_dir is None:  # ranks other than 0 log nothing
+            return
+        self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the whole run
         if cfg.run.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -330,6 +354,8 @@ class Logger:
                 print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
 
     def log(self, rec: dict):
+        if self.f is None:
+            return
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
         nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
@@ -340,7 +366,8 @@ class Logger:
             self.wb.log(nums, step=rec["step"])
 
     def close(self):
-        self.f.close()
+        if self.f:
+            self.f.close()
         if self.tb:
             self.tb.close()
         if self.wb:
@@ -366,19 +393,23 @@ def step_seed(cfg: Config, step: int) -> int:
 def train(cfg: Config, *, fault_hook=None) -> dict:
     """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
     fault_hook(step) is called after every step (tests raise in it to simulate a crash)."""
+    from score_train import distributed as D
     from score_train.model import load_model
 
     t_start = time.perf_counter()
+    info = D.init(cfg.dist.timeout_s, cfg.run.device)  # torchrun: one process per rank; else a no-op
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    run_dir = prepare_run_dir(cfg)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
-    print(f"score-train: run directory {run_dir}\n--- resolved config ---\n{dump_config(cfg)}", file=sys.stderr)
+    run_dir = D.broadcast_object(prepare_run_dir(cfg) if info.is_main else None, info)
+    if info.is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+        print(f"score-train: run directory {run_dir} (ranks: {info.world_size})\n--- resolved config ---\n"
+              f"{dump_config(cfg)}", file=sys.stderr)
 
-    device = pick_device(cfg.run.device)
+    device = info.device if info.enabled else pick_device(cfg.run.device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model, tok = load_model(cfg.model.spec, dtype=dtype, device=device)
     cut = set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)
@@ -390,6 +421,13 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     ref = None
     if needs_ref:  # frozen copy; the frozen bottom layers are shared at run time anyway
         ref = copy.deepcopy(model).requires_grad_(False).eval()
+    if info.enabled:  # FSDP2: the policy per decoder layer, the reference too unless replicated
+        if cfg.rollout.engine != "engine":
+            raise ValueError("distributed training needs rollout.engine=engine")
+        cut = 0  # every layer through the model's own forward, so FSDP's hooks see it
+        D.shard(model, activation_checkpointing=cfg.dist.activation_checkpointing)
+        if ref is not None and cfg.dist.shard_ref:
+            D.shard(ref)
     rollout = make_rollout(cfg, model, tok)
     reward_fn = make_reward_fn(cfg)
     train_recs = records_for(cfg, "train", cfg.data.train_size) if total > 0 else []
@@ -405,21 +443,32 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     state = {"step": 0, "data_pos": 0, "stage": None, "best_train_reward": None, "evals": []}
     if cfg.run.resume:
         path = checkpoint.latest(ckpt_dir)
-        if path:
+        if path and D.is_sharded_checkpoint(path):  # written by a torchrun run, any number of ranks
+            state = D.load_checkpoint(path, model, optimizer)
+            state.pop("world_size", None)
+            print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
+        elif path:
             state = checkpoint.load(path, model, optimizer)
             print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
         else:
             print(f"score-train: nothing to resume in {ckpt_dir}; starting fresh", file=sys.stderr)
-    logger = Logger(run_dir, cfg)
+    logger = Logger(run_dir if info.is_main else None, cfg)
     kind = (eval_recs or train_recs)[0].kind
     instr = instruction_for(cfg, kind)
 
+    def run_eval(tag: str, step: int) -> dict:
+        # every rank gathers the weights (a collective); rank 0 evaluates, the others wait
+        with D.gathered(model):
+            out = evaluate_run(rollout, eval_recs, cfg, tag, step, run_dir) if info.is_main else None
+        return D.broadcast_object(out, info)
+
     if state["step"] == 0 and cfg.eval.before and not any(e["tag"] == "before" for e in state["evals"]):
-        state["evals"].append(evaluate_run(rollout, eval_recs, cfg, "before", 0, run_dir))
-        print(f"eval before: {fmt_eval(state['evals'][-1])}", file=sys.stderr)
+        state["evals"].append(run_eval("before", 0))
+        if info.is_main:
+            print(f"eval before: {fmt_eval(state['evals'][-1])}", file=sys.stderr)
 
     bar = None
-    if cfg.run.progress and total > 0:
+    if cfg.run.progress and total > 0 and info.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=state["step"], desc=a.name, dynamic_ncols=True)
@@ -430,16 +479,31 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             st = algos.stage_settings(a, stage)
             # 1. rollouts: this step's prompts, the n samples of each together
             pos = state["data_pos"]
-            recs = [train_recs[order[(pos + i) % len(order)]] for i in range(P)]
+            mine = D.shard_prompts(P, info)  # this rank's prompts (all of them in one process)
+            recs = [train_recs[order[(pos + i) % len(order)]] for i in mine]
             params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                     max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg, step))
             t0 = time.perf_counter()
             model.eval()
-            samples = rollout.generate([prompt_of(cfg, r) for r in recs], params, two_turn=st.two_turn, instruction=instr)
+            err, samples, rewards = None, [], None
+            try:
+                kw = {}
+                if info.enabled:  # seeds by global prompt index: the same samples whatever the rank count
+                    from score_train.rollout.engine import sample_seed
+
+                    kw["seeds"] = [sample_seed(params.seed, i, j) for i in mine for j in range(n)]
+                with D.gathered(model):
+                    samples = rollout.generate([prompt_of(cfg, r) for r in recs], params, two_turn=st.two_turn,
+                                               instruction=instr, **kw)
+                if os.environ.get("SCORE_TEST_FAIL_ROLLOUT_RANK") == str(info.rank):  # test-only failure injection
+                    raise RuntimeError(f"injected rollout failure on rank {info.rank}")
+                # 2. rewards [B, K]
+                rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank by the barrier below
+                err = e
+            D.all_ok(err, info)  # a failed rank stops every rank, with its message
             t_roll = time.perf_counter() - t0
             gen_tokens = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
-            # 2. rewards [B, K]
-            rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)
             # 3. advantages [B, K]
             train_samples, values = samples, None
             if st.sft:
@@ -447,12 +511,14 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                     keep = algos.star_select(rewards, a.star_keep_correct)
                     train_samples = [samples[i] for i in keep]
                 else:
-                    suffix = {i: rollout.chat.suffix_ids(prompt_of(cfg, r), instr) for i, r in enumerate(recs)}
-                    from score_train.rollout.engine import ChatFormat
+                    # the instruction ids that follow each wrong y1, from the chat template (token ids only)
+                    from score_train.rollout.engine import ChatFormat, eos_ids_of
 
+                    chat, eos = ChatFormat(tok), eos_ids_of(model, tok)
+                    suffix = [chat.suffix_ids(prompt_of(cfg, r), instr) for r in recs]
                     train_samples = algos.pair_sft_build(
-                        samples, rewards, lambda s: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids,
-                                                                               rollout.eos_ids))
+                        samples, rewards,
+                        lambda s, suffix=suffix, eos=eos: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
                 values = algos.sft_values(len(train_samples), st)
             else:
                 values = algos.turn_values(st, rewards, algos.group_ids(samples), estimator=a.estimator,
@@ -464,7 +530,8 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             upd = {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
             if train_samples:
                 try:
-                    upd = train_step(model, ref, optimizer, StepInputs(train_samples, values, st), cfg, cut)
+                    upd = train_step(model, ref, optimizer, StepInputs(train_samples, values, st), cfg, cut,
+                                     world_size=info.world_size, rank=info.rank, dist_info=info)
                 except FloatingPointError as e:
                     diag = os.path.join(run_dir, f"nan_diagnostic_step{step}.pt")
                     torch.save({"step": step, "stage": stage, "rewards": rewards, "values": values,
@@ -484,6 +551,10 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                 rec["i2c"] = float(((rewards[:, 0] < 0.5) & (rewards[:, 1] > 0.5)).float().mean())
                 rec["c2i"] = float(((rewards[:, 0] > 0.5) & (rewards[:, 1] < 0.5)).float().mean())
             rec["elapsed_s"] = time.perf_counter() - t_start
+            if info.enabled:
+                rec = D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
+                    "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
+                    "update_tokens_per_s"))
             logger.log(rec)
             if cfg.eval.sample_rows and (step % max(1, total // 4) == 0 or step + 1 == total):
                 write_samples(os.path.join(run_dir, f"samples_train_step{step + 1}.md"),
@@ -498,15 +569,19 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                     post["r2"] = f"{rec['reward_t2']:.2f}"
                 if "kl_t1" in rec:
                     post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
-                post["tok/s"] = f"{(rec['packed_tokens'] if 'packed_tokens' in rec else 0) / max(rec['update_s'] + t_roll, 1e-9):.0f}"
+                tokens = rec.get("packed_tokens", 0) + gen_tokens
+                post["tok/s"] = f"{tokens / max(rec['update_s'] + t_roll, 1e-9):.0f}"
                 bar.set_postfix(post)
             last = step + 1 == total
             stage_end = last or algos.stage_at(a, step + 1) != stage
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                state["evals"].append(evaluate_run(rollout, eval_recs, cfg, f"step{step + 1}", step + 1,
-                                                   run_dir))
+                state["evals"].append(run_eval(f"step{step + 1}", step + 1))
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or stage_end:
-                checkpoint.save(ckpt_dir, step + 1, model, optimizer, state, keep=cfg.run.keep_checkpoints)
+                if info.enabled:
+                    D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, state, info,
+                                      keep=cfg.run.keep_checkpoints)
+                else:
+                    checkpoint.save(ckpt_dir, step + 1, model, optimizer, state, keep=cfg.run.keep_checkpoints)
             if fault_hook is not None:
                 fault_hook(step + 1)
     finally:
@@ -514,11 +589,13 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             bar.close()
         logger.close()
 
-    final = evaluate_run(rollout, eval_recs, cfg, "after" if total else "base", total, run_dir)
+    final = run_eval("after" if total else "base", total)
     state["evals"].append(final)
-    print(f"eval {final['tag']}: {fmt_eval(final)}", file=sys.stderr)
     if cfg.run.export and total > 0:
-        model.save_pretrained(os.path.join(run_dir, "final_model"), tokenizer=tok)
+        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)
+    if not info.is_main:
+        return {"run_dir": run_dir, "rank": info.rank}
+    print(f"eval {final['tag']}: {fmt_eval(final)}", file=sys.stderr)
     summary = {"run_dir": run_dir, "algo": a.name, "steps": total, "wall_s": time.perf_counter() - t_start,
                "evals": state["evals"], "threads": torch.get_num_threads(), "device": str(device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
