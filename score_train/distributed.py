@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +93,11 @@ def shard(model: torch.nn.Module, *, mixed_precision: bool | None = None, activa
             layer = checkpoint_wrapper(layer)
             layers[i] = layer
         fully_shard(layer, **kw)
-    fully_shard(model, **kw)
+    # the root stays gathered after forward: the (tied) lm_head is used by the fused log-prob op right after
+    fully_shard(model, **dict(kw, reshard_after_forward=False))
+    # Mark the root now: generation calls the layers without the root's forward, and FSDP would otherwise
+    # lazily make each layer a root of its own and refuse the root's first training forward later.
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
@@ -120,7 +124,7 @@ def gathered(model: torch.nn.Module):
     finally:
         for m in mods:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            m.set_reshard_after_forward(m is not model)  # as shard() set them
 
 
 def all_ok(error: BaseException | None, info: DistInfo) -> None:
@@ -144,16 +148,19 @@ def all_sum(x: torch.Tensor | float, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_mean_metrics(metrics: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Mean of scalar metrics over ranks (each rank's metrics weigh the same: ranks hold equal prompt shares)."""
+def all_mean_metrics(metrics: dict[str, float], info: DistInfo, *, sum_keys=(), keep=("step",)) -> dict:
+    """Scalar metrics over ranks: the mean (ranks hold equal prompt shares), or the sum for counts and
+    throughputs (`sum_keys`); `keep` and non-numeric values stay as rank 0 has them."""
     if not info.enabled or not metrics:
         return metrics
-    keys = sorted(metrics)
+    keys = sorted(k for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keep)
     t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
     if info.device.type == "cuda":
         t = t.to(info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: float(v) / info.world_size for k, v in zip(keys, t.tolist())}
+    red = {k: (v if k in sum_keys else v / info.world_size) for k, v in zip(keys, t.tolist())}
+    return dict(metrics, **red)
 
 
 def global_count(local: int | torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -175,46 +182,117 @@ def shard_prompts(n_prompts: int, info: DistInfo) -> range:
     return range(info.rank * per, (info.rank + 1) * per)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                 extra: dict | None = None) -> None:
-    """torch.distributed.checkpoint save (each rank writes its shards); `extra` (step, stage, rng, ...) is saved by
-    rank 0 as JSON-able data inside the checkpoint."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def all_max(x: int, info: DistInfo) -> int:
+    if not info.enabled:
+        return int(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
-    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": msd}
-    if optimizer is not None:
-        state["optim"] = osd
-    dcp.save(state, checkpoint_id=path)
-    if extra is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        torch.save(extra, os.path.join(path, "extra.pt"))
-    if dist.is_initialized():
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's value of `obj` on every rank (run directory names, resume state)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
         dist.barrier()
 
 
-def load_sharded(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict | None:
-    """Loads a save_sharded checkpoint into a model sharded over any number of ranks (DCP reshards)."""
+# ----------------------------------------------------------------------------- checkpoints
+# Same layout as score_train.checkpoint (ckpt_dir/step_XXXXXX with a COMPLETE marker written last, then an
+# atomic rename), but the model and optimiser go through torch.distributed.checkpoint: every rank writes its own
+# shards, and loading reshards to any number of ranks (1 included, even without torchrun).
+
+def save_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer, state: dict, info: DistInfo, *,
+                    keep: int = 2) -> str:
+    import json
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from score_train import checkpoint as ck
+
+    final = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = f"{final}.tmp-dist"  # one name on every rank: they all write into it
+    if info.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for d in os.listdir(ckpt_dir):  # leftovers of a crash mid-save
+            if ".tmp-" in d:
+                shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(info)
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    barrier(info)
+    if info.is_main:
+        torch.save(ck.rng_state(), os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(state, step=step, world_size=info.world_size), f, indent=1)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write("ok\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in ck.complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    return os.path.exists(os.path.join(path, ".metadata"))
+
+
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
+    """Loads a save_checkpoint directory into a model sharded over any number of ranks (or not sharded)."""
+    import json
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])
-    state = {"model": msd}
-    if optimizer is not None:
-        state["optim"] = osd
+    from score_train import checkpoint as ck
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
-                   optim_state_dict=state.get("optim", {}))
-    extra = os.path.join(path, "extra.pt")
-    return torch.load(extra, weights_only=False) if os.path.exists(extra) else None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    ck.set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=False))
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full, unsharded model state on CPU (on rank 0; other ranks get {}), for the Hugging Face export."""
+def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The full, unsharded model state on CPU on rank 0 (other ranks get {}), for the Hugging Face export."""
     if not is_sharded(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if dist.get_rank() == 0 else {}
+    return sd if info.is_main else {}
+
+
+def export_hf(model: torch.nn.Module, path: str, tokenizer, info: DistInfo) -> None:
+    """Gathers the full state on rank 0 and writes a Hugging Face directory from an unsharded CPU copy."""
+    if not is_sharded(model):
+        if info.is_main:
+            model.save_pretrained(path, tokenizer=tokenizer)
+        return
+    sd = full_state_dict(model, info)
+    if info.is_main:
+        from score_train.model import CausalLM
+
+        with torch.device("meta"):
+            plain = CausalLM(model.config)
+        plain.load_state_dict(sd, strict=False, assign=True)
+        plain.inv_freq = model.inv_freq.detach().cpu()
+        plain.save_pretrained(path, tokenizer=tokenizer)
+    barrier(info)

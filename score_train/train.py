@@ -257,7 +257,7 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
                                               kl_estimator=kl_mode, **kw)
             else:
                 loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
-            loss = loss * (0.0 if pad else scale)
+            loss = loss * (0.0 if pad else scale)  # this rank's share of the global loss (ranks sum to it)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} in micro-batch {j}")
             (loss * gscale).backward()  # FSDP averages gradients over ranks; a global-count loss must sum
@@ -553,7 +553,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             rec["elapsed_s"] = time.perf_counter() - t_start
             if info.enabled:
                 rec = D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
-                    "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
+                    "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
                     "update_tokens_per_s"))
             logger.log(rec)
             if cfg.eval.sample_rows and (step % max(1, total // 4) == 0 or step + 1 == total):
