@@ -13,18 +13,39 @@ at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-template <typename T>
-void fwd_loop(const T* a, const T* b, float* o, int64_t n, int est) {
-  at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<float>(score::kl_value<T>(a[i] - b[i], est));
+// The estimator is a template argument so that each inner loop is branch-free and vectorisable.
+template <typename T, int EST>
+void fwd_loop_est(const T* a, const T* b, float* o, int64_t n) {
+  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<float>(score::kl_value<T>(a[i] - b[i], EST));
+  });
+}
+
+template <typename T, int EST>
+void bwd_loop_est(const float* g, const T* a, const T* b, T* o, int64_t n) {
+  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<T>(g[i]) * score::kl_grad<T>(a[i] - b[i], EST);
   });
 }
 
 template <typename T>
+void fwd_loop(const T* a, const T* b, float* o, int64_t n, int est) {
+  switch (est) {
+    case score::KL_K1: return fwd_loop_est<T, score::KL_K1>(a, b, o, n);
+    case score::KL_K2: return fwd_loop_est<T, score::KL_K2>(a, b, o, n);
+    case score::KL_K3: return fwd_loop_est<T, score::KL_K3>(a, b, o, n);
+    default: return fwd_loop_est<T, score::KL_ABS>(a, b, o, n);
+  }
+}
+
+template <typename T>
 void bwd_loop(const float* g, const T* a, const T* b, T* o, int64_t n, int est) {
-  at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<T>(g[i]) * score::kl_grad<T>(a[i] - b[i], est);
-  });
+  switch (est) {
+    case score::KL_K1: return bwd_loop_est<T, score::KL_K1>(g, a, b, o, n);
+    case score::KL_K2: return bwd_loop_est<T, score::KL_K2>(g, a, b, o, n);
+    case score::KL_K3: return bwd_loop_est<T, score::KL_K3>(g, a, b, o, n);
+    default: return bwd_loop_est<T, score::KL_ABS>(g, a, b, o, n);
+  }
 }
 
 at::Tensor token_kl_fwd_cpu(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t est) {
