@@ -1,7 +1,7 @@
 """Recorded benchmark runs -> BENCHMARKS.md tables and a chart.
 
     python -m benchmarks.report [--pytest-dir benchmarks/results/pytest] [--gpu-dir benchmarks/results]
-                                [--out BENCHMARKS.md] [--chart benchmarks/results/benchmarks.png]
+                                [--out benchmarks/BENCHMARKS.md] [--chart benchmarks/results/benchmarks.png]
 
 Reads
 - pytest-benchmark saves (`pytest benchmarks/ --benchmark-save=NAME --benchmark-storage=file://...`,
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pytest-dir", default=os.path.join(ROOT, "benchmarks", "results", "pytest"))
     p.add_argument("--gpu-dir", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "BENCHMARKS.md"))
     p.add_argument("--chart", default=os.path.join(ROOT, "benchmarks", "results", "benchmarks.png"))
     p.add_argument("--ratios", nargs="*", metavar="JSON",
                    help="instead: print every ratio recorded in these pytest-benchmark JSON files (default: "
