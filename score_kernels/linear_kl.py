@@ -197,9 +197,7 @@ def _kl_bwd_op(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias
 @_kl_bwd_op.register_fake
 def _(g, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse, temperature, backend,
       need_h, need_w, need_b):
-    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-            torch.empty_like(weight) if need_w else weight.new_empty(0),
-            torch.empty_like(bias) if need_b else weight.new_empty(0))
+    return _lp.grad_placeholders(hidden, weight, bias, need_h, need_w, need_b)
 
 
 def _setup(ctx, inputs, output):

@@ -563,12 +563,17 @@ def _lp_bwd_op(g: torch.Tensor, ge: torch.Tensor, hidden: torch.Tensor, weight: 
     return dh, dw, db
 
 
-@_lp_bwd_op.register_fake
-def _(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature, ignore_index, entropy, backend,
-      need_h, need_w, need_b):
+def grad_placeholders(hidden, weight, bias, need_h, need_w, need_b):
+    """Fake (meta) gradients of (hidden, weight, bias); empty where not needed. Shared with linear_kl."""
     return (torch.empty_like(hidden) if need_h else hidden.new_empty(0),
             torch.empty_like(weight) if need_w else weight.new_empty(0),
             torch.empty_like(bias) if need_b else weight.new_empty(0))
+
+
+@_lp_bwd_op.register_fake
+def _(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature, ignore_index, entropy, backend,
+      need_h, need_w, need_b):
+    return grad_placeholders(hidden, weight, bias, need_h, need_w, need_b)
 
 
 def _setup(ctx, inputs, output):

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include "common/pg_math.h"
+#include "cuda/convert.cuh"
 #include "cuda/dtypes.h"
 #include "cuda/policy_loss.h"
 
@@ -25,12 +26,6 @@ constexpr int A_CLIP = 0, A_RATIO = 1, A_TURN = 2;
 constexpr int ACC_N = A_TURN + 3 * PG_MAX_TURNS;
 constexpr int MAX_BLOCKS = 4096;
 
-template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 // compute type: double for double inputs, float otherwise
 template <typename T> struct CT { using type = float; };

@@ -3,19 +3,12 @@
 #include <cuda_fp16.h>
 
 #include "common/kl_math.h"
+#include "cuda/convert.cuh"
 #include "cuda/dtypes.h"
 #include "cuda/token_kl.h"
 
 namespace score {
 namespace {
-
-template <typename T> __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x) { return static_cast<T>(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
 template <typename T>
 __global__ void token_kl_fwd_kernel(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ out,
