@@ -37,8 +37,8 @@ _LOWEST = -3.0e38  # stands in for -inf logits where 0 * -inf would make NaN
 
 # CPU/torch path budgets. WORK: fp32 scratch ([rows, V] chunks forward, [tokens, vocab slice] backward).
 # CACHE: logits kept from forward to backward so their GEMM is not recomputed; 0 disables.
-WORK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_WORK_MB", "64")) * 2**20)
-CACHE_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_CACHE_MB", "320")) * 2**20)
+WORK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_WORK_MB", "32")) * 2**20)
+CACHE_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_CACHE_MB", "368")) * 2**20)
 # GPU backward: bytes of the dz slice [tokens, vocab slice] in the input dtype.
 GPU_DZ_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_DZ_MB", "256")) * 2**20)
 
@@ -279,16 +279,25 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
     return lse, lp, ent
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, accumulated in fp32 inside the GEMM where torch allows it."""
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 acc, accumulated in fp32 inside the GEMM where torch allows it.
+    On CUDA, addmm with out_dtype accumulates into acc (beta = 1) with no [N, d] fp32 temporary,
+    which at N=16384, d=4096 is 268 MB and one more pass over it per vocab slice."""
     if a.dtype == torch.float32:
-        return a @ b
+        acc.addmm_(a, b)
+        return
     if a.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError):  # older torch: no out_dtype (NotImplementedError is a RuntimeError)
+            pass
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            return
         except (TypeError, RuntimeError):
             pass
-    return (a @ b).float()
+    acc += (a @ b).float()
 
 
 def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *, rh=None, rw=None, rb=None):
@@ -324,7 +333,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
         if need_w:
             torch.mm(dzs.t(), h, out=dw[v_lo:v_hi])
         if need_h:
-            dh += _mm_f32(dzs, w[v_lo:v_hi])
+            _addmm_f32_(dh, dzs, w[v_lo:v_hi])
         if need_b:
             db[v_lo:v_hi] = dzs.sum(0, dtype=torch.float32)
     return dh, dw, db
