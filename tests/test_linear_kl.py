@@ -68,6 +68,27 @@ def test_torch_chunks_and_ref_width(monkeypatch):
     check("torch", (7,), 16, 33, torch.float64, 1.0, False, rd=8, masked=False)
 
 
+# Cached rows take dz = g u / T from the forward; the rest recompute both GEMMs. No cache, a cache
+# boundary inside a chunk's range (chunks must stop at it), and everything cached must all agree.
+@pytest.mark.parametrize("cache_rows", [0, 37, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_cache_boundary(monkeypatch, cache_rows, dtype):
+    V = 1000
+    monkeypatch.setattr(LP, "CACHE_BYTES", cache_rows * V * 4)
+    monkeypatch.setattr(LP, "WORK_BYTES", 4 * V * 20)
+    check("torch", (130,), 16, V, dtype, 0.7, True, rd=24)
+    check("torch", (2, 45), 16, V, dtype, 1.0, False, masked=False)
+
+
+def test_torch_no_cache_without_grad():
+    import score_kernels.linear_kl  # noqa: F401
+    op = torch.ops.score.linear_kl.default
+    xs, mask, _ = _case((9,), 16, 33, torch.float32, False)
+    h, w, b, rh, rw, rb = xs
+    assert op(h, w, b, rh, rw, rb, mask, 1.0, "torch", False)[3].shape[0] == 0
+    assert op(h, w, b, rh, rw, rb, mask, 1.0, "torch", True)[3].shape[0] == int(mask.sum())
+
+
 @pytest.mark.skipif(not TRITON, reason="needs triton")
 @pytest.mark.parametrize("case", [((1,), 16, 1, torch.float32, 1.0, False), ((7,), 72, 33, torch.bfloat16, 0.7, True),
                                   ((130,), 16, 1000, torch.float32, 0.7, True),
