@@ -2,16 +2,23 @@
 
     python -m score_kernels.compile_check [--arch sm_80,sm_90] [--filter NAME] [--json PATH]
 
-Prints kernel, arch, num_warps, shared memory (bytes), and whether tl.dot lowered to tensor cores
-(wgmma on sm_90, mma on sm_80). Exits non-zero on any compile failure, or when a kernel that
-should use tensor cores does not.
+Prints kernel, arch, num_warps, shared memory (bytes), registers per thread and spilled bytes (from
+ptxas), whether the loads were software-pipelined (cp.async in the PTX), and whether tl.dot lowered
+to tensor cores (wgmma on sm_90, mma on sm_80). Exits non-zero on any compile failure, when a kernel
+that should use tensor cores does not, or when a kernel spills more than --max-spill bytes.
+Kernels are compiled with the divisibility hints the JIT gives aligned tensors (see _aot.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -26,7 +33,63 @@ def _tc_used(ptx: str, cc: int) -> bool:
     return "mma.sync" in ptx
 
 
-def run(archs: list[str], name_filter: str | None = None) -> list[dict]:
+def _ptxas_usage(log: str) -> dict:
+    """Registers and spill bytes from ptxas -v output (the kernel's own function, the last one listed)."""
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    out = {}
+    if regs:
+        out["registers"] = int(regs[-1])
+    if spills:
+        out["spill_bytes"] = max(int(spills[-1][0]), int(spills[-1][1]))
+    return out
+
+
+def _ptxas_log(ptx: str, cc: int) -> str:
+    """ptxas -v on the PTX, for a Triton without the dump_ptxas_log knob. Its flags may differ from
+    Triton's own ptxas call (e.g. --regAllocOptLevel), so register counts are approximate there."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        res = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True)
+    return res.stderr
+
+
+def _compile(triton, src, target, options):
+    """triton.compile with ptxas's -v log captured (Triton prints it when dump_ptxas_log is set)."""
+    knobs = getattr(triton, "knobs", None)
+    nv = getattr(knobs, "nvidia", None) if knobs else None
+    if nv is None or not hasattr(nv, "dump_ptxas_log"):
+        k, log = triton.compile(src, target=target, options=options), ""
+    else:
+        comp = getattr(knobs, "compilation", None)
+        old = nv.dump_ptxas_log
+        old_always = getattr(comp, "always_compile", None)
+        buf = io.StringIO()
+        try:
+            nv.dump_ptxas_log = True
+            if old_always is not None:  # a cache hit runs no ptxas, so there would be no log to read
+                comp.always_compile = True
+            with contextlib.redirect_stdout(buf):
+                k = triton.compile(src, target=target, options=options)
+        finally:
+            nv.dump_ptxas_log = old
+            if old_always is not None:
+                comp.always_compile = old_always
+        log = buf.getvalue()
+    if "Used" not in log:
+        try:
+            log = _ptxas_log(k.asm.get("ptx", ""), target.arch)
+        except Exception:  # noqa: BLE001  (usage is reported, never required)
+            log = ""
+    return k, log
+
+
+def run(archs: list[str], name_filter: str | None = None, max_spill: int | None = None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("compile_check needs real Triton kernels: unset TRITON_INTERPRET")
     import triton
@@ -42,17 +105,23 @@ def run(archs: list[str], name_filter: str | None = None) -> list[dict]:
             continue
         for arch in archs:
             cc = _arch_cc(arch)
+            if not spec.for_arch(cc):
+                continue
             row = {"kernel": spec.name, "arch": f"sm_{cc}", "ok": False}
             t0 = time.time()
             try:
-                src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
-                k = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
+                                attrs=spec.attrs())
+                k, log = _compile(triton, src, GPUTarget("cuda", cc, 32),
+                                  {"num_warps": spec.num_warps, "num_stages": spec.num_stages})
                 ptx = k.asm.get("ptx", "")
                 row.update(ok=True, num_warps=k.metadata.num_warps, shared=k.metadata.shared,
-                           tensor_cores=_tc_used(ptx, cc), expects_dot=spec.has_dot)
+                           tensor_cores=_tc_used(ptx, cc), expects_dot=spec.has_dot,
+                           pipelined="cp.async" in ptx or "cp.async.bulk" in ptx, **_ptxas_usage(log))
                 if spec.has_dot and not row["tensor_cores"]:
                     row.update(ok=False, error="tl.dot did not lower to " + ("wgmma" if cc >= 90 else "mma"))
+                elif max_spill is not None and row.get("spill_bytes", 0) > max_spill:
+                    row.update(ok=False, error=f"spills {row['spill_bytes']} bytes (limit {max_spill})")
             except Exception as e:  # report every failure, keep going
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             row["seconds"] = round(time.time() - t0, 2)
@@ -65,16 +134,18 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="sm_80,sm_90")
     p.add_argument("--filter", default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--max-spill", type=int, default=None, help="fail a kernel that spills more bytes than this")
     args = p.parse_args(argv)
-    rows = run([a for a in args.arch.split(",") if a], args.filter)
+    rows = run([a for a in args.arch.split(",") if a], args.filter, args.max_spill)
     w = max([len(r["kernel"]) for r in rows] + [6])
-    print(f"{'kernel':<{w}}  arch   warps  shared_B  tensor_cores  status")
+    print(f"{'kernel':<{w}}  arch   warps  shared_B  regs  spill_B  pipelined  tensor_cores  status")
     for r in rows:
         tc = "-" if not r.get("expects_dot") else ("wgmma" if r["arch"] == "sm_90" else "mma") if r.get(
             "tensor_cores") else "NO"
         status = "ok" if r["ok"] else "FAIL " + r.get("error", "")
+        pipe = "-" if "pipelined" not in r else ("yes" if r["pipelined"] else "no")
         print(f"{r['kernel']:<{w}}  {r['arch']:<5}  {r.get('num_warps', '-'):>5}  {r.get('shared', '-'):>8}  "
-              f"{tc:>12}  {status}")
+              f"{r.get('registers', '-'):>4}  {r.get('spill_bytes', '-'):>7}  {pipe:>9}  {tc:>12}  {status}")
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(bad)} compiled, {len(bad)} failed")
     if args.json:

@@ -192,10 +192,25 @@ if HAVE_TRITON:
         ptrs = dz_ptr + rows[:, None] * stride_dz + (cols - v_lo)[None, :]
         tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
-    # GPU specialisations for the AOT check: bf16/fp16 run on tensor cores; fp32 uses exact
-    # (ieee) fp32 dots, which are FMA loops rather than tensor-core instructions.
-    _GPU_BLOCKS = {"BN": 128, "BV": 128, "BK": 64}
-    GPU_LAUNCH = {"num_warps": 8, "num_stages": 3}
+    # GPU tiles and launch per kind, shared by the launchers and the AOT check. bf16/fp16 run on
+    # tensor cores (wgmma on sm_90); fp32 uses exact (ieee) fp32 dots, FMA loops on CUDA cores.
+    # Chosen so that no variant spills registers on sm_80 or sm_90 (compile_check --max-spill 0):
+    # - lp16 (sm_90+): timed on an H100 against five other tilings (benchmarks/gpu/bench_linear_logprobs.py
+    #   --sweep); 238-254 registers, no spill.
+    # - lp16@sm80: the same tile spills 264 bytes with Ampere's mma fragments; 128x64 does not. Not timed.
+    # - kl16: two logit tiles per step. At 128x128 it spilled 220 bytes (sm_90) / 756 (sm_80); 128x64 does not.
+    # - lp32 / kl32: at 128x128 the FMA tiles spilled up to 44 KB per thread; these do not. Not timed.
+    GPU_CONFIGS = {
+        "lp16": {"BN": 128, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
+        "lp16@sm80": {"BN": 128, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 3},
+        "kl16": {"BN": 128, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 3},
+        "lp32": {"BN": 32, "BV": 64, "BK": 16, "num_warps": 4, "num_stages": 2},
+        "kl32": {"BN": 32, "BV": 64, "BK": 16, "num_warps": 4, "num_stages": 2},
+    }
+
+    def _config_key(kl: bool, fp32: bool, cc: int) -> str:
+        key = ("kl" if kl else "lp") + ("32" if fp32 else "16")
+        return key + "@sm80" if cc < 90 and key + "@sm80" in GPU_CONFIGS else key
 
     def _sig(dt: str, kind: str) -> dict:
         sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "t_ptr": "*i64",
@@ -216,24 +231,40 @@ if HAVE_TRITON:
 
     for _dt in ("bf16", "fp16", "fp32"):
         for _kl, _ent, _bias in ((False, True, False), (False, False, True), (True, False, False)):
-            _ce = dict(_GPU_BLOCKS, HAS_BIAS=_bias, HAS_RBIAS=False, ENTROPY=_ent, KL=_kl, UPCAST=False,
-                       IEEE=_dt == "fp32")
-            _tag = f"{_dt},{'kl' if _kl else 'lp'}{',ent' if _ent else ''}{',bias' if _bias else ''}"
-            _aot.register(f"linear_logprobs_fwd[{_tag}]", _fwd_kernel, _sig(_dt, "fwd"), _ce, **GPU_LAUNCH,
-                          has_dot=_dt != "fp32")
-            _aot.register(f"linear_logprobs_bwd_dz[{_tag}]", _bwd_dz_kernel, _sig(_dt, "bwd"), _ce, **GPU_LAUNCH,
-                          has_dot=_dt != "fp32")
+            # one spec per distinct launch configuration: sm_80 (Ampere) and sm_90+ may differ
+            _keys = {_config_key(_kl, _dt == "fp32", 80): (80, 90), _config_key(_kl, _dt == "fp32", 90): (90, 999)}
+            _keys = ({k: ((80, 999) if len(_keys) == 1 else r) for k, r in _keys.items()})
+            for _key, _archs in _keys.items():
+                _cfg = dict(GPU_CONFIGS[_key])
+                _launch = {"num_warps": _cfg.pop("num_warps"), "num_stages": _cfg.pop("num_stages")}
+                _ce = dict(_cfg, HAS_BIAS=_bias, HAS_RBIAS=False, ENTROPY=_ent, KL=_kl, UPCAST=False,
+                           IEEE=_dt == "fp32")
+                _tag = f"{_dt},{'kl' if _kl else 'lp'}{',ent' if _ent else ''}{',bias' if _bias else ''}"
+                _tag += "" if len(_keys) == 1 else f",{_key.split('@')[1] if '@' in _key else 'sm90'}"
+                # Hidden sizes are multiples of 16 (576, 2048, 4096): the JIT then vectorises the K loads.
+                for _nm, _kern, _kind in (("fwd", _fwd_kernel, "fwd"), ("bwd_dz", _bwd_dz_kernel, "bwd")):
+                    _aot.register(f"linear_logprobs_{_nm}[{_tag}]", _kern, _sig(_dt, _kind), _ce, **_launch,
+                                  has_dot=_dt != "fp32", extra_divisible=("D", "RD"), archs=_archs)
 
 
-def _blocks(n: int, v: int) -> dict:
-    if INTERPRET:  # the interpreter pays per op, not per element: few big tiles are fastest
-        return {"BN": 32 if n > 16 else 16, "BV": 128 if v > 64 else 64, "BK": 32}
-    return dict(_GPU_BLOCKS)
+_CC: dict = {}
 
 
-def _kernel_flags(h: torch.Tensor) -> dict:
-    launch = dict(GPU_LAUNCH) if h.is_cuda else {"num_warps": 4, "num_stages": 1}
-    return {"UPCAST": INTERPRET and h.dtype != torch.float32, "IEEE": h.dtype == torch.float32, **launch}
+def _capability(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CC:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _CC[idx] = 10 * major + minor
+    return _CC[idx]
+
+
+def _config(h: torch.Tensor, n: int, v: int, kl: bool) -> dict:
+    """Tiles (BN, BV, BK), launch options and dtype flags for one kernel launch."""
+    flags = {"UPCAST": INTERPRET and h.dtype != torch.float32, "IEEE": h.dtype == torch.float32}
+    if INTERPRET or not h.is_cuda:  # the interpreter pays per op, not per element: few big tiles are fastest
+        return {"BN": 32 if n > 16 else 16, "BV": 128 if v > 64 else 64, "BK": 32, "num_warps": 4,
+                "num_stages": 1, **flags}
+    return {**GPU_CONFIGS[_config_key(kl, h.dtype == torch.float32, _capability(h.device))], **flags}
 
 
 def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=None):
@@ -243,7 +274,7 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
     n, d = h.shape
     V = w.shape[0]
     kl = rh is not None
-    blk = _blocks(n, V)
+    blk = _config(h, n, V, kl)
     n_blocks = triton.cdiv(n, blk["BN"])
     # Enough programs to fill the GPU: split the vocab when there are few token blocks.
     sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 4
@@ -259,8 +290,7 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
         m, s, a, x, rm, rs,
         n, V, d, rh.shape[1] if kl else d, h.stride(0), w.stride(0),
         rh.stride(0) if kl else 0, rw.stride(0) if kl else 0, inv_t, v_per,
-        HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=entropy and not kl, KL=kl,
-        **blk, **_kernel_flags(h))
+        HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=entropy and not kl, KL=kl, **blk)
     # Merge the vocab splits (exact log-sum-exp algebra).
     M = m.amax(0)
     scale = torch.exp(m - M)
@@ -307,7 +337,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
     n, d = h.shape
     V = w.shape[0]
     kl = rh is not None
-    blk = _blocks(n, V)
+    blk = _config(h, n, V, kl)
     elt = h.element_size()
     vs = max(blk["BV"], (GPU_DZ_BYTES // max(1, n * elt)) // blk["BV"] * blk["BV"])
     vs = min(vs, V)
@@ -328,7 +358,7 @@ def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *,
             n, V, d, rh.shape[1] if kl else d, h.stride(0), w.stride(0),
             rh.stride(0) if kl else 0, rw.stride(0) if kl else 0, inv_t, v_lo, v_hi, dz.stride(0),
             HAS_BIAS=b is not None, HAS_RBIAS=kl and rb is not None, ENTROPY=ge is not None and not kl, KL=kl,
-            **blk, **_kernel_flags(h))
+            **blk)
         dzs = dz
         if need_w:
             torch.mm(dzs.t(), h, out=dw[v_lo:v_hi])

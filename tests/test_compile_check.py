@@ -11,7 +11,8 @@ def test_compile_check_all_kernels(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
     res = subprocess.run([sys.executable, "-m", "score_kernels.compile_check", "--arch", "sm_80,sm_90",
-                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          "--max-spill", "0", "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert rows and all(r["ok"] for r in rows)
@@ -19,6 +20,10 @@ def test_compile_check_all_kernels(tmp_path):
     dots = [r for r in rows if r.get("expects_dot")]
     for r in dots:
         assert r["tensor_cores"], r
+        # compiled with the JIT's divisibility hints, the K loop must be software-pipelined (cp.async)
+        assert r["pipelined"], r
+    # no kernel spills registers on either arch (--max-spill 0), and ptxas reported every kernel
+    assert all("registers" in r and r["spill_bytes"] == 0 for r in rows), [r for r in rows if r.get("spill_bytes")]
     assert "kernel" in res.stdout and "compiled" in res.stdout
 
 
@@ -41,3 +46,20 @@ def test_compile_check_fails_on_broken_kernel(tmp_path):
     res = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_divisibility_hints_follow_the_jit():
+    # pointers and stride* integers by default; extra names add to them; constexprs are refused
+    import pytest
+
+    from score_kernels import _aot
+    from score_kernels.linear_logprobs import _fwd_kernel
+
+    spec = next(s for s in _aot.SPECS if s.name.startswith("linear_logprobs_fwd[bf16,lp,ent"))
+    names = list(spec.kernel.arg_names)
+    marked = {names[k[0]] for k in spec.attrs()}
+    assert {"h_ptr", "w_ptr", "stride_h", "stride_w", "D", "RD"} <= marked
+    assert not {"N", "V", "inv_t", "v_per_split"} & marked
+    bad = _aot.AOTSpec("x", _fwd_kernel, dict(spec.signature), dict(spec.constexprs), divisible=("BN",))
+    with pytest.raises(ValueError, match="BN"):
+        bad.attrs()

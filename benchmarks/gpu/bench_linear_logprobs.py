@@ -112,11 +112,10 @@ def sweep(N=8192, d=2048, V=128256) -> list[dict]:
                 warmup=1, rep=3)
     out.append({"config": "cublas 2 fwd-shaped + 2 bwd GEMMs", "ms": res["median_s"] * 1e3,
                 "tflops": 8 * N * d * V / res["median_s"] / 1e12})
-    blocks0, launch0 = dict(lp_mod._GPU_BLOCKS), dict(lp_mod.GPU_LAUNCH)
+    cfg0 = dict(lp_mod.GPU_CONFIGS["lp16"])
     for bn, bv, bk, nw, ns in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4),
                                (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3)]:
-        lp_mod._GPU_BLOCKS.update(BN=bn, BV=bv, BK=bk)
-        lp_mod.GPU_LAUNCH.update(num_warps=nw, num_stages=ns)
+        lp_mod.GPU_CONFIGS["lp16"].update(BN=bn, BV=bv, BK=bk, num_warps=nw, num_stages=ns)
         row_ = {"config": f"BN={bn} BV={bv} BK={bk} warps={nw} stages={ns}"}
         try:
             f = bench(lambda: lp_mod.triton_forward_stats(h, w, None, t, 1.0, entropy=False), mk, n_inputs=1,
@@ -130,8 +129,7 @@ def sweep(N=8192, d=2048, V=128256) -> list[dict]:
         out.append(row_)
         print(row_, flush=True)
         torch.cuda.empty_cache()
-    lp_mod._GPU_BLOCKS.update(blocks0)
-    lp_mod.GPU_LAUNCH.update(launch0)
+    lp_mod.GPU_CONFIGS["lp16"].update(cfg0)
     return out
 
 
