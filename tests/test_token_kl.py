@@ -116,3 +116,25 @@ def test_gpu_bf16_large(backend):
     torch.testing.assert_close(out, token_kl_reference(lp.detach(), ref, "k3"), rtol=1e-5, atol=1e-6)
     out.sum().backward()
     assert torch.isfinite(lp.grad.float()).all()
+
+
+@pytest.mark.skipif("cpu" not in live_backends("cpu"), reason="CPU extension not built")
+def test_cpu_expm1_within_2_ulp_of_float64():
+    # The CPU extension's k3 uses its own vectorisable expm1 (csrc/common/expm1.h). The k3 gradient
+    # with an upstream 1 and ref 0 is exactly -expm1(-logprob): check it against float64 everywhere
+    # float32 has a finite result, at the reduction's seams and in the special values.
+    x = torch.cat([torch.linspace(-88.5, 88.5, 200_001, dtype=torch.float64),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-8, -1e-8, 0.34657, -0.34657, 0.3466, 88.0, -88.0,
+                                 88.72, 104.0, -104.0], dtype=torch.float64)]).float()
+    lp = -x  # grad = -expm1(-lp) = -expm1(x)
+    got = -torch.ops.score_ext.token_kl_bwd(torch.ones_like(lp), lp, torch.zeros_like(lp), 2).double()
+    want = torch.expm1(x.double())
+    finite = want.abs() < torch.finfo(torch.float32).max
+    ulp = torch.ldexp(torch.ones_like(want), torch.frexp(want.float())[1].long() - 24).double()
+    err = ((got - want).abs() / ulp)[finite & (want != 0)]
+    assert err.max().item() <= 2.0, x[finite & (want != 0)][err.argmax()].item()
+    assert (got[want == 0] == 0).all()
+    assert torch.isinf(got[~finite]).all() and (got[~finite] > 0).all()
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    out = -torch.ops.score_ext.token_kl_bwd(torch.ones(3), -special, torch.zeros(3), 2)
+    assert out[0] == float("inf") and out[1] == -1.0 and torch.isnan(out[2])

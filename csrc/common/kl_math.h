@@ -1,5 +1,6 @@
 #pragma once
 #include "common/macros.h"
+#include "common/expm1.h"
 
 namespace score {
 
@@ -12,7 +13,7 @@ SCORE_HD T kl_value(T delta, int est) {
   switch (est) {
     case KL_K1: return delta;
     case KL_K2: return T(0.5) * delta * delta;
-    case KL_K3: return expm1(-delta) + delta;
+    case KL_K3: return expm1_<T>(-delta) + delta;
     default:    return delta < T(0) ? -delta : delta;
   }
 }
@@ -23,7 +24,7 @@ SCORE_HD T kl_grad(T delta, int est) {
   switch (est) {
     case KL_K1: return T(1);
     case KL_K2: return delta;
-    case KL_K3: return -expm1(-delta);
+    case KL_K3: return -expm1_<T>(-delta);
     default:    return delta > T(0) ? T(1) : (delta < T(0) ? T(-1) : T(0));
   }
 }

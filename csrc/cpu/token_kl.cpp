@@ -13,19 +13,26 @@ at::ScalarType compute_type(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-// The estimator is a template argument so that each inner loop is branch-free and vectorisable.
+// The estimator is a template argument so that each inner loop is branch-free and vectorisable
+// (k3's expm1 included, see common/expm1.h); the range functions are compiled per SIMD target.
+template <typename T, int EST>
+SCORE_SIMD_CLONES void fwd_range(const T* a, const T* b, float* o, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<float>(score::kl_value<T>(a[i] - b[i], EST));
+}
+
+template <typename T, int EST>
+SCORE_SIMD_CLONES void bwd_range(const float* g, const T* a, const T* b, T* o, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<T>(g[i]) * score::kl_grad<T>(a[i] - b[i], EST);
+}
+
 template <typename T, int EST>
 void fwd_loop_est(const T* a, const T* b, float* o, int64_t n) {
-  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<float>(score::kl_value<T>(a[i] - b[i], EST));
-  });
+  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) { fwd_range<T, EST>(a, b, o, lo, hi); });
 }
 
 template <typename T, int EST>
 void bwd_loop_est(const float* g, const T* a, const T* b, T* o, int64_t n) {
-  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) o[i] = static_cast<T>(g[i]) * score::kl_grad<T>(a[i] - b[i], EST);
-  });
+  at::parallel_for(0, n, 32768, [&](int64_t lo, int64_t hi) { bwd_range<T, EST>(g, a, b, o, lo, hi); });
 }
 
 template <typename T>
