@@ -309,6 +309,9 @@ def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=Non
     return lse, lp, ent
 
 
+_ADDMM_OUT_DTYPE = [True]
+
+
 def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 acc, accumulated in fp32 inside the GEMM where torch allows it.
     On CUDA, addmm with out_dtype accumulates into acc (beta = 1) with no [N, d] fp32 temporary,
@@ -316,12 +319,14 @@ def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda:
+    if a.is_cuda and _ADDMM_OUT_DTYPE[0]:
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (TypeError, RuntimeError):  # older torch: no out_dtype (NotImplementedError is a RuntimeError)
-            pass
+        except (TypeError, RuntimeError):
+            # Older torch has no out_dtype, and some versions require self's dtype to equal the
+            # inputs'. Both checks run before anything is written; do not try again.
+            _ADDMM_OUT_DTYPE[0] = False
         try:
             acc += torch.mm(a, b, out_dtype=torch.float32)
             return
