@@ -12,6 +12,7 @@
 
 #include "common/pg_math.h"
 #include "cuda/convert.cuh"
+#include "cuda/packed.cuh"
 #include "cuda/dtypes.h"
 #include "cuda/policy_loss.h"
 
@@ -39,16 +40,6 @@ template <typename V>
 __device__ __forceinline__ V warp_sum(V v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
-}
-
-__device__ __forceinline__ int64_t packed_row(const int64_t* cu, int64_t B, int64_t i) {
-  if (i < cu[0] || i >= cu[B]) return -1;
-  int64_t lo = 0, hi = B - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (cu[mid + 1] <= i) lo = mid + 1; else hi = mid;
-  }
-  return lo;
 }
 
 __device__ __forceinline__ int64_t row_of(const int64_t* cu, int64_t B, int64_t T, int64_t i) {
