@@ -8,8 +8,8 @@ and every integer argument divisible by 16 with `tt.divisibility = 16`; only the
 vectorised, and only vectorised loads become cp.async and get software-pipelined. Compiled without
 those hints, a plain 128x128x64 bf16 matmul kept one shared-memory stage, used 255 registers and
 spilled 164 bytes; with them it pipelined 3 stages in 108 registers without spilling. So each spec
-lists the arguments that are multiples of 16 at the shapes it stands for (`divisible`); by default
-all pointers and every integer argument whose name starts with "stride".
+marks all pointers and every integer argument whose name starts with "stride", plus the arguments it
+names as multiples of 16 at the shapes it stands for (`extra_divisible`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class AOTSpec:
     num_warps: int = 4
     num_stages: int = 3
     has_dot: bool = False  # expect tensor-core matmuls (wgmma on sm_90, mma on sm_80)
-    divisible: tuple[str, ...] | None = None  # None: pointers and stride* integers
+    extra_divisible: tuple[str, ...] = ()  # beyond pointers and stride* integers, e.g. a hidden size
     archs: tuple[int, int] | None = None  # [min, max) compute capability this spec is launched on
 
     def for_arch(self, cc: int) -> bool:
@@ -34,14 +34,12 @@ class AOTSpec:
     def attrs(self) -> dict:
         """Triton's `attrs` for ASTSource: {(arg index,): [["tt.divisibility", 16]]}."""
         names = list(self.kernel.arg_names)
-        if self.divisible is None:
-            chosen = [k for k, v in self.signature.items()
-                      if v.startswith("*") or (k.startswith("stride") and v[0] in "iu")]
-        else:
-            chosen = list(self.divisible)
-        for k in chosen:
+        chosen = [k for k, v in self.signature.items()
+                  if v.startswith("*") or (k.startswith("stride") and v[0] in "iu")]
+        for k in self.extra_divisible:
             if k not in self.signature or self.signature[k] == "constexpr":
                 raise ValueError(f"{self.name}: divisible argument {k!r} is not a runtime argument")
+            chosen.append(k)
         return {(names.index(k),): [["tt.divisibility", 16]] for k in chosen}
 
 
@@ -49,12 +47,9 @@ SPECS: list[AOTSpec] = []
 
 
 def register(name, kernel, signature, constexprs=None, *, num_warps=4, num_stages=3, has_dot=False,
-             divisible=None, extra_divisible=(), archs=None):
-    """divisible: argument names that are multiples of 16 (pointers: 16-byte aligned); None picks
-    pointers and stride* integers, to which extra_divisible adds more (for example a hidden size).
+             extra_divisible=(), archs=None):
+    """extra_divisible: argument names, besides pointers (16-byte aligned) and stride* integers, that
+    are multiples of 16 at the shapes the spec stands for (for example a hidden size).
     archs: (min, max) compute capability, max exclusive, for launch configurations chosen per arch."""
-    if divisible is None and extra_divisible:
-        divisible = tuple(k for k, v in signature.items()
-                          if v.startswith("*") or (k.startswith("stride") and v[0] in "iu")) + tuple(extra_divisible)
     SPECS.append(AOTSpec(name, kernel, dict(signature), dict(constexprs or {}), num_warps, num_stages, has_dot,
-                         tuple(divisible) if divisible is not None else None, archs))
+                         tuple(extra_divisible), archs))

@@ -16,9 +16,7 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 
 
@@ -45,48 +43,22 @@ def _ptxas_usage(log: str) -> dict:
     return out
 
 
-def _ptxas_log(ptx: str, cc: int) -> str:
-    """ptxas -v on the PTX, for a Triton without the dump_ptxas_log knob. Its flags may differ from
-    Triton's own ptxas call (e.g. --regAllocOptLevel), so register counts are approximate there."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
-        res = subprocess.run([get_ptxas(cc).path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.o")],
-                             capture_output=True, text=True, check=False)
-    return res.stderr
-
-
 def _compile(triton, src, target, options):
-    """triton.compile with ptxas's -v log captured (Triton prints it when dump_ptxas_log is set)."""
+    """triton.compile with ptxas's -v log captured: Triton prints it when dump_ptxas_log is set, and
+    always_compile makes ptxas run even when the kernel is in Triton's cache. A Triton without these
+    knobs gives no log, and the rows then carry no register counts."""
     knobs = getattr(triton, "knobs", None)
-    nv = getattr(knobs, "nvidia", None) if knobs else None
-    if nv is None or not hasattr(nv, "dump_ptxas_log"):
-        k, log = triton.compile(src, target=target, options=options), ""
-    else:
-        comp = getattr(knobs, "compilation", None)
-        old = nv.dump_ptxas_log
-        old_always = getattr(comp, "always_compile", None)
-        buf = io.StringIO()
-        try:
-            nv.dump_ptxas_log = True
-            if old_always is not None:  # a cache hit runs no ptxas, so there would be no log to read
-                comp.always_compile = True
-            with contextlib.redirect_stdout(buf):
-                k = triton.compile(src, target=target, options=options)
-        finally:
-            nv.dump_ptxas_log = old
-            if old_always is not None:
-                comp.always_compile = old_always
-        log = buf.getvalue()
-    if "Used" not in log:
-        try:
-            log = _ptxas_log(k.asm.get("ptx", ""), target.arch)
-        except Exception:  # noqa: BLE001  (usage is reported, never required)
-            log = ""
-    return k, log
+    if knobs is None or not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=target, options=options), ""
+    buf = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    try:
+        knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(src, target=target, options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    return k, buf.getvalue()
 
 
 def run(archs: list[str], name_filter: str | None = None, max_spill: int | None = None) -> list[dict]:

@@ -125,12 +125,7 @@ def _torch_backward(h, w, b, rh, rw, rb, lse, rlse, kl, cache, g, inv_t, need_h,
             # dz = g p (log p - log q - KL) / T
             r.neg_().add_(z).sub_(kl)
             z.exp_().mul_(r).mul_(g[k:])
-        if need_w:
-            torch.matmul(dz.t(), hc, out=dw[v0:v1])
-        if need_h:
-            dh.addmm_(dz, wc[v0:v1])
-        if need_b:
-            db[v0:v1] = dz.sum(0)
+        _lp.slice_grads(dz, hc, wc, v0, v1, dh, dw, db)
     return dh, dw, db
 
 

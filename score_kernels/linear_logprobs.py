@@ -23,6 +23,7 @@ The kernels are shared with linear_kl (score_kernels/linear_kl.py) through the K
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -232,30 +233,24 @@ if HAVE_TRITON:
     for _dt in ("bf16", "fp16", "fp32"):
         for _kl, _ent, _bias in ((False, True, False), (False, False, True), (True, False, False)):
             # one spec per distinct launch configuration: sm_80 (Ampere) and sm_90+ may differ
-            _keys = {_config_key(_kl, _dt == "fp32", 80): (80, 90), _config_key(_kl, _dt == "fp32", 90): (90, 999)}
-            _keys = ({k: ((80, 999) if len(_keys) == 1 else r) for k, r in _keys.items()})
-            for _key, _archs in _keys.items():
+            _k80, _k90 = _config_key(_kl, _dt == "fp32", 80), _config_key(_kl, _dt == "fp32", 90)
+            _variants = [(_k90, None, "")] if _k80 == _k90 else [(_k80, (80, 90), ",sm80"), (_k90, (90, 999), ",sm90")]
+            for _key, _archs, _suffix in _variants:
                 _cfg = dict(GPU_CONFIGS[_key])
                 _launch = {"num_warps": _cfg.pop("num_warps"), "num_stages": _cfg.pop("num_stages")}
                 _ce = dict(_cfg, HAS_BIAS=_bias, HAS_RBIAS=False, ENTROPY=_ent, KL=_kl, UPCAST=False,
                            IEEE=_dt == "fp32")
-                _tag = f"{_dt},{'kl' if _kl else 'lp'}{',ent' if _ent else ''}{',bias' if _bias else ''}"
-                _tag += "" if len(_keys) == 1 else f",{_key.split('@')[1] if '@' in _key else 'sm90'}"
+                _tag = f"{_dt},{'kl' if _kl else 'lp'}{',ent' if _ent else ''}{',bias' if _bias else ''}{_suffix}"
                 # Hidden sizes are multiples of 16 (576, 2048, 4096): the JIT then vectorises the K loads.
                 for _nm, _kern, _kind in (("fwd", _fwd_kernel, "fwd"), ("bwd_dz", _bwd_dz_kernel, "bwd")):
                     _aot.register(f"linear_logprobs_{_nm}[{_tag}]", _kern, _sig(_dt, _kind), _ce, **_launch,
                                   has_dot=_dt != "fp32", extra_divisible=("D", "RD"), archs=_archs)
 
 
-_CC: dict = {}
-
-
-def _capability(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CC:
-        major, minor = torch.cuda.get_device_capability(idx)
-        _CC[idx] = 10 * major + minor
-    return _CC[idx]
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _config(h: torch.Tensor, n: int, v: int, kl: bool) -> dict:
@@ -264,7 +259,8 @@ def _config(h: torch.Tensor, n: int, v: int, kl: bool) -> dict:
     if INTERPRET or not h.is_cuda:  # the interpreter pays per op, not per element: few big tiles are fastest
         return {"BN": 32 if n > 16 else 16, "BV": 128 if v > 64 else 64, "BK": 32, "num_warps": 4,
                 "num_stages": 1, **flags}
-    return {**GPU_CONFIGS[_config_key(kl, h.dtype == torch.float32, _capability(h.device))], **flags}
+    idx = h.device.index if h.device.index is not None else torch.cuda.current_device()
+    return {**GPU_CONFIGS[_config_key(kl, h.dtype == torch.float32, _capability(idx))], **flags}
 
 
 def triton_forward_stats(h, w, b, t, inv_t, *, entropy, rh=None, rw=None, rb=None):
@@ -494,13 +490,20 @@ def torch_backward(h, w, b, t, lse, ent, cache, g, ge, inv_t, need_h, need_w, ne
         if bool(sel.any()):
             rows = sel.nonzero().squeeze(1)
             dz.index_put_((rows, t[rows] - v0), (g[rows, 0] * inv_t), accumulate=True)
-        if need_w:
-            torch.matmul(dz.t(), hc, out=dw[v0:v1])
-        if need_h:
-            dh.addmm_(dz, wc[v0:v1])
-        if need_b:
-            db[v0:v1] = dz.sum(0)
+        slice_grads(dz, hc, wc, v0, v1, dh, dw, db)
     return dh, dw, db
+
+
+def slice_grads(dz, hc, wc, v0, v1, dh, dw, db):
+    """The chunked backward's GEMMs for vocab slice [v0, v1): dweight[slice] = dz.T @ hidden, written
+    once; dhidden += dz @ weight[slice]; dbias[slice] = dz summed over tokens (None: not wanted).
+    Shared with linear_kl."""
+    if dw is not None:
+        torch.matmul(dz.t(), hc, out=dw[v0:v1])
+    if dh is not None:
+        dh.addmm_(dz, wc[v0:v1])
+    if db is not None:
+        db[v0:v1] = dz.sum(0)
 
 
 # ----------------------------------------------------------------------------- op bodies

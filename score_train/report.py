@@ -42,6 +42,17 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path, xlabel, ylabel, grid=True):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    if grid:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_rewards(metrics, path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -55,13 +66,7 @@ def plot_rewards(metrics, path):
             ax.axvline(m["step"] - 0.5, color="grey", ls=":", lw=1)
             ax.text(m["step"] - 0.4, ax.get_ylim()[1] * 0.95, m.get("stage", ""), fontsize=7, color="grey")
         prev = m.get("stage")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (sampled)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "step", "mean reward (sampled)")
 
 
 def plot_evals(evals, path):
@@ -71,13 +76,7 @@ def plot_evals(evals, path):
     for key, label in (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta(t1,t2)")):
         ax.plot(x, [100 * e.get(key, float("nan")) for e in evals], marker="o", label=label)
     ax.axhline(0, color="black", lw=0.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("% of held-out problems (greedy)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "step", "% of held-out problems (greedy)")
 
 
 def plot_edit_distance(evals, path):
@@ -88,12 +87,7 @@ def plot_edit_distance(evals, path):
         r = e.get("edit_distance_ratios") or []
         if r:
             ax.hist(r, bins=20, range=(0, 1), alpha=0.5, label=f"{e.get('tag')} (step {e.get('step', 0)})")
-    ax.set_xlabel("edit distance(y1, y2) / total length")
-    ax.set_ylabel("problems")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "edit distance(y1, y2) / total length", "problems", grid=False)
 
 
 def _pct(v):

@@ -49,7 +49,7 @@ def test_compile_check_fails_on_broken_kernel(tmp_path):
 
 
 def test_divisibility_hints_follow_the_jit():
-    # pointers and stride* integers by default; extra names add to them; constexprs are refused
+    # pointers and stride* integers always; extra names add to them; constexprs are refused
     import pytest
 
     from score_kernels import _aot
@@ -60,6 +60,6 @@ def test_divisibility_hints_follow_the_jit():
     marked = {names[k[0]] for k in spec.attrs()}
     assert {"h_ptr", "w_ptr", "stride_h", "stride_w", "D", "RD"} <= marked
     assert not {"N", "V", "inv_t", "v_per_split"} & marked
-    bad = _aot.AOTSpec("x", _fwd_kernel, dict(spec.signature), dict(spec.constexprs), divisible=("BN",))
+    bad = _aot.AOTSpec("x", _fwd_kernel, dict(spec.signature), dict(spec.constexprs), extra_divisible=("BN",))
     with pytest.raises(ValueError, match="BN"):
         bad.attrs()
