@@ -6,6 +6,8 @@ gradient, even when their inputs are NaN):
                                                   ratio = 1, the REINFORCE gradient -A)
     pg    = -A * ratio, or with clip_eps the PPO surrogate max(-A*ratio, -A*clip(ratio, 1-lo, 1+hi))
     l_t   = pg + kl_coef[turn] * token_kl(logprobs, ref_logprobs, kl_estimator)   (KL: if ref given)
+          or pg + kl_coef[turn] * kl_tokens[t]   (a caller's per-token KL, e.g. linear_kl's exact KL;
+                                                  differentiable: the loss backpropagates into it)
 Aggregation (`agg`), with rows = sequences (the B rows, or the cu_seqlens segments):
     "token-mean":          sum_t l_t / D, D = policy tokens (or global_token_count)
     "seq-mean-token-sum":  sum_b (sum_{t in b} l_t) / S
@@ -57,7 +59,7 @@ def _rowsum(x: torch.Tensor, rows: torch.Tensor | None, B: int) -> torch.Tensor:
     return torch.zeros(B, dtype=x.dtype, device=x.device).index_add(0, rows, x)
 
 
-def _token_terms(lp, adv, ids, old, ref, coefs, est, clip, *, analytic):
+def _token_terms(lp, adv, ids, old, ref, coefs, est, clip, *, analytic, kl_tokens=None):
     """Masked per-token pg, kl, coef*kl (and dl when analytic) in the compute dtype."""
     ct = _ctype(lp)
     K = len(coefs)
@@ -81,7 +83,10 @@ def _token_terms(lp, adv, ids, old, ref, coefs, est, clip, *, analytic):
     coef = torch.zeros_like(lp)  # a where-chain, not an indexed H2D tensor: stays CUDA-graph capturable
     for k, c in enumerate(coefs):
         coef = torch.where(ids == k, c, coef)
-    if ref is not None:
+    if kl_tokens is not None:  # reference only: the public op adds this term in _add_kl_tokens
+        kl = torch.where(mask, kl_tokens.to(ct), zero)
+        dkl = None
+    elif ref is not None:
         ref = torch.where(mask, ref.to(ct), zero)
         kl = token_kl_reference(lp, ref, KL_ESTIMATORS[est]).to(ct)
         dkl = _kl_grad_reference(torch.ones_like(lp), lp.detach(), ref, est) if analytic else None
@@ -152,14 +157,14 @@ def _clip(clip_eps):
 
 def policy_loss_reference(logprobs, advantages, turn_ids, *, old_logprobs=None, ref_logprobs=None, kl_coef=0.0,
                           kl_estimator="k3", clip_eps=None, agg="token-mean", global_token_count=None,
-                          cu_seqlens=None, num_turns=None):
+                          cu_seqlens=None, num_turns=None, kl_tokens=None):
     """Plain autograd chain (differentiate it with autograd). Same semantics as policy_loss."""
     coefs = _coefs(kl_coef, num_turns)
     K = len(coefs)
     B = logprobs.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     rows = None if cu_seqlens is None else _row_index(cu_seqlens.long(), logprobs.shape[0])
     terms = _token_terms(logprobs, advantages, turn_ids.long(), old_logprobs, ref_logprobs, coefs,
-                         KL_ESTIMATORS.index(kl_estimator), _clip(clip_eps), analytic=False)
+                         KL_ESTIMATORS.index(kl_estimator), _clip(clip_eps), analytic=False, kl_tokens=kl_tokens)
     gc = None
     if global_token_count is not None:
         gc = torch.as_tensor(global_token_count, dtype=_ctype(logprobs), device=logprobs.device)
@@ -241,12 +246,43 @@ def _backward(ctx, g_loss, g_stats, g_dl, g_w):
 _pl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _add_kl_tokens(loss, stats, w, kl_tokens, ids, cu, coefs):
+    """loss + sum_b w_b * sum_{t in b} coef[turn_t] * kl_t as a torch composition on top of any
+    backend's PG loss: the fused kernels know only the sampled estimators, and reusing their row
+    weights w keeps the one agg / global_token_count normalisation. Returns (loss, stats dict)."""
+    K = len(coefs)
+    ct = loss.dtype
+    ids = ids.long()
+    mask = (ids >= 0) & (ids < K)
+    zero = torch.zeros((), dtype=ct, device=loss.device)
+    coef = torch.zeros(ids.shape, dtype=ct, device=loss.device)
+    for k, c in enumerate(coefs):
+        coef = torch.where(ids == k, c, coef)
+    # where, not multiply: NaN/inf KL at masked tokens reaches neither the loss nor its gradient
+    kl = torch.where(mask, kl_tokens.to(ct), zero)
+    klterm = torch.where(mask, coef * kl, zero)
+    B = w.shape[0]
+    rows = None if cu is None else _row_index(cu.long(), ids.shape[0])
+    kl_loss = (w * _rowsum(klterm, rows, B)).sum()
+    out = dict(zip(stat_names(K), stats.unbind()))
+    klv = kl.detach()
+    onehot = ((ids.unsqueeze(-1) == torch.arange(K, device=ids.device)) & mask.unsqueeze(-1)).to(ct).reshape(-1, K)
+    nk = onehot.sum(0)
+    kl_k = (klv.reshape(-1, 1) * onehot).sum(0) / nk.clamp_min(1)
+    out["kl_loss"] = kl_loss.detach().float()
+    out["kl_mean"] = (klv.sum() / nk.sum().clamp_min(1)).float()
+    for k in range(K):
+        out[f"kl_turn{k}"] = kl_k[k].float()
+    return loss + kl_loss, out
+
+
 # ----------------------------------------------------------------------------- public API
 def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torch.Tensor, *,
                 old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
                 kl_coef=0.0, kl_estimator: str = "k3", clip_eps=None, agg: str = "token-mean",
                 global_token_count=None, backend: str | None = None, cu_seqlens: torch.Tensor | None = None,
-                num_turns: int | None = None, validate: bool | None = None):
+                num_turns: int | None = None, validate: bool | None = None,
+                kl_tokens: torch.Tensor | None = None):
     """Fused per-turn PG + KL loss. Returns (loss, stats): loss a 0-dim tensor (float64 for float64
     logprobs, else float32) differentiable w.r.t. logprobs; stats a dict of 0-dim float32 tensors
     (pg_loss, kl_loss, tokens, seqs, clip_frac, ratio_mean, kl_mean, kl_turn{k}, adv_turn{k},
@@ -256,8 +292,12 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
     kl_coef: a float, or one float per turn (SCoRe Stage I: (beta2, beta1) for turns (0, 1)).
     K (the number of turns) = len(kl_coef) for a sequence, else num_turns (default 2).
     clip_eps: None, eps, or (eps_low, eps_high). global_token_count: number or 0-dim tensor.
-    validate: reject turn ids >= K (None: CPU tensors only; on a GPU that check is a host sync;
-    unchecked ids >= K are treated as masked).
+    validate: reject turn ids >= K and a 0-dim global_token_count tensor <= 0 (None: CPU tensors
+    only; on a GPU that check is a host sync; unchecked ids >= K are treated as masked).
+    kl_tokens: a per-token KL [B, T] / [N] (e.g. linear_kl's exact KL) that replaces the sampled
+    estimator (so not with ref_logprobs); weighted by kl_coef per turn, aggregated like the PG term,
+    and differentiable: the loss backpropagates into kl_tokens as well as logprobs.
+    A non-zero kl_coef needs ref_logprobs or kl_tokens (else it would silently apply no KL).
     """
     _checks.tensor("logprobs", logprobs, floating=True, ndim=(1, 2))
     _checks.tensor("advantages", advantages, floating=True)
@@ -266,7 +306,7 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
     _checks.same_shape("turn_ids", turn_ids, "logprobs", logprobs)
     _checks.same_device("advantages", advantages, "logprobs", logprobs)
     _checks.same_device("turn_ids", turn_ids, "logprobs", logprobs)
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("kl_tokens", kl_tokens)):
         if x is not None:
             _checks.tensor(name, x, floating=True)
             _checks.same_shape(name, x, "logprobs", logprobs)
@@ -294,6 +334,11 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
         raise ValueError(f"kl_coef must give 1..{MAX_TURNS} finite values, got {kl_coef!r}")
     if num_turns is not None and len(coefs) != num_turns:
         raise ValueError(f"kl_coef has {len(coefs)} values but num_turns={num_turns}")
+    if kl_tokens is not None and ref_logprobs is not None:
+        raise ValueError("kl_tokens replaces the sampled KL of ref_logprobs: give one of them, not both")
+    if ref_logprobs is None and kl_tokens is None and any(c != 0.0 for c in coefs):
+        raise ValueError(f"kl_coef={kl_coef!r} is non-zero but neither ref_logprobs nor kl_tokens is given: "
+                         "no KL would be applied")
     try:
         clip = _clip(clip_eps)
     except (TypeError, ValueError) as e:
@@ -314,13 +359,17 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
     K = len(coefs)
     if should_validate(validate, logprobs.device):
         check_turn_ids("turn_ids", turn_ids, K, "kl_coef/num_turns")
+        if gc_t is not None and not bool(gc_t > 0):
+            raise ValueError(f"global_token_count must be > 0, got {float(gc_t)}")
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, logprobs.shape[0])
     b = pick_backend(backend, logprobs.device, supported=_SUPPORTED, ext_ops=_EXT_OPS, op="policy_loss")
     dt = logprobs.dtype
     cast = lambda x: None if x is None else x.detach().to(dt)
-    loss, stats, _, _ = _pl_op(logprobs, advantages.detach(), turn_ids, cast(old_logprobs), cast(ref_logprobs),
+    loss, stats, _, w = _pl_op(logprobs, advantages.detach(), turn_ids, cast(old_logprobs), cast(ref_logprobs),
                                cu_seqlens, gc_t, coefs, KL_ESTIMATORS.index(kl_estimator),
                                -1.0 if clip is None else clip[0], -1.0 if clip is None else clip[1],
                                AGGS.index(agg), gc_f, b)
+    if kl_tokens is not None:
+        return _add_kl_tokens(loss, stats, w, kl_tokens, turn_ids, cu_seqlens, coefs)
     return loss, dict(zip(stat_names(K), stats.unbind()))

@@ -195,7 +195,8 @@ def test_gradcheck_float64(backend, agg, packed):
     for est in (["k1", "k2", "k3"] if backend == "cpu" else ["k3"]):
         def f(lp, est=est):
             return policy_loss(lp, x["adv"], x["ids"], old_logprobs=x["old"], ref_logprobs=ref,
-                               kl_coef=(0.3, 0.07), kl_estimator=est, clip_eps=0.2, agg=agg, cu_seqlens=x["cu"],
+                               kl_coef=(0.3, 0.07) if ref is not None else 0.0, kl_estimator=est, clip_eps=0.2,
+                               agg=agg, cu_seqlens=x["cu"],
                                backend=backend)[0]
         assert torch.autograd.gradcheck(f, (x["lp"],), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -259,7 +260,9 @@ def test_opcheck():
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], ref_logprobs=x["ref"][:, :3]), "ref_logprobs"),
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"].float()), "turn_ids"),
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"] + 1), "turn_ids"),  # turn id 2 >= K=2
-    (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_coef=(0.1,)), "turn_ids"),  # K=1
+    (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_coef=(0.0,)), "turn_ids"),  # K=1
+    (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_coef=0.1), "kl_coef"),  # no ref: no KL applied
+    (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], global_token_count=torch.tensor(0.0)), "global_token_count"),
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_coef="big"), "kl_coef"),
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_coef=(0.1, 0.2), num_turns=3), "kl_coef"),
     (lambda x: policy_loss(x["lp"], x["adv"], x["ids"], kl_estimator="k9"), "kl_estimator"),
@@ -344,3 +347,68 @@ def test_gpu_large_one_row_and_many_turns():
         want, wstats = policy_loss(x["lp"], x["adv"], x["ids"], backend="torch", **kw)
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(stats[f"kl_turn{K - 1}"], wstats[f"kl_turn{K - 1}"], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- kl_tokens
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("gc", [None, 50])
+def test_kl_tokens_vs_float64_reference(backend, agg, packed, gc):
+    x = _random(7, 23, 2, torch.float32, seed=13 + len(agg), packed=packed)
+    gen = torch.Generator().manual_seed(3)
+    kl = torch.rand(x["lp"].shape, generator=gen).to(DEV)
+    kl = torch.where(x["ids"] < 0, float("nan"), kl).requires_grad_(True)  # NaN where masked must not leak
+    kw = {"old_logprobs": x["old"], "clip_eps": 0.2, "kl_coef": (0.3, 0.05), "agg": agg, "cu_seqlens": x["cu"],
+          "global_token_count": gc}
+    loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], kl_tokens=kl, backend=backend, **kw)
+    lp64 = x["lp"].detach().double().requires_grad_(True)
+    kl64 = kl.detach().double().requires_grad_(True)
+    want, wstats = policy_loss_reference(lp64, x["adv"], x["ids"], kl_tokens=kl64,
+                                         **{**kw, "old_logprobs": x["old"].double()})
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    assert set(stats) == set(wstats)
+    for k, v in wstats.items():
+        torch.testing.assert_close(stats[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    g_lp, g_kl = torch.autograd.grad(loss, (x["lp"], kl))
+    w_lp, w_kl = torch.autograd.grad(want, (lp64, kl64))
+    torch.testing.assert_close(g_lp.double(), w_lp, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_kl.double(), w_kl, rtol=1e-5, atol=1e-7)
+    mask = x["ids"] < 0
+    assert (g_kl[mask] == 0).all() and (g_lp[mask] == 0).all() and torch.isfinite(g_kl).all()
+
+
+def test_kl_tokens_hand_computed_per_turn_stats():
+    lp, _, ids = _hand()
+    adv = torch.zeros(3, 4, device=DEV)
+    kl = torch.tensor([[NAN, 0.5, 0.25, 1.0], [0.2, 0.4, NAN, NAN], [NAN] * 4], device=DEV, requires_grad=True)
+    loss, stats = policy_loss(lp, adv, ids, kl_tokens=kl, kl_coef=(0.1, 0.01))
+    # token-mean over 5 tokens: turn 0 tokens 0.5, 0.25, 0.2 (coef 0.1), turn 1 tokens 1.0, 0.4 (coef 0.01)
+    want = (0.1 * (0.5 + 0.25 + 0.2) + 0.01 * (1.0 + 0.4)) / 5
+    assert math.isclose(float(loss), want, rel_tol=1e-6) and math.isclose(float(stats["kl_loss"]), want, rel_tol=1e-6)
+    assert math.isclose(float(stats["kl_turn0"]), 0.95 / 3, rel_tol=1e-6)
+    assert math.isclose(float(stats["kl_turn1"]), 0.7, rel_tol=1e-6)
+    assert math.isclose(float(stats["kl_mean"]), 2.35 / 5, rel_tol=1e-6)
+    (g,) = torch.autograd.grad(loss, kl)
+    coef = torch.tensor([[0, 0.1, 0.1, 0.01], [0.1, 0.01, 0, 0], [0] * 4], dtype=torch.float32) / 5
+    torch.testing.assert_close(g.cpu(), coef, rtol=1e-6, atol=0)
+
+
+def test_kl_tokens_gradcheck_float64():
+    x = _random(4, 6, 2, torch.float64, seed=5, nan_masked=False)
+    kl = torch.rand(4, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(lp, kl):
+        return policy_loss(lp, x["adv"], x["ids"], old_logprobs=x["old"], kl_tokens=kl, kl_coef=(0.3, 0.07),
+                           agg="seq-mean-token-mean", backend="torch")[0]
+    assert torch.autograd.gradcheck(f, (x["lp"], kl), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_kl_tokens_bad_input():
+    lp, adv, ids = _hand()
+    with pytest.raises(ValueError, match="kl_tokens"):
+        policy_loss(lp, adv, ids, kl_tokens=torch.zeros(3, 4), ref_logprobs=lp.detach(), kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_tokens"):
+        policy_loss(lp, adv, ids, kl_tokens=torch.zeros(3, 3), kl_coef=0.1)
+    with pytest.raises(ValueError, match="kl_tokens"):
+        policy_loss(lp, adv, ids, kl_tokens=torch.zeros(3, 4, dtype=torch.long), kl_coef=0.1)
