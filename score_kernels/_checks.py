@@ -1,6 +1,8 @@
 """Input validation shared by the op launchers: every failure is a ValueError naming the argument."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -28,3 +30,44 @@ def same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.device != ref.device:
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def linear_inputs(hidden, weight, bias, hname="hidden", wname="weight", bname="bias") -> None:
+    """hidden [..., d], weight [V, d] with V > 0, bias [V] or None, all on one device."""
+    tensor(hname, hidden, floating=True)
+    tensor(wname, weight, floating=True, ndim=2)
+    if hidden.dim() < 1:
+        raise ValueError(f"{hname} must have at least 1 dim [..., d], got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{wname} has shape {tuple(weight.shape)} but {hname}'s last dim is {hidden.shape[-1]}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{wname} must have at least one vocabulary row")
+    same_device(wname, weight, hname, hidden)
+    if bias is not None:
+        tensor(bname, bias, floating=True, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{bname} has shape {tuple(bias.shape)} but {wname} has {weight.shape[0]} rows")
+        same_device(bname, bias, hname, hidden)
+
+
+def targets(t, lead_name: str, lead: torch.Tensor, V: int, ignore_index: int) -> torch.Tensor:
+    """Integer targets shaped like lead[..., 0], in [0, V) or ignore_index; returns them flat as int64.
+    The range check syncs with the device, so it is skipped under torch.compile."""
+    tensor("targets", t, integer=True)
+    if t.shape != lead.shape[:-1]:
+        raise ValueError(f"targets has shape {tuple(t.shape)} but {lead_name} has leading shape "
+                         f"{tuple(lead.shape[:-1])}")
+    same_device("targets", t, lead_name, lead)
+    flat = t.reshape(-1).long()
+    if flat.numel() and not torch.compiler.is_compiling():
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
+        if bool(bad.any()):
+            raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}; "
+                             f"got {int(flat[bad][0])}")
+    return flat

@@ -6,28 +6,24 @@
 Neither logit tensor is materialised in full. Gradients flow to hidden, weight and bias only
 (the reference is a constant); dKL/dz_v = p_v ((z_v - r_v) - E_p[z - r]).
 
-- "triton" (GPU): the same kernels as linear_logprobs with the KL constexpr: the forward kernel
+- "triton" (GPU): the vocab-tiled kernels of _vocab_tiles.py that linear_logprobs uses, with the KL constexpr: the forward kernel
   computes a policy tile and a reference tile per (tokens x vocab) block with tl.dot and merges
   both log-sum-exps and E_p[z - r] online; the backward kernel recomputes both tiles for one vocab
   slice at a time and writes dz, followed by GEMMs for dweight (complete per slice) and dhidden
   (fp32 accumulation across slices).
 - "torch" (CPU, any device): token chunks forward, vocab slices backward, analytic backward. When a
   gradient follows, the forward keeps u = p (log p - log q - KL) for the first rows that fit the
-  linear_logprobs cache budget (SCORE_LOGPROBS_CACHE_MB): their dz is then g u / T, which skips both
+  shared cache budget (_vocab_tiles.CACHE_BYTES): their dz is then g u / T, which skips both
   recomputation GEMMs (6 GEMMs for a recomputed row against the naive path's 4; 4 for a cached one).
 Masked-out positions (mask False) are compacted away: KL 0, zero gradient, no compute.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-import score_kernels.linear_logprobs  # noqa: F401  (the module; the package attribute is the function)
 from score_kernels import _checks
+from score_kernels import _vocab_tiles as vt
 from score_kernels._backend import pick_backend
-
-_lp = sys.modules["score_kernels.linear_logprobs"]
 
 _SUPPORTED = ("triton", "torch")
 
@@ -66,12 +62,12 @@ def _lse_in_place(z):
 def _torch_forward(h, w, b, rh, rw, rb, inv_t, cache_rows):
     """Returns (kl, lse, rlse, cache): cache [k, V] holds u = p (log p - log q - KL) of the first
     k <= cache_rows rows, the whole per-element factor of dKL/dz."""
-    ct = _lp._ct(h.dtype)
+    ct = vt.compute_dtype(h.dtype)
     n, V = h.shape[0], w.shape[0]
     wc, rwc = w.to(ct), rw.to(ct)
     bc = b.to(ct) if b is not None else None
     rbc = rb.to(ct) if rb is not None else None
-    C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
+    C = vt.chunk_rows(V, n, vt.WORK_BYTES // 2)
     kw = {"dtype": ct, "device": h.device}
     zb, rbuf = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
     lse, rlse, kl = (torch.empty(n, **kw) for _ in range(3))
@@ -81,8 +77,8 @@ def _torch_forward(h, w, b, rh, rw, rb, inv_t, cache_rows):
     while r0 < n:
         r1 = min(k, r0 + C) if r0 < k else min(n, r0 + C)  # chunks never straddle the cache boundary
         c = r1 - r0
-        z = _lp._logits_into(zb[:c], h[r0:r1].to(ct), wc, bc, inv_t)
-        r = _lp._logits_into(cache[r0:r1] if r1 <= k else rbuf[:c], rh[r0:r1].to(ct), rwc, rbc, inv_t)
+        z = vt.logits_into(zb[:c], h[r0:r1].to(ct), wc, bc, inv_t)
+        r = vt.logits_into(cache[r0:r1] if r1 <= k else rbuf[:c], rh[r0:r1].to(ct), rwc, rbc, inv_t)
         lse[r0:r1] = _lse_in_place(z)
         rlse[r0:r1] = _lse_in_place(r)
         r.neg_().add_(z)  # log p - log q
@@ -96,14 +92,14 @@ def _torch_forward(h, w, b, rh, rw, rb, inv_t, cache_rows):
 
 
 def _torch_backward(h, w, b, rh, rw, rb, lse, rlse, kl, cache, g, inv_t, need_h, need_w, need_b):
-    ct = _lp._ct(h.dtype)
+    ct = vt.compute_dtype(h.dtype)
     n, d = h.shape
     V = w.shape[0]
     k = cache.shape[0]
     hc, rhc, wc, rwc = h.to(ct), rh.to(ct), w.to(ct), rw.to(ct)
     bc = b.to(ct) if b is not None else None
     rbc = rb.to(ct) if rb is not None else None
-    vs = max(1, min(V, _lp.WORK_BYTES // max(1, 2 * n * 4)))
+    vs = max(1, min(V, vt.WORK_BYTES // max(1, 2 * n * 4)))
     kw = {"dtype": ct, "device": h.device}
     buf, buf2 = torch.empty(n * vs, **kw), torch.empty((n - k) * vs, **kw)
     dh = torch.zeros(n, d, **kw) if need_h else None
@@ -118,14 +114,14 @@ def _torch_backward(h, w, b, rh, rw, rb, lse, rlse, kl, cache, g, inv_t, need_h,
         if k:
             torch.mul(cache[:, v0:v1], g[:k], out=dz[:k])
         if k < n:
-            z = _lp._logits_into(dz[k:], hc[k:], wc[v0:v1], bc[v0:v1] if bc is not None else None,
+            z = vt.logits_into(dz[k:], hc[k:], wc[v0:v1], bc[v0:v1] if bc is not None else None,
                                  inv_t).sub_(lse[k:, None])
-            r = _lp._logits_into(buf2[: (n - k) * width].view(n - k, width), rhc[k:], rwc[v0:v1],
+            r = vt.logits_into(buf2[: (n - k) * width].view(n - k, width), rhc[k:], rwc[v0:v1],
                                  rbc[v0:v1] if rbc is not None else None, inv_t).sub_(rlse[k:, None])
             # dz = g p (log p - log q - KL) / T
             r.neg_().add_(z).sub_(kl)
             z.exp_().mul_(r).mul_(g[k:])
-        _lp.slice_grads(dz, hc, wc, v0, v1, dh, dw, db)
+        vt.slice_grads(dz, hc, wc, v0, v1, dh, dw, db)
     return dh, dw, db
 
 
@@ -147,7 +143,7 @@ def _kl_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
            temperature: float, backend: str, save: bool
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n, V = hidden.shape[0], weight.shape[0]
-    od = _lp._out_dtype(hidden)
+    od = vt.out_dtype(hidden)
     inv_t = 1.0 / temperature
     idx = _index(mask, n)
     h, rh = _select(idx, hidden, ref_hidden)
@@ -156,13 +152,13 @@ def _kl_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         z = torch.zeros(n, dtype=od, device=hidden.device)
         return z, z.clone(), z.clone(), cache
     if backend == "triton":
-        lse, rlse, ed = _lp.triton_forward_stats(h.contiguous(), weight.contiguous(), bias, None, inv_t,
-                                                 entropy=False, rh=rh.contiguous(), rw=ref_weight.contiguous(),
-                                                 rb=ref_bias)
+        lse, rlse, ed = vt.triton_forward_stats(h.contiguous(), weight.contiguous(), bias, None, inv_t,
+                                                entropy=False, rh=rh.contiguous(), rw=ref_weight.contiguous(),
+                                                rb=ref_bias)
         kl = ed - lse + rlse
     else:
         kl, lse, rlse, cache = _torch_forward(h, weight, bias, rh, ref_weight, ref_bias, inv_t,
-                                              _lp._cache_rows(n, V, save))
+                                              vt.cache_rows(n, V, save))
     if idx is None:
         return kl, lse, rlse, cache
     outs = [torch.zeros(n, dtype=od, device=hidden.device).index_copy_(0, idx, v) for v in (kl, lse, rlse)]
@@ -171,9 +167,9 @@ def _kl_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 @_kl_op.register_fake
 def _(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, temperature, backend, save):
-    f = hidden.new_empty(hidden.shape[0], dtype=_lp._out_dtype(hidden))
+    f = hidden.new_empty(hidden.shape[0], dtype=vt.out_dtype(hidden))
     k = torch.library.get_ctx().new_dynamic_size()  # cached rows depend on the unmasked count
-    return f, f.clone(), f.clone(), hidden.new_empty(k, weight.shape[0], dtype=_lp._out_dtype(hidden))
+    return f, f.clone(), f.clone(), hidden.new_empty(k, weight.shape[0], dtype=vt.out_dtype(hidden))
 
 
 @torch.library.custom_op("score::linear_kl_backward", mutates_args=())
@@ -190,9 +186,9 @@ def _kl_bwd_op(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias
     if h.shape[0]:
         if backend == "triton":
             ed = (kls + lses - rlses).float().contiguous()
-            dh, dw, db = _lp.triton_backward(h.contiguous(), weight.contiguous(), bias, None, lses.contiguous(), ed,
-                                             gs.float().contiguous(), None, inv_t, need_h, need_w, need_b,
-                                             rh=rh.contiguous(), rw=ref_weight.contiguous(), rb=ref_bias)
+            dh, dw, db = vt.triton_backward(h.contiguous(), weight.contiguous(), bias, None, lses.contiguous(), ed,
+                                            gs.float().contiguous(), None, inv_t, need_h, need_w, need_b,
+                                            rh=rh.contiguous(), rw=ref_weight.contiguous(), rb=ref_bias)
         else:
             dh, dw, db = _torch_backward(h, weight, bias, rh, ref_weight, ref_bias, lses, rlses, kls, cache, gs,
                                          inv_t, need_h, need_w, need_b)
@@ -213,7 +209,7 @@ def _kl_bwd_op(g: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias
 @_kl_bwd_op.register_fake
 def _(g, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, kl, lse, rlse, cache, temperature, backend,
       need_h, need_w, need_b):
-    return _lp.grad_placeholders(hidden, weight, bias, need_h, need_w, need_b)
+    return vt.grad_placeholders(hidden, weight, bias, need_h, need_w, need_b)
 
 
 def _setup(ctx, inputs, output):
@@ -247,8 +243,8 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     Gradients flow to hidden, weight and bias; the reference side is treated as a constant.
     backend: None picks triton on CUDA, else the chunked torch path; or force "triton"/"torch".
     """
-    _lp.check_linear_inputs("linear_kl", hidden, weight, bias)
-    _lp.check_linear_inputs("linear_kl", ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
+    _checks.linear_inputs(hidden, weight, bias)
+    _checks.linear_inputs(ref_hidden, ref_weight, ref_bias, "ref_hidden", "ref_weight", "ref_bias")
     if ref_hidden.shape[:-1] != hidden.shape[:-1]:
         raise ValueError(f"ref_hidden has leading shape {tuple(ref_hidden.shape[:-1])} but hidden has "
                          f"{tuple(hidden.shape[:-1])}")
@@ -263,9 +259,9 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
             raise ValueError(f"mask has shape {tuple(mask.shape)} but hidden has leading shape "
                              f"{tuple(hidden.shape[:-1])}")
         _checks.same_device("mask", mask, "hidden", hidden)
-    temperature = _lp.check_temperature(temperature)
+    temperature = _checks.temperature(temperature)
     b = pick_backend(backend, hidden.device, supported=_SUPPORTED, op="linear_kl")
-    ct = _lp.common_dtype(hidden, weight, bias)
+    ct = vt.common_dtype(hidden, weight, bias)
     if ct == torch.float64 or ref_hidden.dtype == torch.float64 or ref_weight.dtype == torch.float64:
         if backend == "triton":
             raise ValueError("linear_kl: backend 'triton' does not take float64 inputs")
@@ -277,5 +273,5 @@ def linear_kl(hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tens
     w2, b2 = weight.to(ct), bias.to(ct) if bias is not None else None
     kl, _, _, _ = _kl_op(h2, w2, b2, rh2, ref_weight.detach().to(ct),
                          ref_bias.detach().to(ct) if ref_bias is not None else None, m2, temperature, b,
-                         _lp._needs_grad(hidden, weight, bias))
+                         vt.needs_grad(hidden, weight, bias))
     return kl.reshape(lead)

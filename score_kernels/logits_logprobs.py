@@ -9,20 +9,15 @@ analytic backward. Targets equal to ignore_index give 0 and exactly zero gradien
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 
-import score_kernels.linear_logprobs  # noqa: F401  (the module; the package attribute is the function)
 from score_kernels import _aot, _checks
+from score_kernels import _vocab_tiles as vt
 from score_kernels._backend import pick_backend
-
-_lp = sys.modules["score_kernels.linear_logprobs"]
 from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 
 _SUPPORTED = ("triton", "torch")
 _BLOCK = 2048
-_LOWEST = -3.0e38
 
 
 def logprobs_from_logits_reference(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -117,9 +112,9 @@ def _block(V: int) -> int:
 
 
 def _torch_fwd(x, t, inv_t, ignore_index, entropy):
-    ct = _lp._ct(x.dtype)
+    ct = vt.compute_dtype(x.dtype)
     n, V = x.shape
-    C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
+    C = vt.chunk_rows(V, n, vt.WORK_BYTES // 2)
     kw = {"dtype": ct, "device": x.device}
     lp, lse = torch.empty(n, **kw), torch.empty(n, **kw)
     ent = torch.zeros(n, **kw)
@@ -141,15 +136,15 @@ def _torch_fwd(x, t, inv_t, ignore_index, entropy):
         lse[r0:r1] = (mx + logs).squeeze(1)
         lp[r0:r1] = (zt - mx - logs).squeeze(1)
         if entropy:  # -inf logits have p = 0: clamp so that 0 * z stays 0
-            ent[r0:r1] = (logs - e.mul_(z.clamp_(min=_LOWEST)).sum(1, keepdim=True) / s).squeeze(1)
+            ent[r0:r1] = (logs - e.mul_(z.clamp_(min=vt.LOWEST)).sum(1, keepdim=True) / s).squeeze(1)
     zero = torch.zeros((), **kw)
     return torch.where(valid, lp, zero), torch.where(valid, ent, zero), lse
 
 
 def _torch_bwd(x, t, g, ge, lse, ent, inv_t, ignore_index):
-    ct = _lp._ct(x.dtype)
+    ct = vt.compute_dtype(x.dtype)
     n, V = x.shape
-    C = _lp.chunk_rows(V, n, _lp.WORK_BYTES // 2)
+    C = vt.chunk_rows(V, n, vt.WORK_BYTES // 2)
     dx = torch.empty_like(x)
     kw = {"dtype": ct, "device": x.device}
     zb, eb = torch.empty(C, V, **kw), torch.empty(C, V, **kw)
@@ -166,7 +161,7 @@ def _torch_bwd(x, t, g, ge, lse, ent, inv_t, ignore_index):
         gc = g[r0:r1]
         if ge is not None:
             gec = ge[r0:r1]
-            lsm.clamp_(min=_LOWEST).add_(ent[r0:r1, None]).mul_(gec).add_(gc)  # g + ge (lsm + H)
+            lsm.clamp_(min=vt.LOWEST).add_(ent[r0:r1, None]).mul_(gec).add_(gc)  # g + ge (lsm + H)
             dz = p.mul_(lsm).mul_(-inv_t)
         else:
             dz = p.mul_(gc * -inv_t)
@@ -193,7 +188,7 @@ def _op(logits: torch.Tensor, targets: torch.Tensor, temperature: float, ignore_
 
 @_op.register_fake
 def _(logits, targets, temperature, ignore_index, entropy, backend):
-    f = logits.new_empty(logits.shape[0], dtype=_lp._out_dtype(logits))
+    f = logits.new_empty(logits.shape[0], dtype=vt.out_dtype(logits))
     return f, f.clone(), f.clone()
 
 
@@ -252,18 +247,9 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tempera
     _checks.tensor("logits", logits, floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape [..., V] with V > 0, got {tuple(logits.shape)}")
-    _checks.tensor("targets", targets, integer=True)
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets has shape {tuple(targets.shape)} but logits has leading shape "
-                         f"{tuple(logits.shape[:-1])}")
-    _checks.same_device("targets", targets, "logits", logits)
-    temperature = _lp.check_temperature(temperature)
+    temperature = _checks.temperature(temperature)
     V = logits.shape[-1]
-    t = targets.reshape(-1).long()
-    if t.numel() and not torch.compiler.is_compiling():
-        bad = (t != ignore_index) & ((t < 0) | (t >= V))
-        if bool(bad.any()):
-            raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}; got {int(t[bad][0])}")
+    t = _checks.targets(targets, "logits", logits, V, ignore_index)
     b = pick_backend(backend, logits.device, supported=_SUPPORTED, op="logprobs_from_logits")
     if logits.dtype == torch.float64:
         if backend == "triton":

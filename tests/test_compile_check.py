@@ -53,13 +53,13 @@ def test_divisibility_hints_follow_the_jit():
     import pytest
 
     from score_kernels import _aot
-    from score_kernels.linear_logprobs import _fwd_kernel
+    from score_kernels._vocab_tiles import fwd_kernel
 
     spec = next(s for s in _aot.SPECS if s.name.startswith("linear_logprobs_fwd[bf16,lp,ent"))
     names = list(spec.kernel.arg_names)
     marked = {names[k[0]] for k in spec.attrs()}
     assert {"h_ptr", "w_ptr", "stride_h", "stride_w", "D", "RD"} <= marked
     assert not {"N", "V", "inv_t", "v_per_split"} & marked
-    bad = _aot.AOTSpec("x", _fwd_kernel, dict(spec.signature), dict(spec.constexprs), extra_divisible=("BN",))
+    bad = _aot.AOTSpec("x", fwd_kernel, dict(spec.signature), dict(spec.constexprs), extra_divisible=("BN",))
     with pytest.raises(ValueError, match="BN"):
         bad.attrs()

@@ -1,14 +1,11 @@
 """linear_kl (exact full-vocabulary KL from hidden states) against a float64 reference."""
-import sys
-
 import pytest
 import torch
 
-import score_kernels.linear_logprobs  # noqa: F401
+from score_kernels import _vocab_tiles as VT  # the budgets the chunked paths read
 from score_kernels import linear_kl, linear_kl_reference
 from tests.helpers import INTERPRET, device
 
-LP = sys.modules["score_kernels.linear_logprobs"]
 DEV = device()
 TRITON = INTERPRET or torch.cuda.is_available()
 
@@ -63,7 +60,7 @@ def test_torch(shape, T, bias, dtype):
 
 
 def test_torch_chunks_and_ref_width(monkeypatch):
-    monkeypatch.setattr(LP, "WORK_BYTES", 4 * 1000 * 9)
+    monkeypatch.setattr(VT, "WORK_BYTES", 4 * 1000 * 9)
     check("torch", (130,), 16, 1000, torch.float32, 0.7, True, rd=24)
     check("torch", (7,), 16, 33, torch.float64, 1.0, False, rd=8, masked=False)
 
@@ -74,8 +71,8 @@ def test_torch_chunks_and_ref_width(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_cache_boundary(monkeypatch, cache_rows, dtype):
     V = 1000
-    monkeypatch.setattr(LP, "CACHE_BYTES", cache_rows * V * 4)
-    monkeypatch.setattr(LP, "WORK_BYTES", 4 * V * 20)
+    monkeypatch.setattr(VT, "CACHE_BYTES", cache_rows * V * 4)
+    monkeypatch.setattr(VT, "WORK_BYTES", 4 * V * 20)
     check("torch", (130,), 16, V, dtype, 0.7, True, rd=24)
     check("torch", (2, 45), 16, V, dtype, 1.0, False, masked=False)
 
@@ -99,7 +96,7 @@ def test_triton(case):
 
 @pytest.mark.skipif(not TRITON, reason="needs triton")
 def test_triton_ref_width_and_slices(monkeypatch):
-    monkeypatch.setattr(LP, "GPU_DZ_BYTES", 130 * 4 * 256)
+    monkeypatch.setattr(VT, "GPU_DZ_BYTES", 130 * 4 * 256)
     check("triton", (130,), 16, 1000, torch.float32, 1.0, True, rd=40)
 
 

@@ -4,16 +4,13 @@ Triton runs under TRITON_INTERPRET=1 here (slow), so its cases are a small subse
 bf16/fp16 criterion: our error vs float64 (on the same rounded inputs) is at most 2x the error of a
 plain PyTorch computation in that dtype, plus a small atol.
 """
-import sys
-
 import pytest
 import torch
 
-import score_kernels.linear_logprobs  # noqa: F401
+from score_kernels import _vocab_tiles as VT  # the budgets the chunked paths read
 from score_kernels import linear_logprobs, linear_logprobs_reference
 from tests.helpers import INTERPRET, device
 
-LP = sys.modules["score_kernels.linear_logprobs"]
 DEV = device()
 LOW = (torch.bfloat16, torch.float16)
 
@@ -102,8 +99,8 @@ def test_torch_matches_float64(shape, opts, dtype):
 @pytest.mark.parametrize("ent", [False, True])
 def test_torch_chunking_and_cache(monkeypatch, cache_mb, work_mb, ent):
     """Many chunks, vocab slices, and the forward->backward logits cache fully/partly/not used."""
-    monkeypatch.setattr(LP, "CACHE_BYTES", int(cache_mb * 2**20))
-    monkeypatch.setattr(LP, "WORK_BYTES", int(work_mb * 2**20))
+    monkeypatch.setattr(VT, "CACHE_BYTES", int(cache_mb * 2**20))
+    monkeypatch.setattr(VT, "WORK_BYTES", int(work_mb * 2**20))
     check("torch", (130,), 72, 1000, torch.float32, 0.7, True, ent)
     check("torch", (130,), 16, 1000, torch.float64, 1.0, False, ent)
 
@@ -128,7 +125,7 @@ def test_triton_matches_float64(case):
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs triton (GPU or interpreter)")
 def test_triton_vocab_slices_and_splits(monkeypatch):
     # several backward vocab slices (dweight per slice, dhidden accumulated across them)
-    monkeypatch.setattr(LP, "GPU_DZ_BYTES", 7 * 4 * 128)
+    monkeypatch.setattr(VT, "GPU_DZ_BYTES", 7 * 4 * 128)
     check("triton", (7,), 16, 1000, torch.float32, 0.7, True, True)
 
 
