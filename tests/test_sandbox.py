@@ -210,21 +210,18 @@ def test_big_output_is_capped():
 
 def test_basic_mode(monkeypatch):
     """The fallback without namespaces or setpriv: socket module blocked, env empty, limits still on."""
-    monkeypatch.setenv("SCORE_SANDBOX_MODE", "basic")
-    sandbox_mode.cache_clear()
-    try:
-        mode = sandbox_mode()
-        assert not mode.netns and not mode.drop_user and mode.python == sys.executable
-        assert check_program(GOOD, TESTS).passed
-        r = check_program("import socket\nsocket.socket()\n" + GOOD, TESTS)
-        assert r.status == "error" and "network is disabled" in r.stderr
-        assert check_program("while True: pass\n", TESTS, timeout_s=1).status == "timeout"
-        assert check_program("x = bytearray(10 * 2**30)\n", TESTS, memory_mb=512).status == "memory"
-        assert check_program("import sys; sys.exit(0)\n", TESTS).status == "failed"
-        r = check_program("import os\nassert 'SCORE_SANDBOX_MODE' not in os.environ\n" + GOOD, TESTS)
-        assert r.passed
-    finally:
-        sandbox_mode.cache_clear()
+    mode = sandbox_mode("basic")
+    assert not mode.netns and not mode.drop_user and mode.python == sys.executable and mode.level == "basic"
+    monkeypatch.setenv("SCORE_TEST_SECRET", "hunter2")
+    basic = {"isolation": "basic"}
+    assert check_program(GOOD, TESTS, **basic).passed
+    r = check_program("import socket\nsocket.socket()\n" + GOOD, TESTS, **basic)
+    assert r.status == "error" and "network is disabled" in r.stderr
+    assert check_program("while True: pass\n", TESTS, timeout_s=1, **basic).status == "timeout"
+    assert check_program("x = bytearray(10 * 2**30)\n", TESTS, memory_mb=512, **basic).status == "memory"
+    assert check_program("import sys; sys.exit(0)\n", TESTS, **basic).status == "failed"
+    r = check_program("import os\nassert 'SCORE_TEST_SECRET' not in os.environ\n" + GOOD, TESTS, **basic)
+    assert r.passed
 
 
 def test_bad_arguments():

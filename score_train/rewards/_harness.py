@@ -1,7 +1,9 @@
-# Runs inside the sandbox (any Python >= 3.8, stdlib only). Reads the run's nonce from stdin, lowers
-# its own resource limits, then executes solution + tests. Exit codes: 0 the tests ran to the end
-# (the nonce is then written to stdout), 1 a test failed (AssertionError) or the program exited early,
-# 2 any other error, 3 MemoryError.
+# The candidate's side of the sandbox (any Python >= 3.8, stdlib only). It lowers its own resource
+# limits, runs solution.py, then serves the trusted test runner's requests (call a function, read an
+# attribute, ...) over two pipes until the runner hangs up. Nothing here decides a verdict: all of
+# this process, this file included, is the candidate's to tamper with, and the runner (another
+# process in another sandbox) trusts only the plain data it decodes itself.
+import builtins
 import json
 import os
 import resource
@@ -9,9 +11,10 @@ import signal
 import sys
 import traceback
 
-_nonce = sys.stdin.readline().strip()
 _cfg = json.loads(sys.argv[1])
 _pid = os.getpid()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _wire  # noqa: E402
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG instead of killing
 for _name, _val in _cfg["limits"].items():
@@ -34,40 +37,120 @@ if _cfg["block_network"]:
         pass
     del _socket
 
+_rf = os.fdopen(_cfg["rfd"], "rb")
+_wf = os.fdopen(_cfg["wfd"], "wb")
+_table = []
+
+
+def _handle(x):
+    # numpy scalars and the like travel as their plain value; everything else as a handle
+    for base in (bool, int, float, str):
+        if isinstance(x, base):
+            return _wire.encode(base(x), _handle)
+    item = getattr(x, "item", None)
+    if callable(item) and type(x).__module__ == "numpy":
+        try:
+            return _wire.encode(item(), _handle)
+        except Exception:
+            pass
+    _table.append(x)
+    return {"h": len(_table) - 1}
+
+
+def _enc(x):
+    return _wire.encode(x, _handle)
+
+
+def _dec(v):
+    return _wire.decode(v, lambda i: _table[i])
+
+
+def _flush():
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:
+            pass
+
+
+def _serve(req):
+    op = req.get("op")
+    obj = _table[req["h"]]
+    if op == "call":
+        return obj(*[_dec(a) for a in req["a"]], **{k: _dec(v) for k, v in req["k"]})
+    if op == "getattr":
+        return getattr(obj, req["n"])
+    if op == "iter":
+        return list(obj)
+    if op == "len":
+        return len(obj)
+    if op == "getitem":
+        return obj[_dec(req["k"])]
+    if op == "bool":
+        return bool(obj)
+    raise ValueError("unknown request %r" % (op,))
+
+
 with open("solution.py", encoding="utf-8") as _f:
     _src = _f.read()
-with open("tests.py", encoding="utf-8") as _f:
-    _src += "\n\n" + _f.read()
-
-
-def _finish(code):
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:
-        pass
-    os._exit(code)
-
-
+_ns = {"__name__": "__main__", "__builtins__": builtins}
+_load = None
 try:
-    exec(compile(_src, "solution.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    exec(compile(_src, "solution.py", "exec"), _ns)
 except AssertionError:
     traceback.print_exc()
-    _finish(1)
+    _load = "failed"
 except MemoryError:
     sys.stderr.write("MemoryError\n")
-    _finish(3)
+    _load = "memory"
 except SystemExit as e:
-    sys.stderr.write("SystemExit(%r) before the tests finished\n" % (e.code,))
-    _finish(1)
+    sys.stderr.write("SystemExit(%r) before the tests\n" % (e.code,))
+    _load = "exit"
 except BaseException:
     traceback.print_exc()
-    _finish(2)
-if os.getpid() != _pid:  # a forked child of the program must not report success
-    _finish(1)
-try:
-    sys.stdout.flush()
-except Exception:
-    _finish(2)
-os.write(1, ("\n" + _nonce + "\n").encode())
-_finish(0)
+    _load = "error"
+if os.getpid() != _pid:  # a forked child of the program does not speak for it
+    _flush()
+    os._exit(1)
+_flush()
+if _load is not None:
+    _wire.send(_wf, {"load": _load})
+    os._exit(0)
+
+_manifest = []
+for _k, _v in list(_ns.items()):
+    if _k.startswith("__"):
+        continue
+    if type(_v) is type(sys):
+        _manifest.append([_k, "m", getattr(_v, "__name__", "")])
+    else:
+        try:
+            _manifest.append([_k, "v", _enc(_v)])
+        except Exception:
+            pass
+_wire.send(_wf, {"ready": _manifest})
+
+while True:
+    try:
+        _req = _wire.recv(_rf)
+    except Exception:
+        break
+    if _req is None:
+        break
+    try:
+        _out = {"r": _enc(_serve(_req))}
+    except MemoryError:
+        _out = {"e": ["MemoryError", ""]}
+    except BaseException as e:  # SystemExit too: the call did not return a value
+        traceback.print_exc()
+        _out = {"e": [type(e).__name__, str(e)[:2000]]}
+    if os.getpid() != _pid:
+        _flush()
+        os._exit(1)
+    _flush()
+    try:
+        _wire.send(_wf, _out)
+    except Exception:
+        break
+_flush()
+os._exit(0)
