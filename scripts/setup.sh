@@ -8,6 +8,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 
+# The code sandbox's strongest isolation level is bubblewrap (docs/tasks-rewards-eval.md); without it
+# the sandbox falls back to weaker levels and says so. Installed only where we are root with apt.
+if ! command -v bwrap >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+     || { apt-get update -qq >/dev/null 2>&1 \
+          && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; then
+    echo "setup: installed bubblewrap (code sandbox isolation)"
+  else
+    echo "setup: could not install bubblewrap; the code sandbox uses a weaker isolation level"
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
     echo "setup: system torch sees a GPU; creating $VENV on top of it"
