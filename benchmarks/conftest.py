@@ -158,7 +158,7 @@ def paired(request, benchmark):
             benchmark.extra_info.update(paired_baseline_s=meds["baseline"], time_ratio=meds["ours"] / meds["baseline"])
 
         limits = (load_thresholds(cfg.getoption("--bench-thresholds")).get(machine) or {}).get(op) or {}
-        if variant == "ours" and (cfg.getoption("--bench-memory") or (gate and "memory" in limits)):
+        if variant == "ours" and (cfg.getoption("--bench-memory") or (gate and limits.get("memory") is not None)):
             mem = _MEMORY[(op, machine)] = _peak_extra(module, op, machine, case)
             benchmark.extra_info.update(peak_extra_bytes=mem["ours"], baseline_peak_extra_bytes=mem["baseline"])
         if gate and variant == "ours":
@@ -182,12 +182,14 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
     limits = table.get(op)
     med = _MEDIANS.get((op, machine), {})
     where = f"{op} [{case['shape']}] on {machine}"
+    if limits is not None and all(v is None for v in limits.values()):  # a row whose limits await a first run
+        pytest.skip(f"perf gate: {where}: limits are null in thresholds.yaml (not measured yet)")
     if limits is None:
         pytest.fail(f"perf gate: no threshold for {where} in thresholds.yaml; measured medians "
                     f"ours {med.get('ours')}, baseline {med.get('baseline')}: add one with headroom",
                     pytrace=False)
     errors, t_ratio, m_ratio = [], None, None
-    if "time" in limits:
+    if limits.get("time") is not None:
         ours_fn, base_fn = _sync(machine, case["ours"]), _sync(machine, case["baseline"])
         m_o, m_b = med.get("ours"), med.get("baseline")
         note = f"medians of {rounds} interleaved rounds"
@@ -204,7 +206,7 @@ def _gate(cfg, module: str, op: str, machine: str, case: dict, rounds: int):
         if ratio > limits["time"]:
             errors.append(f"perf gate: {where}: time ratio ours/baseline {ratio:.3f} > threshold "
                           f"{limits['time']} (median ours {_fmt_t(m_o)}, baseline {_fmt_t(m_b)}; {note})")
-    if "memory" in limits:
+    if limits.get("memory") is not None:
         mem = _MEMORY.get((op, machine)) or _peak_extra(module, op, machine, case)
         p_o, p_b = mem["ours"], mem["baseline"]
         if p_o is None or p_b is None:
