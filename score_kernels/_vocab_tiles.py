@@ -24,10 +24,13 @@ LOWEST = -3.0e38  # stands in for -inf logits where 0 * -inf would make NaN
 # Budgets, in bytes. WORK: fp32 scratch of the torch paths ([rows, V] chunks forward, [tokens, vocab
 # slice] backward). CACHE: logits (or KL factors) kept from forward to backward by the torch paths so
 # their GEMM is not recomputed; 0 disables. GPU_DZ: the Triton backward's dz slice [tokens, vocab
-# slice] in the input dtype. Tests override them with monkeypatch on this module.
+# slice] in the input dtype. GPU_CHUNK: the fp32 logits chunk [tokens, vocab chunk] of linear_logprobs'
+# impl="gemm" path (its bf16 dz chunk takes half as much again). Tests override them with monkeypatch
+# on this module.
 WORK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_WORK_MB", "32")) * 2**20)
 CACHE_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_CACHE_MB", "368")) * 2**20)
 GPU_DZ_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_DZ_MB", "256")) * 2**20)
+GPU_CHUNK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_CHUNK_MB", "64")) * 2**20)
 
 
 # ----------------------------------------------------------------------------- dtypes and budgets
@@ -354,6 +357,26 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         except (TypeError, RuntimeError):
             pass
     acc += (a @ b).float()
+
+
+_MM_OUT_DTYPE = [True]
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b as fp32 for fp32/bf16/fp16 a, b: on CUDA one cuBLAS GEMM with bf16 operands and an
+    fp32 result (out_dtype), so logits are never rounded to bf16 and cost the GEMM's own speed.
+    A torch without out_dtype rounds through the input dtype (what a naive bf16 path does); the CPU,
+    which has no such kernel, multiplies upcast copies (the interpreter tests)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (TypeError, RuntimeError):  # checked before anything is written; do not try again
+            _MM_OUT_DTYPE[0] = False
+    if a.is_cuda:
+        return out.copy_(torch.mm(a, b))
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def triton_backward(h, w, b, t, lse, c, g, ge, inv_t, need_h, need_w, need_b, *, rh=None, rw=None, rb=None):

@@ -5,12 +5,14 @@
     entropy  = -sum_v p_v log p_v
 
 The [tokens, vocab] logits are never materialised in full:
-- "triton" (GPU; the CPU interpreter in tests): the forward kernel tiles tokens x vocab, runs tl.dot
-  into fp32 accumulators and merges log-sum-exp online, storing only per-token statistics (lse,
-  target logit, entropy). The backward kernel recomputes logits tile by tile for one vocab slice at
-  a time and writes dz for that slice; dweight[slice] = dz.T @ hidden is then complete in one GEMM
-  (fp32 accumulation inside the GEMM, no cross-slice accumulation) and dhidden accumulates over
-  slices in an fp32 buffer.
+- "triton" (GPU; the CPU interpreter in tests), impl="fused" (default): the forward kernel tiles
+  tokens x vocab, runs tl.dot into fp32 accumulators and merges log-sum-exp online, storing only
+  per-token statistics (lse, target logit, entropy). The backward kernel recomputes logits tile by
+  tile for one vocab slice at a time and writes dz for that slice; dweight[slice] = dz.T @ hidden is
+  then complete in one GEMM (fp32 accumulation inside the GEMM, no cross-slice accumulation) and
+  dhidden accumulates over slices in an fp32 buffer.
+- "triton", impl="gemm": the same algebra with every GEMM in cuBLAS (fp32 logits chunks from bf16
+  operands) and memory-bound Triton epilogues for the statistics and dz (this file's kernels).
 - "torch" (CPU, any device): token chunks sized from a memory budget, fp32 GEMMs through torch
   (MKL/cuBLAS), an analytic backward without autograd through the chunks. Logits of the first
   chunks are kept from forward to backward while they fit a second budget, which saves their
@@ -19,18 +21,20 @@ The [tokens, vocab] logits are never materialised in full:
 Tokens whose target equals ignore_index are compacted away before any GEMM: they cost nothing and
 get logprob 0, entropy 0 and exactly zero gradient.
 
-The fused Triton kernels, the budgets and the chunk pieces live in score_kernels/_vocab_tiles.py,
-shared with linear_kl and logits_logprobs.
+The fused Triton kernels (shared with linear_kl through the KL constexpr), the budgets and the chunk
+pieces live in score_kernels/_vocab_tiles.py.
 """
 from __future__ import annotations
 
 import torch
 
-from score_kernels import _checks
+from score_kernels import _aot, _checks
 from score_kernels import _vocab_tiles as vt
-from score_kernels._backend import pick_backend
+from score_kernels._backend import INTERPRET, pick_backend
+from score_kernels._triton_utils import HAVE_TRITON, tl, triton
 
 _SUPPORTED = ("triton", "torch")
+IMPLS = ("fused", "gemm")  # triton backend: fused tl.dot kernels, or cuBLAS GEMMs + Triton epilogues
 
 
 # ----------------------------------------------------------------------------- reference
@@ -54,6 +58,160 @@ def linear_logprobs_reference(hidden, weight, targets, bias=None, *, temperature
         return lp.to(torch.float32), ent.to(torch.float32)
     return lp, ent
 
+
+
+# ----------------------------------------------------------------------------- impl="gemm": cuBLAS + epilogues
+# Per vocab chunk [v0, v0 + W): cuBLAS writes the fp32 logits h @ W_chunk.T into a reused buffer
+# (bf16 operands, fp32 result), then a memory-bound Triton epilogue reads them once. Forward: the
+# epilogue merges the chunk into per-token running statistics. Backward: the chunk is recomputed by
+# cuBLAS, the epilogue writes dz in the input dtype, and two more cuBLAS GEMMs give dweight[chunk]
+# (complete, written once) and dhidden (fp32 accumulation across chunks). All 8NdV FLOPs run in
+# cuBLAS; the epilogues move 8 + 10 bytes per logit (docs/fused-logprobs.md has the arithmetic).
+if HAVE_TRITON:
+
+    @triton.jit
+    def _chunk_stats_kernel(z_ptr, b_ptr, t_ptr, m_ptr, s_ptr, a_ptr, x_ptr, N, W, v0, stride_z, inv_t,
+                            HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+        """Merges logits z [N, W] of vocab columns [v0, v0 + W) into the running per-token max m,
+        s = sum exp(z - m), a = sum exp(z - m) (z - m) (entropy) and x = target logit."""
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        rmask = rows < N
+        m = tl.load(m_ptr + rows, mask=rmask, other=float("-inf"))
+        s = tl.load(s_ptr + rows, mask=rmask, other=0.0)
+        x = tl.load(x_ptr + rows, mask=rmask, other=0.0)
+        a = tl.load(a_ptr + rows, mask=rmask & ENTROPY, other=0.0)
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1) - v0
+        for c0 in range(0, W, BV):
+            cols = c0 + tl.arange(0, BV)
+            cmask = cols < W
+            z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + v0 + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            z = tl.where(cmask[None, :], z * inv_t, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 1))  # finite: every tile has a valid column
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
+            if ENTROPY:  # a relative to the running max, as in the fused kernel
+                shift = (tl.where(s > 0, m, m_new) - m_new) * s
+                a = alpha * (a + shift) + tl.sum(e * tl.where(e > 0, z - m_new[:, None], 0.0), 1)
+            x += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+            s = s * alpha + tl.sum(e, 1)
+            m = m_new
+        tl.store(m_ptr + rows, m, mask=rmask)
+        tl.store(s_ptr + rows, s, mask=rmask)
+        tl.store(x_ptr + rows, x, mask=rmask)
+        if ENTROPY:
+            tl.store(a_ptr + rows, a, mask=rmask)
+
+    @triton.jit
+    def _chunk_dz_kernel(z_ptr, b_ptr, t_ptr, lse_ptr, c_ptr, g_ptr, ge_ptr, dz_ptr, N, W, v0, stride_z,
+                         stride_dz, inv_t, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BN: tl.constexpr,
+                         BV: tl.constexpr):
+        """dz = (g (onehot - p) - ge p (lsm + H)) * inv_t for logits z [N, W] of vocab columns
+        [v0, v0 + W), stored in dz's dtype; the one-hot term is added in fp32 before rounding."""
+        rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+        cols = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
+        rmask = rows < N
+        cmask = cols < W
+        mask = rmask[:, None] & cmask[None, :]
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + v0 + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        g = tl.load(g_ptr + rows, mask=rmask, other=0.0)
+        lsm = z * inv_t - lse[:, None]
+        p = tl.exp(lsm)
+        dz = -g[:, None] * p
+        if ENTROPY:
+            ge = tl.load(ge_ptr + rows, mask=rmask, other=0.0)
+            c = tl.load(c_ptr + rows, mask=rmask, other=0.0)
+            dz -= tl.where(p > 0, ge[:, None] * p * (lsm + c[:, None]), 0.0)
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=-1) - v0
+        dz += tl.where(cols[None, :] == tgt[:, None], g[:, None], 0.0)
+        tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :], (dz * inv_t).to(dz_ptr.dtype.element_ty),
+                 mask=mask)
+
+    # Memory-bound tiles: 16 x 256 fp32 is 16 values per thread at 8 warps, 1024 programs at N=16384.
+    # At 4 warps the stats kernel took 168-204 registers (sm_90/sm_80), at 8 warps 80-122. Not timed.
+    EPILOGUE_CONFIG = {"BN": 16, "BV": 256, "num_warps": 8}
+
+    for _dt in ("bf16", "fp16", "fp32"):
+        for _ent, _bias in ((True, False), (False, True)):
+            _tag = f"{_dt}{',ent' if _ent else ''}{',bias' if _bias else ''}"
+            _ce = {"HAS_BIAS": _bias, "ENTROPY": _ent, "BN": EPILOGUE_CONFIG["BN"], "BV": EPILOGUE_CONFIG["BV"]}
+            _common = {"z_ptr": "*fp32", "b_ptr": f"*{_dt}", "t_ptr": "*i64"}
+            _aot.register(f"linear_logprobs_gemm_stats[{_tag}]", _chunk_stats_kernel,
+                          {**_common, "m_ptr": "*fp32", "s_ptr": "*fp32", "a_ptr": "*fp32", "x_ptr": "*fp32",
+                           "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64", "inv_t": "fp32",
+                           "HAS_BIAS": "constexpr", "ENTROPY": "constexpr", "BN": "constexpr", "BV": "constexpr"},
+                          _ce, num_warps=EPILOGUE_CONFIG["num_warps"], num_stages=1)
+            _aot.register(f"linear_logprobs_gemm_dz[{_tag}]", _chunk_dz_kernel,
+                          {**_common, "lse_ptr": "*fp32", "c_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32",
+                           "dz_ptr": f"*{_dt}", "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64",
+                           "stride_dz": "i64", "inv_t": "fp32", "HAS_BIAS": "constexpr", "ENTROPY": "constexpr",
+                           "BN": "constexpr", "BV": "constexpr"},
+                          _ce, num_warps=EPILOGUE_CONFIG["num_warps"], num_stages=1)
+
+
+def _epilogue_config() -> dict:
+    if INTERPRET:  # the interpreter pays per op, not per element: few big tiles
+        return {"BN": 32, "BV": 128, "num_warps": 4}
+    return dict(EPILOGUE_CONFIG)
+
+
+def _chunk_cols(n: int, V: int, bv: int) -> int:
+    """Vocab columns per chunk: the fp32 [n, W] logits chunk fits GPU_CHUNK_BYTES, W a multiple of bv."""
+    return min(V, max(bv, vt.GPU_CHUNK_BYTES // max(1, n * 4) // bv * bv))
+
+
+def gemm_forward_stats(h, w, b, t, inv_t, *, entropy):
+    """impl="gemm" forward: (lse, lp, ent or None), fp32 [n], for valid targets t."""
+    n, V = h.shape[0], w.shape[0]
+    cfg = _epilogue_config()
+    cols = _chunk_cols(n, V, cfg["BV"])
+    f32 = {"dtype": torch.float32, "device": h.device}
+    z_buf = torch.empty(n * cols, **f32)
+    m = torch.full((n,), float("-inf"), **f32)
+    s, a, x = (torch.zeros(n, **f32) for _ in range(3))
+    for v0 in range(0, V, cols):
+        width = min(V, v0 + cols) - v0
+        z = vt.mm_f32(h, w[v0:v0 + width].t(), z_buf[: n * width].view(n, width))
+        _chunk_stats_kernel[(triton.cdiv(n, cfg["BN"]),)](
+            z, b if b is not None else z, t, m, s, a, x, n, width, v0, z.stride(0), inv_t,
+            HAS_BIAS=b is not None, ENTROPY=entropy, **cfg)
+    logs = torch.log(s)
+    lp = (x - m) - logs  # not x - lse: lse rounds at the scale of |m|
+    return m + logs, lp, (logs - a / s) if entropy else None
+
+
+def gemm_backward(h, w, b, t, lse, ent, g, ge, inv_t, need_h, need_w, need_b):
+    """impl="gemm" backward: (dh fp32 or None, dw in w.dtype or None, db fp32 or None)."""
+    n, d = h.shape
+    V = w.shape[0]
+    cfg = _epilogue_config()
+    cols = _chunk_cols(n, V, cfg["BV"])
+    z_buf = torch.empty(n * cols, dtype=torch.float32, device=h.device)
+    dz_buf = torch.empty(n * cols, dtype=h.dtype, device=h.device)
+    dh = torch.zeros(n, d, dtype=torch.float32, device=h.device) if need_h else None
+    dw = torch.empty_like(w) if need_w else None
+    db = torch.empty(V, dtype=torch.float32, device=h.device) if need_b else None
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        width = v1 - v0
+        z = vt.mm_f32(h, w[v0:v1].t(), z_buf[: n * width].view(n, width))
+        dz = dz_buf[: n * width].view(n, width)
+        grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(width, cfg["BV"]))
+        _chunk_dz_kernel[grid](z, b if b is not None else z, t, lse, ent, g, ge if ge is not None else g, dz,
+                               n, width, v0, z.stride(0), dz.stride(0), inv_t, HAS_BIAS=b is not None,
+                               ENTROPY=ge is not None, **cfg)
+        if need_w:
+            torch.mm(dz.t(), h, out=dw[v0:v1])
+        if need_h:
+            vt.addmm_f32_(dh, dz, w[v0:v1])
+        if need_b:
+            db[v0:v1] = dz.sum(0, dtype=torch.float32)
+    return dh, dw, db
 
 
 # ----------------------------------------------------------------------------- chunked torch path
@@ -170,7 +328,7 @@ def _valid_index(t: torch.Tensor, ignore_index: int):
     return valid.nonzero().squeeze(1)
 
 
-def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, save):
+def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, impl, save):
     """Returns (lp [n], ent [n], lse [n], cache [k, V]); rows of ignored targets are zero."""
     n, V = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
@@ -182,8 +340,8 @@ def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, save):
         z = torch.zeros(n, **f32)
         return z, z.clone(), z.clone(), cache
     if backend == "triton":
-        lse, lp, ent = vt.triton_forward_stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t,
-                                               entropy=entropy)
+        stats = gemm_forward_stats if impl == "gemm" else vt.triton_forward_stats
+        lse, lp, ent = stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t, entropy=entropy)
     else:
         lp, ent, lse, cache = torch_forward(hs, w, b, ts, inv_t, entropy, vt.cache_rows(n, V, save))
     if ent is None:
@@ -194,8 +352,8 @@ def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, save):
     return out[0], out[1], out[2], cache
 
 
-def _bwd_impl(g, ge, h, w, b, t, lse, ent, cache, temperature, ignore_index, backend, need_h, need_w, need_b,
-              entropy):
+def _bwd_impl(g, ge, h, w, b, t, lse, ent, cache, temperature, ignore_index, backend, impl, need_h, need_w,
+              need_b, entropy):
     inv_t = 1.0 / temperature
     idx = _valid_index(t, ignore_index)
     if idx is not None:
@@ -205,26 +363,25 @@ def _bwd_impl(g, ge, h, w, b, t, lse, ent, cache, temperature, ignore_index, bac
     if h.shape[0] == 0:
         dh = dw = db = None
     elif backend == "triton":
-        dh, dw, db = vt.triton_backward(h.contiguous(), w.contiguous(), b, t.contiguous(), lse.contiguous(),
-                                        ent.contiguous(), g.float().contiguous(),
-                                        ge.float().contiguous() if ge is not None else None,
-                                        inv_t, need_h, need_w, need_b)
+        bwd = gemm_backward if impl == "gemm" else vt.triton_backward
+        dh, dw, db = bwd(h.contiguous(), w.contiguous(), b, t.contiguous(), lse.contiguous(), ent.contiguous(),
+                         g.float().contiguous(), ge.float().contiguous() if ge is not None else None,
+                         inv_t, need_h, need_w, need_b)
     else:
         dh, dw, db = torch_backward(h, w, b, t, lse, ent, cache, g, ge, inv_t, need_h, need_w, need_b)
-    n_full = h.shape[0] if idx is None else None
-    return dh, dw, db, idx, n_full
+    return dh, dw, db, idx
 
 
 # ----------------------------------------------------------------------------- torch.library
 @torch.library.custom_op("score::linear_logprobs", mutates_args=())
 def _lp_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-           temperature: float, ignore_index: int, entropy: bool, backend: str, save: bool
+           temperature: float, ignore_index: int, entropy: bool, backend: str, impl: str, save: bool
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, save)
+    return _fwd_impl(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, impl, save)
 
 
 @_lp_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, save):
+def _(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, impl, save):
     n, V = hidden.shape[0], weight.shape[0]
     f = hidden.new_empty(n, dtype=vt.out_dtype(hidden))
     ctx = torch.library.get_ctx()
@@ -236,9 +393,10 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend
 def _lp_bwd_op(g: torch.Tensor, ge: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None, targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
                cache: torch.Tensor, temperature: float, ignore_index: int, entropy: bool, backend: str,
-               need_h: bool, need_w: bool, need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dh, dw, db, idx, _ = _bwd_impl(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature,
-                                   ignore_index, backend, need_h, need_w, need_b, entropy)
+               impl: str, need_h: bool, need_w: bool, need_b: bool
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh, dw, db, idx = _bwd_impl(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature,
+                                ignore_index, backend, impl, need_h, need_w, need_b, entropy)
     n, d = hidden.shape
     if need_h:
         full = torch.zeros(n, d, dtype=hidden.dtype, device=hidden.device)
@@ -260,33 +418,33 @@ def _lp_bwd_op(g: torch.Tensor, ge: torch.Tensor, hidden: torch.Tensor, weight: 
 
 @_lp_bwd_op.register_fake
 def _(g, ge, hidden, weight, bias, targets, lse, ent, cache, temperature, ignore_index, entropy, backend,
-      need_h, need_w, need_b):
+      impl, need_h, need_w, need_b):
     return vt.grad_placeholders(hidden, weight, bias, need_h, need_w, need_b)
 
 
 def _setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, _save = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, entropy, backend, impl, _save = inputs
     _, _, lse, cache = output
     ent = output[1]
     # Unused outputs must not get materialised zero gradients: the cache alone is [rows, V].
     ctx.mark_non_differentiable(lse, cache)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, cache)
-    ctx.args = (temperature, ignore_index, entropy, backend)
+    ctx.args = (temperature, ignore_index, entropy, backend, impl)
 
 
 def _backward(ctx, g_lp, g_ent, _g_lse, _g_cache):
     hidden, weight, bias, targets, lse, ent, cache = ctx.saved_tensors
-    temperature, ignore_index, entropy, backend = ctx.args
+    temperature, ignore_index, entropy, backend, impl = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if g_lp is None:
         g_lp = torch.zeros_like(lse)
     if g_ent is None or not entropy:
         g_ent = torch.zeros_like(lse)
     dh, dw, db = _lp_bwd_op(g_lp, g_ent, hidden, weight, bias, targets, lse, ent, cache, temperature,
-                            ignore_index, entropy, backend, need_h, need_w, bool(need_b and bias is not None))
+                            ignore_index, entropy, backend, impl, need_h, need_w, bool(need_b and bias is not None))
     return (dh if need_h else None, dw if need_w else None, db if need_b else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _lp_op.register_autograd(_backward, setup_context=_setup)
@@ -295,7 +453,7 @@ _lp_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------- public API
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     bias: torch.Tensor | None = None, *, temperature: float = 1.0, ignore_index: int = -100,
-                    return_entropy: bool = False, backend: str | None = None):
+                    return_entropy: bool = False, backend: str | None = None, impl: str | None = None):
     """log_softmax((hidden @ weight.T + bias) / temperature)[targets], without materialising logits.
 
     hidden [..., d] and weight [V, d] in float32/bfloat16/float16 (float64 runs the torch path),
@@ -303,6 +461,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return_entropy=True. Targets equal to ignore_index give 0 (and 0 entropy) with zero gradient.
     Differentiable with respect to hidden, weight and bias through both outputs.
     backend: None picks triton on CUDA, else the chunked torch path; or force "triton"/"torch".
+    impl (triton backend only): "fused" (default) runs the tl.dot kernels, "gemm" cuBLAS GEMMs per
+    vocab chunk with Triton epilogues (docs/fused-logprobs.md compares the two).
     """
     _checks.linear_inputs(hidden, weight, bias)
     t = _checks.targets(targets, "hidden", hidden, weight.shape[0], ignore_index)
@@ -312,12 +472,17 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if backend == "triton":
             raise ValueError("linear_logprobs: backend 'triton' does not take float64 inputs")
         b = "torch"
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"linear_logprobs: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "gemm" and b != "triton":
+        raise ValueError(f"linear_logprobs: impl 'gemm' runs on the triton backend, not {b!r}")
+    impl = impl or "fused"
     ct = vt.common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2, w2 = h2.to(ct), weight.to(ct)
     b2 = bias.to(ct) if bias is not None else None
     save = vt.needs_grad(hidden, weight, bias)
-    lp, ent, _, _ = _lp_op(h2, w2, b2, t, temperature, int(ignore_index), bool(return_entropy), b, save)
+    lp, ent, _, _ = _lp_op(h2, w2, b2, t, temperature, int(ignore_index), bool(return_entropy), b, impl, save)
     lp = lp.reshape(targets.shape)
     if return_entropy:
         return lp, ent.reshape(targets.shape)

@@ -13,6 +13,12 @@ from tests.helpers import INTERPRET, device
 
 DEV = device()
 LOW = (torch.bfloat16, torch.float16)
+TRITON = INTERPRET or torch.cuda.is_available()
+
+
+def _impl(backend):
+    """"triton-gemm" stands for backend="triton", impl="gemm" in parametrised tests."""
+    return {"backend": "triton", "impl": "gemm"} if backend == "triton-gemm" else {"backend": backend}
 
 
 def _inputs(lead, d, V, dtype, bias, seed=0, ignore=True, scale=1.0):
@@ -50,11 +56,11 @@ def _plain(h, w, t, b, *, temperature, return_entropy, ignore_index=-100):
     return lp, torch.where(valid, -(lsm.exp() * lsm).sum(-1), 0)
 
 
-def check(backend, lead, d, V, dtype, T, bias, ent, seed=0):
+def check(backend, lead, d, V, dtype, T, bias, ent, seed=0, impl=None):
     xs, t = _inputs(lead, d, V, dtype, bias, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     ups = [torch.randn(lead, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2 if ent else 1)]
-    outs, grads = _run(linear_logprobs, xs, t, T, ent, ups, backend=backend)
+    outs, grads = _run(linear_logprobs, xs, t, T, ent, ups, backend=backend, impl=impl)
     for o in outs:
         assert o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert o.shape == t.shape and torch.isfinite(o).all()
@@ -116,27 +122,44 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs triton (GPU or interpreter)")
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-T{c[4]}")
 def test_triton_matches_float64(case):
     check("triton", *case)
 
 
-@pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs triton (GPU or interpreter)")
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
 def test_triton_vocab_slices_and_splits(monkeypatch):
     # several backward vocab slices (dweight per slice, dhidden accumulated across them)
     monkeypatch.setattr(VT, "GPU_DZ_BYTES", 7 * 4 * 128)
     check("triton", (7,), 16, 1000, torch.float32, 0.7, True, True)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else []))
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}-{str(c[3])[6:]}-T{c[4]}")
+def test_triton_gemm_matches_float64(case):
+    """impl="gemm": torch.mm GEMMs per vocab chunk (cuBLAS on a GPU) with the Triton epilogues."""
+    check("triton", *case, impl="gemm")
+
+
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("ent", [False, True])
+def test_triton_gemm_many_chunks(monkeypatch, ent):
+    # 128-column chunks: the running statistics merge across chunks, dweight is written per chunk
+    # and dhidden accumulates across them; the last chunk is partial (1000 = 7 * 128 + 104)
+    monkeypatch.setattr(VT, "GPU_CHUNK_BYTES", 7 * 4 * 128)
+    check("triton", (7,), 16, 1000, torch.float32, 0.7, True, ent, impl="gemm")
+    check("triton", (7,), 72, 1000, torch.bfloat16, 1.0, False, ent, impl="gemm")
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["triton", "triton-gemm"] if TRITON else []))
 def test_huge_logits_no_nan(backend):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 16, generator=g, dtype=torch.float64) * 300
     w = torch.randn(33, 16, generator=g, dtype=torch.float64) * 8  # logits around +-1e4
     t = torch.randint(0, 33, (7,), generator=g)
     hh, ww = h.float().to(DEV).requires_grad_(), w.float().to(DEV).requires_grad_()
-    lp, ent = linear_logprobs(hh, ww, t.to(DEV), return_entropy=True, backend=backend)
+    lp, ent = linear_logprobs(hh, ww, t.to(DEV), return_entropy=True, **_impl(backend))
     (lp.sum() + ent.sum()).backward()
     for x in (lp, ent, hh.grad, ww.grad):
         assert torch.isfinite(x).all()
@@ -147,12 +170,12 @@ def test_huge_logits_no_nan(backend):
     torch.testing.assert_close(ent.double().cpu(), r_ent, rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRET or torch.cuda.is_available() else []))
+@pytest.mark.parametrize("backend", ["torch"] + (["triton", "triton-gemm"] if TRITON else []))
 def test_all_ignored(backend):
     xs, t = _inputs((5,), 16, 33, torch.float32, True)
     t = torch.full_like(t, -100)
     h, w, b = (x.requires_grad_() for x in xs)
-    lp, ent = linear_logprobs(h, w, t, b, return_entropy=True, backend=backend)
+    lp, ent = linear_logprobs(h, w, t, b, return_entropy=True, **_impl(backend))
     assert (lp == 0).all() and (ent == 0).all()
     (lp.sum() + ent.sum()).backward()
     assert (h.grad == 0).all() and (w.grad == 0).all() and (b.grad == 0).all()
@@ -197,7 +220,8 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("bad", ["hidden_rank", "weight_rank", "d_mismatch", "bias_len", "float_targets",
-                                 "target_range", "target_shape", "device", "temperature", "backend"])
+                                 "target_range", "target_shape", "device", "temperature", "backend", "impl",
+                                 "impl_backend"])
 def test_bad_input(bad):
     h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
     b = None
@@ -220,6 +244,10 @@ def test_bad_input(bad):
         w, name = torch.randn(10, 8, device="meta"), "weight"
     elif bad == "temperature":
         kw, name = {"temperature": 0.0}, "temperature"
+    elif bad == "impl":
+        kw, name = {"impl": "cublas"}, "impl"
+    elif bad == "impl_backend":
+        kw, name = {"backend": "torch", "impl": "gemm"}, "impl"
     else:
         kw, name = {"backend": "cuda"}, "backend"
     with pytest.raises(ValueError, match=name):
@@ -233,6 +261,15 @@ def test_gpu_low_precision_vs_float64(dtype, ent):
     """Real bf16/fp16 tensor-core dots (the interpreter cannot check these)."""
     for lead, d, V in [((1000,), 256, 32000), ((3, 77), 576, 49152), ((300,), 128, 4099)]:
         check("triton", lead, d, V, dtype, 0.7, True, ent)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ent", [False, True])
+def test_gpu_gemm_low_precision_vs_float64(dtype, ent):
+    """impl="gemm" on real cuBLAS: bf16 operands with fp32 logits (out_dtype), chunked over the vocab."""
+    for lead, d, V in [((1000,), 256, 32000), ((3, 77), 576, 49152), ((300,), 128, 4099)]:
+        check("triton", lead, d, V, dtype, 0.7, True, ent, impl="gemm")
 
 
 @pytest.mark.gpu
