@@ -21,7 +21,7 @@ _EXT_OPS = ("store_kv", "copy_blocks")
 # ----------------------------------------------------------------------------- references
 def store_kv_reference(key, value, k_cache, v_cache, slot_mapping) -> None:
     """Pure PyTorch: k_cache[slot] = key (slots < 0 skipped), in place."""
-    nb, bs = k_cache.shape[0], k_cache.shape[1]
+    bs = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blk, off = slots // bs, slots % bs
