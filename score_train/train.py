@@ -163,14 +163,25 @@ def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bo
     return hidden, ref_hidden
 
 
-def policy_logprobs(hidden, weight, batch: algos.PackedBatch):
+def policy_logprobs(hidden, weight, batch: algos.PackedBatch, temperature: float):
     """Fused log-probs of the policy tokens only (the lm_head is never applied to prompt tokens),
-    scattered back to [N] fp32 (0 elsewhere)."""
+    scattered back to [N] fp32 (0 elsewhere). `temperature` is the sampling temperature: the sampler's
+    distribution is softmax(logits / T), so policy, old and reference log-probs are all scored at T."""
     ops = _ops()
     sel = (batch.turn_ids >= 0).to(hidden.device)
-    lp = ops.linear_logprobs(hidden[sel], weight, batch.targets.to(hidden.device)[sel])
+    lp = ops.linear_logprobs(hidden[sel], weight, batch.targets.to(hidden.device)[sel], temperature=temperature)
     full = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     return full.masked_scatter(sel, lp.float()), sel
+
+
+def training_temperature(cfg: Config) -> float:
+    """The rollouts' sampling temperature, at which every training log-prob is scored. Greedy (0) rollouts
+    have no log-probs to train on, so training needs T > 0."""
+    t = float(cfg.rollout.temperature)
+    if not t > 0:
+        raise ValueError(f"rollout.temperature must be > 0 for training (the loss scores tokens at the sampling "
+                         f"temperature), got {t}")
+    return t
 
 
 # ---------------------------------------------------------------------------- one optimisation step
@@ -208,6 +219,8 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
         batches = batches + [None] * (n_passes - len(batches))
         gscale = D.grad_scale(dist_info)
     K = st.num_turns
+    # SFT baselines fit the untempered model (an NLL); the RL losses score at the sampling temperature
+    temp = 1.0 if st.sft else training_temperature(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     use_old = cfg.optim.epochs > 1 or a.clip_eps > 0
     old = [None] * len(batches)
@@ -216,7 +229,7 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             for j, b in enumerate(batches):
                 h, _ = forward_pair(model, None, b or batches[0], cut, need_ref=False,
                                     autocast=cfg.model.autocast_bf16)
-                old[j] = policy_logprobs(h, model.lm_head_weight, b or batches[0])[0]
+                old[j] = policy_logprobs(h, model.lm_head_weight, b or batches[0], temp)[0]
     stats_sum: dict[str, float] = {}
     t0 = time.perf_counter()
     total_loss = 0.0
@@ -227,7 +240,7 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             pad = b is None  # a padding pass (distributed): same collectives, zero contribution
             b = batches[0] if pad else b
             hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
-            lp, sel = policy_logprobs(hidden, model.lm_head_weight, b)  # read after forward: FSDP swaps in full weights
+            lp, sel = policy_logprobs(hidden, model.lm_head_weight, b, temp)  # read after forward: FSDP swaps in full weights
             dev = lp.device
             adv = algos.token_values(inp.values, b).to(dev)
             tids = b.turn_ids.to(dev)
@@ -242,7 +255,8 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             exact_kl = None
             if need_ref and kl_mode == "exact":
                 coef = algos.kl_coef_tokens(st, b).to(dev)[sel]
-                kl_tok = ops.linear_kl(hidden[sel], model.lm_head_weight, ref_hidden[sel], ref.lm_head_weight)
+                kl_tok = ops.linear_kl(hidden[sel], model.lm_head_weight, ref_hidden[sel], ref.lm_head_weight,
+                                       temperature=temp)
                 exact_kl = (coef * kl_tok).sum() / (gtc if a.agg == "token-mean" else max(n_tok, 1))
                 loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
                 loss = loss + exact_kl
@@ -250,9 +264,8 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
                     m = tids[sel] == k
                     stats[f"kl_turn{k}"] = kl_tok[m].mean() if m.any() else torch.zeros(())
             elif need_ref:
-                ref_lp = torch.zeros_like(lp)
                 with torch.no_grad():
-                    ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b)
+                    ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b, temp)
                 loss, stats = ops.policy_loss(lp, adv, tids, ref_logprobs=ref_lp, kl_coef=list(st.kl_coef),
                                               kl_estimator=kl_mode, **kw)
             else:

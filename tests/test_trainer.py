@@ -79,6 +79,36 @@ def test_one_step_of_every_algorithm(tiny_model_dir, tmp_path, algo, extra):
     assert os.path.exists(os.path.join(run, "reward_per_turn.png"))
 
 
+def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_model_dir):
+    """The engine's log-probs of the tokens it drew (turn1/turn2_logprobs) are the trainer's recomputed
+    ones (same weights, same temperature): what makes the sampler's log-probs usable as the on-policy old
+    log-probs, and what catches a trainer that scores at T=1 after sampling at T=0.7."""
+    from score_train import algos
+    from score_train.model import load_model
+    from score_train.rollout.engine import Engine
+    from score_train.rollout.types import SamplingParams
+
+    model, tok = load_model(tiny_model_dir)
+    model.eval()
+    T_ = 0.7
+    samples = Engine(model, tok).generate(["What is 2 + 3?", "What is 10 + 7?"],
+                                          SamplingParams(n=2, temperature=T_, max_new_tokens=12, seed=3))
+    assert all(s.turn2_ids for s in samples)
+    batch = algos.pack_samples(samples)
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens)
+        lp, sel = T.policy_logprobs(hidden, model.lm_head_weight, batch, T_)
+        lp_t1, _ = T.policy_logprobs(hidden, model.lm_head_weight, batch, 1.0)
+    assert int(sel.sum()) == sum(len(s.turn1_ids) + len(s.turn2_ids) for s in samples) > 0
+    torch.testing.assert_close(lp[sel], batch.old_logprobs[sel], rtol=1e-4, atol=1e-4)
+    assert (lp == 0)[~sel].all()
+    # scored at T=1 instead, the same tokens differ well beyond the tolerance
+    assert (lp_t1[sel] - batch.old_logprobs[sel]).abs().max() > 1e-2
+    cfg = tiny_cfg(tiny_model_dir, "/tmp", "--rollout.temperature=0")
+    with pytest.raises(ValueError, match="temperature"):
+        T.training_temperature(cfg)
+
+
 def test_weights_change_and_engine_sees_them(tiny_model_dir, tmp_path):
     """The rollout engine shares the policy's parameters: after training, what it generates comes from
     the updated weights (no sync step)."""
@@ -163,8 +193,8 @@ def test_checkpoint_kill_mid_save_keeps_last_complete(tmp_path):
 def test_nan_loss_stops_with_diagnostic(tiny_model_dir, tmp_path, monkeypatch):
     orig = T.policy_logprobs
 
-    def bad(hidden, weight, batch):
-        lp, sel = orig(hidden, weight, batch)
+    def bad(hidden, weight, batch, temperature):
+        lp, sel = orig(hidden, weight, batch, temperature)
         return lp * float("nan"), sel
 
     monkeypatch.setattr(T, "policy_logprobs", bad)
