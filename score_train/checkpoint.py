@@ -3,7 +3,7 @@
     <run>/checkpoints/step_000012/
         model.safetensors   trainable parameters (the frozen ones are re-created from model.spec)
         optimizer.pt        optimizer state
-        state.json          step, stage, data position, best reward, metrics so far
+        state.json          step, stage, data position, best reward, metrics so far, wall_s (all segments)
         rng.pt              torch / python / numpy RNG states
         COMPLETE            written last
 
@@ -110,6 +110,14 @@ def complete_checkpoints(ckpt_dir: str) -> list[str]:
         if m and os.path.exists(os.path.join(p, "COMPLETE")):
             out.append((int(m.group(1)), p))
     return [p for _, p in sorted(out)]
+
+
+def step_of(path: str) -> int:
+    """The step of a checkpoint directory, from its name."""
+    m = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if not m:
+        raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNN)")
+    return int(m.group(1))
 
 
 def latest(ckpt_dir: str) -> str | None:

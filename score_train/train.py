@@ -28,17 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from score_train import algos, checkpoint
-from score_train.config import Config, dump_config, parse_args
+from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
+from score_train.cli import train_main as main
+from score_train.config import Config
 from score_train.rollout.types import SamplingParams
-
-USAGE = """usage: score-train [--config FILE | --preset demo|math|code] [--resume] [--section.key=value ...]
-
-With no arguments: the `demo` preset (SmolLM2-135M-Instruct on arithmetic, CPU friendly).
-Examples:
-  score-train --preset math --model.spec=/models/Qwen2.5-1.5B-Instruct --data.task=jsonl:math.jsonl
-  score-train --algo.name=multi-turn-rl --run.name=ablation
-  score-train --run.name=demo --resume
-Sections: model, data, algo, rollout, optim, eval, run (see docs/trainer.md)."""
+from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
 
 
 def _ops():
@@ -343,62 +337,6 @@ def write_samples(path: str, rows: list[dict]):
 
 # ---------------------------------------------------------------------------- the run
 
-class Logger:
-    """metrics.jsonl always; TensorBoard / W&B when asked for and installed."""
-
-    def __init__(self, run_dir: str | None, cfg: Config):
-        self.f = self.tb = self.wb = None
-        if run_dir is None:  # ranks other than 0 log nothing
-            return
-        self.f = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the whole run
-        if cfg.run.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
-        if cfg.run.wandb:
-            try:
-                import wandb
-
-                self.wb = wandb.init(project="score", name=cfg.run.name, config=cfg.to_dict())
-            except ImportError:
-                print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
-
-    def log(self, rec: dict):
-        if self.f is None:
-            return
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        nums = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb:
-            for k, v in nums.items():
-                self.tb.add_scalar(k, v, rec["step"])
-        if self.wb:
-            self.wb.log(nums, step=rec["step"])
-
-    def close(self):
-        if self.f:
-            self.f.close()
-        if self.tb:
-            self.tb.close()
-        if self.wb:
-            self.wb.finish()
-
-
-def prepare_run_dir(cfg: Config) -> str:
-    run_dir = os.path.join(cfg.run.out_dir, cfg.run.name)
-    if not cfg.run.resume and os.path.isdir(run_dir) and os.listdir(run_dir):
-        i = 1
-        while os.path.isdir(f"{run_dir}-{i}") and os.listdir(f"{run_dir}-{i}"):
-            i += 1
-        print(f"{run_dir} exists; writing to {run_dir}-{i} (use --resume to continue it)", file=sys.stderr)
-        run_dir = f"{run_dir}-{i}"
-    os.makedirs(run_dir, exist_ok=True)
-    return run_dir
-
-
 def step_seed(cfg: Config, step: int) -> int:
     return (cfg.run.seed * 1_000_003 + step * 7919 + 17) % (2**31)
 
@@ -415,12 +353,10 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     random.seed(cfg.run.seed)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    run_dir = D.broadcast_object(prepare_run_dir(cfg) if info.is_main else None, info)
-    if info.is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-        print(f"score-train: run directory {run_dir} (ranks: {info.world_size})\n--- resolved config ---\n"
-              f"{dump_config(cfg)}", file=sys.stderr)
+    run = open_run(cfg, main=info.is_main, ranks=info.world_size)  # inputs checked, resume rules; then the dir
+    if run.finished is not None:
+        return run.finished
+    cfg, run_dir = run.cfg, D.broadcast_object(run.dir, info)
 
     device = info.device if info.enabled else pick_device(cfg.run.device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
@@ -449,7 +385,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     random.Random(cfg.data.seed + 1).shuffle(order)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
                                   weight_decay=cfg.optim.weight_decay)
     warm = max(cfg.optim.warmup_steps, 0)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -465,7 +401,8 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
         else:
             print(f"score-train: nothing to resume in {ckpt_dir}; starting fresh", file=sys.stderr)
-    logger = Logger(run_dir if info.is_main else None, cfg)
+    t_start -= state.get("wall_s", 0.0)  # wall time covers every segment of a resumed run
+    logger = Logger(run_dir if info.is_main else None, cfg, resume_step=state["step"])
     kind = (eval_recs or train_recs)[0].kind
     instr = instruction_for(cfg, kind)
 
@@ -554,6 +491,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             state["data_pos"] = pos + P
             state["step"] = step + 1
             state["stage"] = stage
+            state["wall_s"] = time.perf_counter() - t_start
             # 5. log
             r1 = float(rewards[:, 0].mean())
             rec = {"step": step + 1, "stage": stage, "reward_t1": r1, "lr": optimizer.param_groups[0]["lr"],
@@ -626,24 +564,6 @@ def fmt_eval(e: dict) -> str:
     keys = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta"), ("delta_i2c", "i->c"),
             ("delta_c2i", "c->i")]
     return ", ".join(f"{name} {100 * e[k]:.1f}%" for k, name in keys if k in e) + f" (n={e.get('num_problems')})"
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg, flags = parse_args(argv)
-    except ValueError as e:
-        print(f"score-train: {e}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    if flags.get("help"):
-        print(USAGE)
-        return 0
-    try:
-        train(cfg)
-    except RuntimeError as e:
-        print(f"score-train: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

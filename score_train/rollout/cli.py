@@ -2,11 +2,14 @@
 
     score-generate --model PATH|embedded --input prompts.jsonl --output out.jsonl [--n N]
                    [--temperature T] [--top-p P] [--top-k K] [--max-new-tokens M] [--two-turn]
-                   [--instruction TEXT] [--seed S] [--stop STR ...]
+                   [--instruction TEXT] [--seed S] [--stop STR ...] [--section.key=value ...]
+
+The options are short names of the shared configuration (`score_train.config`, section `generate` and
+the `model`, `rollout` and `run` sections); `score_train.cli` parses and checks them before this module
+loads the model.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -14,6 +17,8 @@ import tempfile
 
 
 def read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise ValueError(f"no such file: {path}")
     prompts = []
     with open(path, encoding="utf-8") as f:
         for no, line in enumerate(f, 1):
@@ -47,59 +52,50 @@ def write_atomic(path: str, lines) -> None:
         raise
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="score-generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="local HF directory, .gguf file, or 'embedded' (SmolLM2-135M)")
-    p.add_argument("--input", required=True, help="JSONL, one {\"prompt\": ...} per line")
-    p.add_argument("--output", required=True)
-    p.add_argument("--n", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256, help="per turn")
-    p.add_argument("--two-turn", action="store_true")
-    p.add_argument("--instruction", default=None, help="turn-2 instruction (default: SCoRe's math instruction)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on GPU, float32 on CPU")
-    args = p.parse_args(argv)
-    if args.n < 1 or args.max_new_tokens < 1:
-        p.error("--n and --max-new-tokens must be positive")
-    try:
-        prompts = read_prompts(args.input)
-    except (OSError, ValueError) as e:
-        print(f"score-generate: {e}", file=sys.stderr)
-        return 2
-
+def run_command(cfg, prompts: list[str]) -> int:
+    """score-generate on checked inputs (score_train.cli parses the command line and reads `prompts` first):
+    cfg is a resolved `config.GenerateCommandConfig`."""
     import torch
     from tqdm import tqdm
 
     from score_train.model import load_model
+    from score_train.prompts import self_correction_instruction
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    g, r = cfg.generate, cfg.rollout
+    device = cfg.run.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    model, tok = load_model(cfg.model.spec, dtype=getattr(torch, cfg.model.dtype), device=device)
     engine = Engine(model, tok)
-    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), seed=args.seed)
-    bar = tqdm(total=len(prompts) * args.n * args.max_new_tokens * (2 if args.two_turn else 1), unit="tok",
-               desc="generating", file=sys.stderr, dynamic_ncols=True)
-    samples = engine.generate(prompts, params, two_turn=args.two_turn, instruction=args.instruction,
-                              progress=bar.update)
+    params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=g.top_k,
+                            max_new_tokens=r.max_new_tokens, stop=tuple(g.stop), seed=cfg.run.seed)
+    instruction = g.instruction or self_correction_instruction(g.kind, r.style)
+    print(f"score-generate: {len(prompts)} prompts x {r.n}, T={r.temperature:g}, top_p={r.top_p:g}, "
+          f"{r.max_new_tokens} new tokens per turn{', two turns' if g.two_turn else ''}", file=sys.stderr)
+    bar = tqdm(total=len(prompts) * r.n * r.max_new_tokens * (2 if g.two_turn else 1), unit="tok",
+               desc="generating", file=sys.stderr, dynamic_ncols=True, disable=not cfg.run.progress)
+    samples = engine.generate(prompts, params, two_turn=g.two_turn, instruction=instruction, progress=bar.update)
     bar.close()
-    write_atomic(args.output, ({"prompt_index": s.prompt_index, "sample_index": s.sample_index,
-                                "turn1": s.turn1_text, "turn2": s.turn2_text if args.two_turn else None,
-                                "turn1_token_ids": s.turn1_ids,
-                                "turn2_token_ids": s.turn2_ids if args.two_turn else None,
-                                "finish_reasons": s.finish_reasons} for s in samples))
+    write_atomic(g.output, ({"prompt_index": s.prompt_index, "sample_index": s.sample_index,
+                             "turn1": s.turn1_text, "turn2": s.turn2_text if g.two_turn else None,
+                             "turn1_token_ids": s.turn1_ids,
+                             "turn2_token_ids": s.turn2_ids if g.two_turn else None,
+                             "finish_reasons": s.finish_reasons} for s in samples))
     st = engine.stats
     print(f"score-generate: {len(samples)} samples, {st['generated']} tokens in {st['seconds']:.1f}s "
-          f"({st['generated'] / max(st['seconds'], 1e-9):.1f} tok/s) -> {args.output}", file=sys.stderr)
+          f"({st['generated'] / max(st['seconds'], 1e-9):.1f} tok/s) -> {g.output}", file=sys.stderr)
     return 0
+
+
+def main(argv=None) -> int:
+    """score-generate (the console entry point is score_train.cli.generate_main)."""
+    from score_train.cli import generate_main
+
+    return generate_main(argv)
 
 
 if __name__ == "__main__":
