@@ -27,6 +27,11 @@ def _available():
 LEVELS = _available()
 WRONG = "def f(x):\n    return 0\n"
 FAILING = "assert f(1) == 2\n"  # fails for WRONG
+# for the shadowing attacks: fails for WRONG unless a name the tests use means something else
+FAILING_WITH = {
+    "shadow_builtins": "assert f(1) == 2 or abs(f(1) - 2) < 1e-9 or isinstance(f(1), str) or len([f(1)]) == 0\n",
+    "fake_math_module": "assert math.isclose(f(1), 2) or math.fabs(f(1) - 2) < 1e-9\n",
+}
 
 # Each attack is the program text; appended to WRONG, so an honest verdict is "not passed".
 FORGERIES = {
@@ -72,6 +77,11 @@ FORGERIES = {
                        "    except OSError:\n        pass\n    os.kill(os.getpid(), signal.SIGKILL)\n",
     "deep_nesting": "def f(x):\n    v = 2\n    for _ in range(10000):\n        v = [v]\n    return v\n",
     "huge_answer": "def f(x):\n    return 'x' * (40 * 2**20)\n",
+    # names the tests read from the program's namespace: builtins and stdlib modules stay the runner's
+    "shadow_builtins": "def abs(x):\n    return 0\ndef isinstance(*a):\n    return True\n"
+                       "def len(x):\n    return 0\nValueError = None\n",
+    "fake_math_module": "class math:\n    isclose = staticmethod(lambda *a, **k: True)\n"
+                        "    fabs = staticmethod(lambda x: 0.0)\n",
     "gc_hunt_for_tests": "import gc\ndef f(x):\n    for o in gc.get_objects():\n"
                          "        if isinstance(o, dict) and '_tests' in o:\n            return o\n    return 0\n",
 }
@@ -84,7 +94,8 @@ def test_forgery_never_passes(level, name):
         pytest.skip("kill(-1) without a PID namespace, as the caller's user, would kill the test runner")
     prog = FORGERIES[name]
     program = prog if "def f(" in prog else WRONG + prog
-    r = check_program(program, FAILING, timeout_s=3, isolation=level)
+    tests = FAILING_WITH.get(name, FAILING)
+    r = check_program(program, tests, timeout_s=3, isolation=level)
     assert not r.passed and r.status != "passed", (name, r)
 
 

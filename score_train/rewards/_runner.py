@@ -171,18 +171,31 @@ if "load" in _first:
 
 _stdlib = getattr(sys, "stdlib_module_names", frozenset())
 _globals = {"__name__": "__main__", "__builtins__": builtins}
+
+
+def _import_here(name):
+    try:
+        return __import__(name, fromlist=["_"])
+    except Exception:
+        return None
+
+
 try:
     for _entry in _first["ready"]:
         _k, _kind, _v = _entry
-        if type(_k) is not str:
-            continue
-        if _kind == "m":
-            # the program's imports (`import math` in a prompt the tests rely on), imported here
+        if type(_k) is not str or hasattr(builtins, _k):
+            continue  # the tests' abs, len, isinstance, ValueError, ... stay the real ones
+        if _k in _stdlib:
+            # a stdlib module's name (`import math` in a prompt the tests rely on) is always this
+            # interpreter's module, never a look-alike object of the program's
+            _mod = _import_here(_k)
+            if _mod is not None:
+                _globals[_k] = _mod
+        elif _kind == "m":
             if type(_v) is str and _v.split(".")[0] in _stdlib:
-                try:
-                    _globals[_k] = __import__(_v, fromlist=["_"])
-                except Exception:
-                    pass
+                _mod = _import_here(_v)
+                if _mod is not None:
+                    _globals[_k] = _mod
         elif _kind == "v":
             _globals[_k] = _wire.decode(_v, Remote)
 except Exception as e:

@@ -134,15 +134,10 @@ def _probe(level: str) -> tuple[str | None, str]:
             return None, "bubblewrap (bwrap) is not installed"
         if root and shutil.which("setpriv") is None:
             return None, "setpriv is missing"
-        probe_dir = tempfile.mkdtemp(prefix="score_sbx_probe_")
-        try:
-            os.chmod(probe_dir, 0o755)
-            for cand in _python_candidates():
-                if _ok(_bwrap(cand, {}, "/tmp/score_sbx_probe", NOBODY if root else None)
-                       + [cand, "-I", "-c", "import json, resource, socket"]):
-                    return cand, ""
-        finally:
-            shutil.rmtree(probe_dir, ignore_errors=True)
+        for cand in _python_candidates():
+            if _ok(_bwrap(cand, {}, "/tmp/score_sbx_probe", NOBODY if root else None)
+                   + [cand, "-I", "-c", "import json, resource, socket"]):
+                return cand, ""
         return None, "bwrap cannot start a sandbox here (user namespaces disabled?)"
     if level == "namespaces":
         if not root:
@@ -404,16 +399,14 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
             runner, cand = procs["runner"], procs["candidate"]
             timed_out = not _wait_unreaped(runner.pid, timeout_s)
             # The candidate gets EOF once the runner is gone; a moment to exit on its own tells why it ended.
-            if not timed_out:
-                _wait_unreaped(cand.pid, 0.2)
-            cand_done = cand.poll() is not None or _wait_unreaped(cand.pid, 0)
+            cand_done = _wait_unreaped(cand.pid, 0.0 if timed_out else 0.2)
             # Kill each group while its leader is still a zombie, so its id cannot have been reused.
             for p in (runner, cand):
                 _kill_group(p)
             runner_rc = runner.wait()
-            cand_rc = cand.wait() if cand_done else None
+            cand_rc = cand.wait()
             if not cand_done:
-                cand.wait()
+                cand_rc = None  # killed by us: says nothing about how the program ended
         finally:
             for fd in fds:
                 os.close(fd)
