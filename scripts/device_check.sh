@@ -41,14 +41,17 @@ else PY=python3; fi
 OUTDIR=${OUT:-/tmp/score_device_out}
 WORK=$(mktemp -d /tmp/score_device.XXXXXX)
 mkdir -p "$OUTDIR" "$WORK/res"
-exec > >(tee -a "$OUTDIR/device_check.log") 2>&1
+exec > >(tee "$OUTDIR/device_check.log") 2>&1
 TEE_PID=$!
 RC=0  # non-zero when the build, a gpu test or a benchmark failed (the run itself always goes on)
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${SCORE_COMMIT:-}" ]; then
-  SCORE_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-  git diff --quiet HEAD -- 2>/dev/null || SCORE_COMMIT="$SCORE_COMMIT+dirty"
+  if SCORE_COMMIT=$(git rev-parse --short HEAD 2>/dev/null); then
+    git diff --quiet HEAD -- 2>/dev/null || SCORE_COMMIT="$SCORE_COMMIT+dirty"
+  else
+    SCORE_COMMIT=unknown
+  fi
 fi
 export SCORE_COMMIT
 SMOKE=""
