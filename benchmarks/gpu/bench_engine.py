@@ -79,9 +79,9 @@ def engine_options(engine_cls) -> tuple[dict, str]:
     params = inspect.signature(engine_cls.__init__).parameters
     if not gt.on_gpu():
         return {}, "eager (CPU)"
-    for name, value in (("cuda_graphs", True), ("use_cuda_graphs", True), ("cuda_graph", True),
-                        ("enforce_eager", False)):
-        if name in params:
+    for name, prm in params.items():  # a switch: cuda_graphs=True, use_cuda_graph=True, ... or enforce_eager=False
+        if isinstance(prm.default, bool) and ("graph" in name.lower() or name == "enforce_eager"):
+            value = name != "enforce_eager"
             return {name: value}, f"CUDA-graph decode ({name}={value})"
     return {}, "eager decode: this Engine has no CUDA-graph option"
 
