@@ -172,6 +172,9 @@ fi
 # 5. one table, one JSON
 echo
 echo "================ device check summary ================"
+# clocks and temperature right after the load: a throttled card explains low numbers
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw \
+  --format=csv 2>&1 | tr '\n' ' ' && echo
 $PY benchmarks/gpu_bench.py --merge "${FILES[@]}" \
   --out "$OUTDIR/gpu_bench.json" --table "$OUTDIR/table.txt" 2>&1
 $PY - "$OUTDIR/gpu_bench.json" <<'EOF'
