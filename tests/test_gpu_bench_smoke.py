@@ -128,3 +128,25 @@ def test_gate_skips_null_limits(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "limits are null in thresholds.yaml" in out, out[-3000:]
+
+
+def test_engine_cuda_graph_switch_is_found(monkeypatch):
+    from benchmarks.gpu.bench_engine import engine_options
+
+    class Graphs:
+        def __init__(self, model, tokenizer, *, block_size=16, graph_batch_sizes=(1, 8), cuda_graphs=False):
+            pass
+
+    class Eager:
+        def __init__(self, model, tokenizer, *, enforce_eager=True):
+            pass
+
+    class Neither:
+        def __init__(self, model, tokenizer, *, block_size=16):
+            pass
+
+    monkeypatch.setattr(gpu_timing, "_CFG", {"device": "cuda", "smoke": False, "deadline": None})
+    assert engine_options(Graphs)[0] == {"cuda_graphs": True}  # a boolean switch, not the sizes list
+    assert engine_options(Eager)[0] == {"enforce_eager": False}
+    kw, note = engine_options(Neither)
+    assert kw == {} and "no CUDA-graph option" in note
