@@ -73,7 +73,7 @@ SITE=$WORK/site
 if ls .whl/*.whl >/dev/null 2>&1; then
   if timeout 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "$SITE" .whl/*.whl; then
-    export PYTHONPATH="$PYTHONPATH:$SITE"  # after the tree and the image: the wheels add, never shadow
+    export PYTHONPATH="$PYTHONPATH:$SITE"  # --no-deps: only the peers are there, nothing of the image to shadow
     status "wheels: $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
   else
     status "wheels: install FAILED (the peers' rows will say not installed)"
