@@ -597,12 +597,10 @@ def parse_command(argv, cls, aliases: dict[str, Alias] | None = None, *, default
             raise UsageError(f"unexpected argument {a!r} (settings look like --section.key=value)")
         name, eq, raw = a[2:].partition("=")
 
-        def value(name=name, eq=eq, raw=raw, takes=True):
+        def value(name=name, eq=eq, raw=raw):
             nonlocal i
             if eq:
                 return raw
-            if not takes:
-                return None
             if i >= len(argv) or argv[i].startswith("--"):
                 raise UsageError(f"--{name} needs a value")
             i += 1
