@@ -25,12 +25,14 @@ LOWEST = -3.0e38  # stands in for -inf logits where 0 * -inf would make NaN
 # slice] backward). CACHE: logits (or KL factors) kept from forward to backward by the torch paths so
 # their GEMM is not recomputed; 0 disables. GPU_DZ: the Triton backward's dz slice [tokens, vocab
 # slice] in the input dtype. GPU_CHUNK: the fp32 logits chunk [tokens, vocab chunk] of linear_logprobs'
-# impl="gemm" path (its bf16 dz chunk takes half as much again). Tests override them with monkeypatch
-# on this module.
+# impl="gemm" path (its bf16 dz chunk takes half as much again). GPU_CACHE: logits chunks that path
+# keeps in bf16/fp16 from forward to backward, each saving one recompute GEMM; 0 (the default) keeps
+# none. Tests override them with monkeypatch on this module.
 WORK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_WORK_MB", "32")) * 2**20)
 CACHE_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_CACHE_MB", "368")) * 2**20)
 GPU_DZ_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_DZ_MB", "256")) * 2**20)
 GPU_CHUNK_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_CHUNK_MB", "64")) * 2**20)
+GPU_CACHE_BYTES = int(float(os.environ.get("SCORE_LOGPROBS_GPU_CACHE_MB", "0")) * 2**20)
 
 
 # ----------------------------------------------------------------------------- dtypes and budgets

@@ -70,10 +70,12 @@ def linear_logprobs_reference(hidden, weight, targets, bias=None, *, temperature
 if HAVE_TRITON:
 
     @triton.jit
-    def _chunk_stats_kernel(z_ptr, b_ptr, t_ptr, m_ptr, s_ptr, a_ptr, x_ptr, N, W, v0, stride_z, inv_t,
-                            HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    def _chunk_stats_kernel(z_ptr, b_ptr, t_ptr, m_ptr, s_ptr, a_ptr, x_ptr, zc_ptr, N, W, v0, stride_z, inv_t,
+                            HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, CACHE: tl.constexpr,
+                            BN: tl.constexpr, BV: tl.constexpr):
         """Merges logits z [N, W] of vocab columns [v0, v0 + W) into the running per-token max m,
-        s = sum exp(z - m), a = sum exp(z - m) (z - m) (entropy) and x = target logit."""
+        s = sum exp(z - m), a = sum exp(z - m) (z - m) (entropy) and x = target logit.
+        CACHE: also keeps z in zc's dtype (same layout) for the backward, in the same pass."""
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         rmask = rows < N
         m = tl.load(m_ptr + rows, mask=rmask, other=float("-inf"))
@@ -84,8 +86,10 @@ if HAVE_TRITON:
         for c0 in range(0, W, BV):
             cols = c0 + tl.arange(0, BV)
             cmask = cols < W
-            z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                        other=0.0)
+            offs = rows[:, None] * stride_z + cols[None, :]
+            z = tl.load(z_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            if CACHE:
+                tl.store(zc_ptr + offs, z.to(zc_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
             if HAS_BIAS:
                 z += tl.load(b_ptr + v0 + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             z = tl.where(cmask[None, :], z * inv_t, float("-inf"))
@@ -109,13 +113,14 @@ if HAVE_TRITON:
                          stride_dz, inv_t, HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, BN: tl.constexpr,
                          BV: tl.constexpr):
         """dz = (g (onehot - p) - ge p (lsm + H)) * inv_t for logits z [N, W] of vocab columns
-        [v0, v0 + W), stored in dz's dtype; the one-hot term is added in fp32 before rounding."""
+        [v0, v0 + W) (fp32 from the GEMM, or a cached copy in the input dtype), stored in dz's dtype;
+        the one-hot term is added in fp32 before rounding."""
         rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
         cols = tl.program_id(1).to(tl.int64) * BV + tl.arange(0, BV)
         rmask = rows < N
         cmask = cols < W
         mask = rmask[:, None] & cmask[None, :]
-        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows[:, None] * stride_z + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(b_ptr + v0 + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
@@ -136,22 +141,29 @@ if HAVE_TRITON:
     # At 4 warps the stats kernel took 168-204 registers (sm_90/sm_80), at 8 warps 80-122. Not timed.
     EPILOGUE_CONFIG = {"BN": 16, "BV": 256, "num_warps": 8}
 
-    for _dt in ("bf16", "fp16", "fp32"):
+    def _epilogue_sig(kind: str, dt: str, zdt: str) -> dict:
+        sig = {"z_ptr": f"*{zdt}", "b_ptr": f"*{dt}", "t_ptr": "*i64"}
+        if kind == "stats":
+            sig.update({k: "*fp32" for k in ("m_ptr", "s_ptr", "a_ptr", "x_ptr")})
+            sig.update({"zc_ptr": f"*{dt}", "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64", "inv_t": "fp32"})
+        else:
+            sig.update({k: "*fp32" for k in ("lse_ptr", "c_ptr", "g_ptr", "ge_ptr")})
+            sig.update({"dz_ptr": f"*{dt}", "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64",
+                        "stride_dz": "i64", "inv_t": "fp32"})
+        for k in ("HAS_BIAS", "ENTROPY") + (("CACHE",) if kind == "stats" else ()) + ("BN", "BV"):
+            sig[k] = "constexpr"
+        return sig
+
+    # (dtype, cached): the cached variants (GPU_CACHE_BYTES > 0) write / read the low-precision copy.
+    for _dt, _cached in (("bf16", False), ("fp16", False), ("fp32", False), ("bf16", True), ("fp16", True)):
         for _ent, _bias in ((True, False), (False, True)):
-            _tag = f"{_dt}{',ent' if _ent else ''}{',bias' if _bias else ''}"
+            _tag = f"{_dt}{',ent' if _ent else ''}{',bias' if _bias else ''}{',cached' if _cached else ''}"
             _ce = {"HAS_BIAS": _bias, "ENTROPY": _ent, "BN": EPILOGUE_CONFIG["BN"], "BV": EPILOGUE_CONFIG["BV"]}
-            _common = {"z_ptr": "*fp32", "b_ptr": f"*{_dt}", "t_ptr": "*i64"}
+            _launch = {"num_warps": EPILOGUE_CONFIG["num_warps"], "num_stages": 1}
             _aot.register(f"linear_logprobs_gemm_stats[{_tag}]", _chunk_stats_kernel,
-                          {**_common, "m_ptr": "*fp32", "s_ptr": "*fp32", "a_ptr": "*fp32", "x_ptr": "*fp32",
-                           "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64", "inv_t": "fp32",
-                           "HAS_BIAS": "constexpr", "ENTROPY": "constexpr", "BN": "constexpr", "BV": "constexpr"},
-                          _ce, num_warps=EPILOGUE_CONFIG["num_warps"], num_stages=1)
+                          _epilogue_sig("stats", _dt, "fp32"), {**_ce, "CACHE": _cached}, **_launch)
             _aot.register(f"linear_logprobs_gemm_dz[{_tag}]", _chunk_dz_kernel,
-                          {**_common, "lse_ptr": "*fp32", "c_ptr": "*fp32", "g_ptr": "*fp32", "ge_ptr": "*fp32",
-                           "dz_ptr": f"*{_dt}", "N": "i64", "W": "i64", "v0": "i64", "stride_z": "i64",
-                           "stride_dz": "i64", "inv_t": "fp32", "HAS_BIAS": "constexpr", "ENTROPY": "constexpr",
-                           "BN": "constexpr", "BV": "constexpr"},
-                          _ce, num_warps=EPILOGUE_CONFIG["num_warps"], num_stages=1)
+                          _epilogue_sig("dz", _dt, _dt if _cached else "fp32"), _ce, **_launch)
 
 
 def _epilogue_config() -> dict:
@@ -165,44 +177,61 @@ def _chunk_cols(n: int, V: int, bv: int) -> int:
     return min(V, max(bv, vt.GPU_CHUNK_BYTES // max(1, n * 4) // bv * bv))
 
 
-def gemm_forward_stats(h, w, b, t, inv_t, *, entropy):
-    """impl="gemm" forward: (lse, lp, ent or None), fp32 [n], for valid targets t."""
+def _cached_chunks(n: int, cols: int, n_chunks: int, dtype: torch.dtype) -> int:
+    """How many leading chunks keep their logits (in the input dtype) for the backward."""
+    if dtype == torch.float32:  # a copy as big as the fp32 chunk saves one GEMM of it, no gain in bytes
+        return 0
+    return min(n_chunks, vt.GPU_CACHE_BYTES // max(1, n * cols * 2))
+
+
+def gemm_forward_stats(h, w, b, t, inv_t, *, entropy, save=False):
+    """impl="gemm" forward: (lse, lp, ent or None, cache), fp32 [n], for valid targets t. With save,
+    cache [k * n, cols] holds the logits of the first k chunks in h's dtype (chunk i in rows
+    i*n..(i+1)*n, a partial last chunk packed at the start of its block), else it is empty."""
     n, V = h.shape[0], w.shape[0]
     cfg = _epilogue_config()
     cols = _chunk_cols(n, V, cfg["BV"])
+    k = _cached_chunks(n, cols, triton.cdiv(V, cols), h.dtype) if save else 0
     f32 = {"dtype": torch.float32, "device": h.device}
     z_buf = torch.empty(n * cols, **f32)
+    cache = torch.empty(k * n, cols, dtype=h.dtype, device=h.device)
     m = torch.full((n,), float("-inf"), **f32)
     s, a, x = (torch.zeros(n, **f32) for _ in range(3))
-    for v0 in range(0, V, cols):
+    for i, v0 in enumerate(range(0, V, cols)):
         width = min(V, v0 + cols) - v0
         z = vt.mm_f32(h, w[v0:v0 + width].t(), z_buf[: n * width].view(n, width))
+        zc = cache[i * n:(i + 1) * n].view(-1)[: n * width] if i < k else h  # h: unused, typed like the cache
         _chunk_stats_kernel[(triton.cdiv(n, cfg["BN"]),)](
-            z, b if b is not None else z, t, m, s, a, x, n, width, v0, z.stride(0), inv_t,
-            HAS_BIAS=b is not None, ENTROPY=entropy, **cfg)
+            z, b if b is not None else h, t, m, s, a, x, zc, n, width, v0, z.stride(0), inv_t,
+            HAS_BIAS=b is not None, ENTROPY=entropy, CACHE=i < k, **cfg)
     logs = torch.log(s)
     lp = (x - m) - logs  # not x - lse: lse rounds at the scale of |m|
-    return m + logs, lp, (logs - a / s) if entropy else None
+    return m + logs, lp, (logs - a / s) if entropy else None, cache
 
 
-def gemm_backward(h, w, b, t, lse, ent, g, ge, inv_t, need_h, need_w, need_b):
-    """impl="gemm" backward: (dh fp32 or None, dw in w.dtype or None, db fp32 or None)."""
+def gemm_backward(h, w, b, t, lse, ent, g, ge, inv_t, need_h, need_w, need_b, cache=None):
+    """impl="gemm" backward: (dh fp32 or None, dw in w.dtype or None, db fp32 or None). Chunks held
+    in cache (from gemm_forward_stats) skip their recompute GEMM."""
     n, d = h.shape
     V = w.shape[0]
     cfg = _epilogue_config()
-    cols = _chunk_cols(n, V, cfg["BV"])
+    k = cache.shape[0] // n if cache is not None and cache.numel() else 0
+    cols = cache.shape[1] if k else _chunk_cols(n, V, cfg["BV"])
     z_buf = torch.empty(n * cols, dtype=torch.float32, device=h.device)
     dz_buf = torch.empty(n * cols, dtype=h.dtype, device=h.device)
     dh = torch.zeros(n, d, dtype=torch.float32, device=h.device) if need_h else None
     dw = torch.empty_like(w) if need_w else None
     db = torch.empty(V, dtype=torch.float32, device=h.device) if need_b else None
-    for v0 in range(0, V, cols):
+    for i, v0 in enumerate(range(0, V, cols)):
         v1 = min(V, v0 + cols)
         width = v1 - v0
-        z = vt.mm_f32(h, w[v0:v1].t(), z_buf[: n * width].view(n, width))
+        if i < k:
+            z = cache[i * n:(i + 1) * n].view(-1)[: n * width].view(n, width)
+        else:
+            z = vt.mm_f32(h, w[v0:v1].t(), z_buf[: n * width].view(n, width))
         dz = dz_buf[: n * width].view(n, width)
         grid = (triton.cdiv(n, cfg["BN"]), triton.cdiv(width, cfg["BV"]))
-        _chunk_dz_kernel[grid](z, b if b is not None else z, t, lse, ent, g, ge if ge is not None else g, dz,
+        _chunk_dz_kernel[grid](z, b if b is not None else h, t, lse, ent, g, ge if ge is not None else g, dz,
                                n, width, v0, z.stride(0), dz.stride(0), inv_t, HAS_BIAS=b is not None,
                                ENTROPY=ge is not None, **cfg)
         if need_w:
@@ -329,19 +358,24 @@ def _valid_index(t: torch.Tensor, ignore_index: int):
 
 
 def _fwd_impl(h, w, b, t, temperature, ignore_index, entropy, backend, impl, save):
-    """Returns (lp [n], ent [n], lse [n], cache [k, V]); rows of ignored targets are zero."""
+    """Returns (lp [n], ent [n], lse [n], cache); rows of ignored targets are zero. cache: [k, V]
+    log-softmax rows (torch), [k * n, cols] logits chunks (impl="gemm"), or empty."""
     n, V = h.shape[0], w.shape[0]
     inv_t = 1.0 / temperature
     idx = _valid_index(t, ignore_index)
     hs, ts = (h, t) if idx is None else (h.index_select(0, idx), t.index_select(0, idx))
     f32 = {"dtype": vt.out_dtype(h), "device": h.device}
-    cache = torch.empty(0, V, **f32)
+    gemm = backend == "triton" and impl == "gemm"
+    cache = torch.empty(0, 0, dtype=h.dtype, device=h.device) if gemm else torch.empty(0, V, **f32)
     if hs.shape[0] == 0:
         z = torch.zeros(n, **f32)
         return z, z.clone(), z.clone(), cache
-    if backend == "triton":
-        stats = gemm_forward_stats if impl == "gemm" else vt.triton_forward_stats
-        lse, lp, ent = stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t, entropy=entropy)
+    if gemm:
+        lse, lp, ent, cache = gemm_forward_stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t,
+                                                 entropy=entropy, save=save)
+    elif backend == "triton":
+        lse, lp, ent = vt.triton_forward_stats(hs.contiguous(), w.contiguous(), b, ts.contiguous(), inv_t,
+                                               entropy=entropy)
     else:
         lp, ent, lse, cache = torch_forward(hs, w, b, ts, inv_t, entropy, vt.cache_rows(n, V, save))
     if ent is None:
@@ -363,10 +397,13 @@ def _bwd_impl(g, ge, h, w, b, t, lse, ent, cache, temperature, ignore_index, bac
     if h.shape[0] == 0:
         dh = dw = db = None
     elif backend == "triton":
-        bwd = gemm_backward if impl == "gemm" else vt.triton_backward
-        dh, dw, db = bwd(h.contiguous(), w.contiguous(), b, t.contiguous(), lse.contiguous(), ent.contiguous(),
-                         g.float().contiguous(), ge.float().contiguous() if ge is not None else None,
-                         inv_t, need_h, need_w, need_b)
+        args = (h.contiguous(), w.contiguous(), b, t.contiguous(), lse.contiguous(), ent.contiguous(),
+                g.float().contiguous(), ge.float().contiguous() if ge is not None else None,
+                inv_t, need_h, need_w, need_b)
+        if impl == "gemm":
+            dh, dw, db = gemm_backward(*args, cache=cache)
+        else:
+            dh, dw, db = vt.triton_backward(*args)
     else:
         dh, dw, db = torch_backward(h, w, b, t, lse, ent, cache, g, ge, inv_t, need_h, need_w, need_b)
     return dh, dw, db, idx
@@ -386,6 +423,8 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, entropy, backend
     f = hidden.new_empty(n, dtype=vt.out_dtype(hidden))
     ctx = torch.library.get_ctx()
     k = ctx.new_dynamic_size()  # how many rows fit the cache depends on the valid-token count
+    if backend == "triton" and impl == "gemm":  # logits chunks: [chunks * tokens, chunk columns]
+        return f, f.clone(), f.clone(), hidden.new_empty(k, ctx.new_dynamic_size())
     return f, f.clone(), f.clone(), hidden.new_empty(k, V, dtype=vt.out_dtype(hidden))
 
 

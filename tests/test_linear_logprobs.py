@@ -152,6 +152,27 @@ def test_triton_gemm_many_chunks(monkeypatch, ent):
     check("triton", (7,), 72, 1000, torch.bfloat16, 1.0, False, ent, impl="gemm")
 
 
+@pytest.mark.skipif(not TRITON, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize("cached", [3, 99], ids=["3-of-8-chunks", "all-chunks"])
+@pytest.mark.parametrize("dtype,ent", [(torch.bfloat16, True), (torch.float16, False)])
+def test_triton_gemm_cached_chunks(monkeypatch, cached, dtype, ent):
+    """GPU_CACHE_BYTES keeps the first chunks' logits (input dtype) for the backward, which then runs
+    one GEMM fewer per cached chunk; the partial last chunk is cached too when all fit."""
+    n_valid, n_chunks = 5, 8  # 7 tokens, 2 ignored; 1000 columns in 128-column chunks
+    monkeypatch.setattr(VT, "GPU_CHUNK_BYTES", n_valid * 4 * 128)
+    monkeypatch.setattr(VT, "GPU_CACHE_BYTES", cached * n_valid * 128 * 2)
+    calls = []
+    mm = VT.mm_f32
+
+    def counted(*args):
+        calls.append(1)
+        return mm(*args)
+
+    monkeypatch.setattr(VT, "mm_f32", counted)
+    check("triton", (7,), 72, 1000, dtype, 0.7, True, ent, impl="gemm")
+    assert len(calls) == 2 * n_chunks - min(cached, n_chunks)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + (["triton", "triton-gemm"] if TRITON else []))
 def test_huge_logits_no_nan(backend):
     g = torch.Generator().manual_seed(0)
@@ -202,12 +223,13 @@ def test_only_entropy_gradient():
     torch.testing.assert_close(g, g2)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", ["torch"] + (["triton-gemm"] if TRITON else []))
+def test_torch_compile_fullgraph(backend):
     xs, t = _inputs((2, 5), 16, 33, torch.float32, True)
     h, w, b = (x.requires_grad_() for x in xs)
 
     def f(h, w, b, t):
-        lp, ent = linear_logprobs(h, w, t, b, temperature=0.7, return_entropy=True, backend="torch")
+        lp, ent = linear_logprobs(h, w, t, b, temperature=0.7, return_entropy=True, **_impl(backend))
         return (lp * 2.0).sum() + ent.mean()
 
     loss = torch.compile(f, fullgraph=True, backend="aot_eager")(h, w, b, t)
