@@ -156,8 +156,8 @@ def turn_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     shaping_alpha = float(shaping_alpha)
-    if math.isnan(shaping_alpha):
-        raise ValueError("shaping_alpha is NaN")
+    if not math.isfinite(shaping_alpha):
+        raise ValueError(f"shaping_alpha must be finite, got {shaping_alpha}")
     if should_validate(validate, rewards.device) and not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contains NaN or inf")
     b = pick_backend(backend, rewards.device, supported=_SUPPORTED, ext_ops=_EXT_OPS_TURN, op="turn_advantages")

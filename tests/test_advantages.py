@@ -140,6 +140,9 @@ def test_opcheck():
     (lambda r, g, ids: turn_advantages(r, g, estimator="ppo"), "estimator"),
     (lambda r, g, ids: turn_advantages(r, g, estimator="rloo", std_normalize=True), "std_normalize"),
     (lambda r, g, ids: turn_advantages(r, g, backend="nope"), "backend"),
+    (lambda r, g, ids: turn_advantages(r, g, shaping_alpha=float("inf")), "shaping_alpha"),
+    (lambda r, g, ids: turn_advantages(r, g, shaping_alpha=-float("inf")), "shaping_alpha"),
+    (lambda r, g, ids: turn_advantages(r, g, shaping_alpha=float("nan")), "shaping_alpha"),
     (lambda r, g, ids: token_advantages(r, ids[:-1]), "turn_ids"),
     (lambda r, g, ids: token_advantages(r, ids + 1), "turn_ids"),  # turn id 2 >= K=2
     (lambda r, g, ids: token_advantages(r, ids.float()), "turn_ids"),

@@ -64,3 +64,13 @@ def test_position_ids_and_bad_input():
         causal_lm_logprobs(model, ids[:, :1])
     with pytest.raises(ValueError, match="attention_mask"):
         causal_lm_logprobs(model, ids, attention_mask=torch.ones(2, 6))
+
+
+@pytest.mark.parametrize("bad", ["float", "bool", "too_big", "negative"])
+def test_bad_ids_raise_value_error_naming_input_ids(bad):
+    model = _model()
+    ids = torch.randint(0, 97, (2, 7))
+    ids = {"float": ids.float(), "bool": ids > 50, "too_big": ids.index_fill(1, torch.tensor([3]), 97),
+           "negative": ids.index_fill(1, torch.tensor([0]), -1)}[bad]
+    with pytest.raises(ValueError, match="input_ids"):
+        causal_lm_logprobs(model, ids)
