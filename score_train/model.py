@@ -173,15 +173,16 @@ def _packed_attention(q, k, v, cu_seqlens, max_len: int, scale: float):
     gqa = q.shape[1] != k.shape[1]
     if q.is_cuda:
         return _flex_attention(q, k, v, cu_seqlens, scale)
-    # CPU: one causal SDPA per sequence is the document mask without the wasted cross-document work.
+    # CPU: one causal SDPA per sequence is the document mask without the wasted cross-document work. The inputs are
+    # 4-d [1, H, T, D]: 3-d ones send SDPA to its math path (mask, softmax, bmm: ~4x slower with its backward).
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in itertools.pairwise(bounds):
         if e > s:
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), is_causal=True, scale=scale,
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                                               v[s:e].transpose(0, 1)[None], is_causal=True, scale=scale,
                                                enable_gqa=gqa)
-            out[s:e] = o.transpose(0, 1)
+            out[s:e] = o[0].transpose(0, 1)
     return out
 
 
@@ -210,96 +211,30 @@ def _flex_attention(q, k, v, cu_seqlens, scale):
 # ---------------------------------------------------------------------------------------------
 # Paged attention context (generation forward)
 
-_WS: dict = {}
-
-
-def _workspace(name: str, shape, dtype) -> torch.Tensor:
-    """A reused CPU buffer: gathering into fresh multi-MB tensors every layer costs more in page faults
-    than the copy itself (measured 5x)."""
-    n = math.prod(shape)
-    buf = _WS.get((name, dtype))
-    if buf is None or buf.numel() < n:
-        buf = _WS[(name, dtype)] = torch.empty(int(n * 1.25) + 1, dtype=dtype)
-    return buf[:n].view(shape)
-
-
 class PagedBatch:
     """One engine step's paged-cache metadata, shared by every layer.
 
     Tokens are packed [N]; sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the last q_len_b
-    positions of its context_lens[b] tokens. Their K/V are stored through slot_mapping before attending.
-    On CPU the gather indices and masks are built once here (not once per layer), because the
-    attention there is plain PyTorch; on GPUs it is score_kernels' Triton paged attention.
+    positions of its context_lens[b] tokens. Their K/V are stored through slot_mapping before attending
+    (score_kernels.paged_attention: Triton on GPUs, its torch backend on CPU, whose gather plan is built
+    once here rather than once per layer).
     """
 
-    def __init__(self, slot_mapping, block_tables, context_lens, cu_seqlens_q, block_size: int,
-                 q_lens: list[int], ctx_lens: list[int], scale: float):
+    def __init__(self, slot_mapping, block_tables, context_lens, cu_seqlens_q, block_size: int, scale: float,
+                 *, q_lens: list[int] | None = None, ctx_lens: list[int] | None = None):
+        from score_kernels.paged_attention import TorchPlan
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.context_lens, self.cu_seqlens_q = context_lens, cu_seqlens_q
         self.scale = scale
-        self.cpu = slot_mapping.device.type == "cpu"
-        if not self.cpu:
-            return
-        # CPU: whole blocks are gathered (index_select of contiguous block rows is ~2x faster than
-        # gathering token slots), and the decode rows share one masked SDPA call.
-        dev = slot_mapping.device
-        self.bs, self.ctx_lens = block_size, ctx_lens
-        self.bt = block_tables.long()
-        starts = cu_seqlens_q.tolist()
-        dec = [b for b, ql in enumerate(q_lens) if ql == 1]
-        self.all_decode = len(dec) == len(q_lens)
-        self.dec_rows = None if self.all_decode else torch.tensor([starts[b] for b in dec], device=dev)
-        if dec:
-            c = [ctx_lens[b] for b in dec]
-            nblk = -(-max(c) // block_size)
-            bt = self.bt if self.all_decode else self.bt[torch.tensor(dec, device=dev)]
-            self.dec_blocks = bt[:, :nblk].reshape(-1)
-            j = torch.arange(nblk * block_size, device=dev)
-            self.dec_mask = (j[None, :] < torch.tensor(c, device=dev)[:, None])[:, None, None, :]  # [Bd,1,1,L]
-            self.dec_shape = (len(dec), nblk * block_size)
-        self.other = [(b, starts[b], starts[b + 1]) for b, ql in enumerate(q_lens) if ql != 1]
-        self.kbuf = self.vbuf = None
+        self.plan = None
+        if slot_mapping.device.type == "cpu":
+            cu = cu_seqlens_q if q_lens is None else [0, *itertools.accumulate(q_lens)]
+            self.plan = TorchPlan(block_tables, context_lens if ctx_lens is None else ctx_lens, cu, block_size)
 
     def attend(self, q, k_cache, v_cache):
-        if not self.cpu:
-            from score_kernels import paged_attention
-            return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
-                                   scale=self.scale)
-        gqa = q.shape[1] != k_cache.shape[2]
-        out = torch.empty_like(q)
-        if self.all_decode or self.dec_rows.numel():
-            self._decode(q, k_cache, v_cache, gqa, out)
-        for b, s, e in self.other:
-            ql, cl = e - s, self.ctx_lens[b]
-            blocks = self.bt[b, : -(-cl // self.bs)]
-            kk = k_cache.index_select(0, blocks).flatten(0, 1)[:cl].transpose(0, 1)  # [Hkv, cl, D]
-            vv = v_cache.index_select(0, blocks).flatten(0, 1)[:cl].transpose(0, 1)
-            qq = q[s:e].transpose(0, 1)
-            if ql == cl:
-                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale, enable_gqa=gqa)
-            else:
-                qpos = torch.arange(cl - ql, cl, device=q.device)
-                m = torch.arange(cl, device=q.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=m, scale=self.scale, enable_gqa=gqa)
-            out[s:e] = o.transpose(0, 1)
-        return out
-
-    def _decode(self, q, k_cache, v_cache, gqa, out):
-        rows = self.dec_rows
-        qd = q if rows is None else q.index_select(0, rows)
-        bd, lp = self.dec_shape
-        if self.kbuf is None:
-            shape = (self.dec_blocks.numel(), *k_cache.shape[1:])
-            self.kbuf, self.vbuf = _workspace("k", shape, k_cache.dtype), _workspace("v", shape, v_cache.dtype)
-        kk = torch.index_select(k_cache, 0, self.dec_blocks, out=self.kbuf).view(bd, lp, *k_cache.shape[2:])
-        vv = torch.index_select(v_cache, 0, self.dec_blocks, out=self.vbuf).view(bd, lp, *v_cache.shape[2:])
-        kk, vv = kk.transpose(1, 2), vv.transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd[:, :, None, :], kk, vv, attn_mask=self.dec_mask, scale=self.scale,
-                                           enable_gqa=gqa)[:, :, 0, :]
-        if rows is None:
-            out.copy_(o)
-        else:
-            out.index_copy_(0, rows, o)
+        from score_kernels import paged_attention
+        return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
+                               scale=self.scale, plan=self.plan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,26 +285,40 @@ class CausalLM(nn.Module):
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     # -- training forward ---------------------------------------------------------------------
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, *, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, *, attention_mask=None, from_layer: int = 0,
+                hidden=None, to_layer: int | None = None):
         """Packed: input_ids [N] (+ position_ids [N], cu_seqlens [B+1]) -> hidden [N, d].
         Padded: input_ids [B, T] with attention_mask [B, T] (left or right padding) -> [B, T, d],
-        zeros at padding. Hidden states are after the final norm."""
+        zeros at padding. Hidden states are after the final norm.
+
+        Part of the stack (packed only), for a frozen prefix that runs once and is shared by the policy and its
+        reference: `to_layer=k` runs layers [0, k) and returns the residual stream [N, d] (no final norm);
+        `from_layer=k, hidden=<that>` runs layers [k:] from it and returns the normed hidden states. Every layer
+        still runs through Layer.__call__ (FSDP's hooks, activation checkpointing)."""
         if input_ids.dim() == 2:
+            if from_layer or to_layer is not None:
+                raise ValueError("from_layer/to_layer need the packed layout (input_ids [N])")
             return self._forward_padded(input_ids, attention_mask, position_ids)
+        n_layers = len(self.model.layers)
+        stop = n_layers if to_layer is None else to_layer
+        if not 0 <= from_layer <= stop <= n_layers:
+            raise ValueError(f"need 0 <= from_layer ({from_layer}) <= to_layer ({stop}) <= {n_layers}")
+        if (hidden is None) != (from_layer == 0):
+            raise ValueError("hidden (the residual stream after layer from_layer - 1) goes with from_layer > 0")
         n = input_ids.shape[0]
         if cu_seqlens is None:
             cu_seqlens = torch.tensor([0, n], device=input_ids.device, dtype=torch.int32)
         if position_ids is None:
             position_ids = _positions_from_cu(cu_seqlens, n)
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if hidden is None else hidden
         cos, sin = self._rope(position_ids, x.dtype)
         def attend(q, k, v):
             return _packed_attention(q, k, v, cu_seqlens, max_len, self.scale)
 
-        for layer in self.model.layers:
+        for layer in self.model.layers[from_layer:stop]:
             x = layer(x, cos, sin, attend)
-        return self.model.norm(x)
+        return x if to_layer is not None else self.model.norm(x)
 
     def _forward_padded(self, input_ids, attention_mask, position_ids):
         b, t = input_ids.shape
@@ -402,11 +351,24 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     # -- export -------------------------------------------------------------------------------
+    def plain_config(self):
+        """A copy of the config for a plain model in the parameters' dtype: a model loaded from GGUF
+        carries quantization_config {quant_method: gguf}, which would make transformers treat the
+        export as quantized (Trainer refuses to fine-tune it, save_pretrained of the reload raises)."""
+        import copy
+        cfg = copy.deepcopy(self.config)
+        for k in ("quantization_config", "_pre_quantization_dtype"):
+            if k in cfg.__dict__:
+                delattr(cfg, k)
+        cfg.dtype = self.model.embed_tokens.weight.dtype
+        return cfg
+
     def to_hf(self):
-        """A transformers *ForCausalLM that shares this model's parameters (no copy)."""
+        """A plain transformers *ForCausalLM (clean config, see plain_config) that shares this
+        model's parameters (no copy)."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(self.config)
+            hf = AutoModelForCausalLM.from_config(self.plain_config())
         sd = dict(self.state_dict())
         if self.tied:
             sd.pop("lm_head.weight", None)
@@ -427,7 +389,8 @@ class CausalLM(nn.Module):
         return hf
 
     def save_pretrained(self, path: str, tokenizer=None, safe_serialization: bool = True) -> None:
-        """Write a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads."""
+        """Write a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads: plain
+        safetensors in the trained dtype and a config without quantization_config."""
         self.to_hf().save_pretrained(path, safe_serialization=safe_serialization)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
