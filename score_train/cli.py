@@ -115,6 +115,9 @@ def _main(prog: str, argv, parse: Callable, run: Callable, help_text: Callable[[
 # ---------------------------------------------------------------------------- score-train
 
 def _train(cfg) -> int:
+    from score_train.rundir import open_run
+
+    open_run(cfg, main=False)  # every check, nothing written: a bad input fails before the trainer's imports
     from score_train.train import train
 
     try:
