@@ -2,10 +2,13 @@
 
 CUDA build (torch with CUDA + nvcc): csrc/*.cpp, csrc/cpu/*.cpp, csrc/cuda/*.cpp, csrc/cuda/*.cu.
 CPU build otherwise: csrc/*.cpp and csrc/cpu/*.cpp with OpenMP.
-SCORE_NO_EXT=1 skips the extension; the package then runs on its Triton and PyTorch paths.
+SCORE_NO_EXT=1 skips the extension; the package then runs on its Triton and PyTorch paths. So does a
+failed compile (no usable C++ compiler, say): the build prints one line and installs the Python package
+without score_kernels._C, never an install or import error.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -50,7 +53,20 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+    base = cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)
+
+    class OptionalBuildExt(base):
+        """The extension is an accelerator, not a requirement: a compile failure leaves the torch paths."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as e:  # compiler missing or broken: CompileError, RuntimeError from ninja, OSError
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                print(f"score-rl: building score_kernels._C failed ({first[:200]}); installing without it, the "
+                      f"ops use their Triton and PyTorch paths", file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExt}
 
 
 ext_modules, cmdclass = _extensions()

