@@ -103,7 +103,8 @@ def _attn_flops(model, pairs: float) -> float:
 
 def rollout_flops(model, samples, stats) -> float:
     body, head = _matmul_params(model)
-    processed = sum(stats.get(k, 0) for k in ("prompt_prefill", "turn1_decode", "turn2_extend", "turn2_decode"))
+    processed = sum(v for k, v in stats.items()  # the engine's per-phase token counts
+                    if k == "prompt_prefill" or (k.startswith("turn") and k.endswith(("_decode", "_extend"))))
     if not processed:  # an engine without those counters: every token once
         processed = sum(len(s.prompt_ids) + len(s.turn1_ids) + len(s.instruction_ids or []) + len(s.turn2_ids or [])
                         for s in samples)
