@@ -125,7 +125,7 @@ run_benches() {
   done
 }
 # the issue's five first (the measurement is what the run is for), the older per-op ones after the tests
-MAIN="linear_logprobs:110 engine:110 score_step:90 pg:60 linear_kl:40"
+MAIN="linear_logprobs:130 engine:100 score_step:90 pg:60 linear_kl:40"
 EXTRA="token_kl:25 paged_attention:30"
 [ -n "$ONLY" ] && MAIN=$(for b in ${ONLY//,/ }; do echo "$b:120"; done) EXTRA=""
 if [ $DRY = 1 ]; then

@@ -57,7 +57,8 @@ def test_dry_run_rows_side_by_side(dry_run):
     _, out = dry_run
     rows = json.loads((out / "gpu_bench.json").read_text())["rows"]
     table = (out / "table.txt").read_text()
-    for v in ("naive_torch fwd+bwd", "ours fwd+bwd", "ours+entropy fwd+bwd"):
+    for v in ("naive_torch fwd+bwd", "ours fwd+bwd", "ours+entropy fwd+bwd", "ours_gemm fwd+bwd",
+              "ours_gemm_cache1G fwd+bwd"):
         r = _ok(rows, "linear_logprobs", v)
         assert r["max_abs_err_vs_naive"] < 1e-4, r  # fp32 in smoke mode: ours agrees with naive
         assert r["tflops"] > 0 and r["frac_peak"] > 0

@@ -3,6 +3,8 @@
 Every variant runs in this one process on the same inputs:
   naive_torch    log_softmax((h @ W.T).float()).gather (what a trainer writes by hand)
   ours           score_kernels.linear_logprobs (Triton), and ours+entropy (return_entropy=True)
+  ours_gemm      the same op with impl="gemm" (cuBLAS GEMMs, Triton epilogues; 64 MiB logits chunks),
+                 and ours_gemm_cache1G (1 GiB bf16 cache of logits chunks read by the backward)
   cce            Cut Cross-Entropy linear_cross_entropy(e, c, targets, reduction="none"); its default
                  filter_eps="high" skips gradient tiles it deems negligible; cce_exact (filter_eps=None)
                  does not
@@ -52,10 +54,27 @@ def _liger():
     return lambda h, w, t: -liger_fused_linear_cross_entropy(h, w, t, reduction="none")
 
 
+def _ours_gemm(chunk_mb: int, cache_mb: int):
+    """impl="gemm" (cuBLAS GEMMs per vocab chunk, Triton epilogues) at one chunk / logits-cache budget.
+    The budgets are module settings read at each call (docs/fused-logprobs.md), set here per call."""
+    def fn(h, w, t):
+        import score_kernels._vocab_tiles as vt
+        from score_kernels import linear_logprobs
+        saved = vt.GPU_CHUNK_BYTES, vt.GPU_CACHE_BYTES
+        vt.GPU_CHUNK_BYTES, vt.GPU_CACHE_BYTES = chunk_mb << 20, cache_mb << 20
+        try:
+            return linear_logprobs(h, w, t, backend="triton", impl="gemm")
+        finally:
+            vt.GPU_CHUNK_BYTES, vt.GPU_CACHE_BYTES = saved
+    return fn
+
+
 def variants():
-    """Ours and naive first, the peers in a second pass over the shapes: a peer's first call (Triton
-    autotuning, compiles) can take long, and must not cost ours a shape."""
+    """Ours and naive first, then our cuBLAS-GEMM path at two budgets, then the peers, each group a pass
+    over the shapes: a peer's first call (Triton autotuning, compiles) can take long, and must not cost
+    ours a shape."""
     return [[("naive_torch", _naive), ("ours", _ours), ("ours+entropy", _ours_entropy)],
+            [("ours_gemm", _ours_gemm(64, 0)), ("ours_gemm_cache1G", _ours_gemm(64, 1024))],
             [("liger", _liger()), ("cce", _cce("high")), ("cce_exact", _cce(None))]]
 
 
