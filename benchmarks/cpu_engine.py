@@ -1,11 +1,13 @@
 """CPU throughput: the paged two-turn engine vs Hugging Face `generate` on the same work.
 
-    python benchmarks/cpu_engine.py [--prompts 32] [--n 4] [--max-new-tokens 96] [--hf-batch 64]
+    python benchmarks/cpu_engine.py [--prompts 32] [--n 4] [--max-new-tokens 96] [--hf-batch 64] [--rounds 3]
 
 SmolLM2-135M-Instruct (the embedded GGUF, fp32), arithmetic prompts x n samples, two turns,
 temperature 1.0. HF does turn 1 for all samples (left-padded batches of --hf-batch sequences), then
-turn 2 on the concatenated ids. Reports generated tokens per second of each and writes
-benchmarks/results/cpu_engine.json.
+turn 2 on the concatenated ids. Each round runs the engine then HF in this one process (a shared,
+loaded machine drifts between runs, so only ratios measured side by side mean something); reports
+generated tokens per second of each, the per-round ratios and their median, and writes
+benchmarks/results/cpu_engine.json (rewritten after every round).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import json
 import os
 import random
+import statistics
+import subprocess
 import sys
 import time
 
@@ -52,6 +56,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="engine-then-HF rounds; the median ratio is reported")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 wins on an oversubscribed machine: OpenMP barriers stall)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -69,30 +74,51 @@ def main(argv=None) -> int:
 
     eng = Engine(model, tok)
     eng.generate(prompts[:2], warm)
-    t = time.perf_counter()
-    out = eng.generate(prompts, params)
-    phases = {k: eng.stats[k] for k in Engine.PHASES}
-    res = {"engine": summary(out, time.perf_counter() - t) | {"phases": phases, "steps": eng.stats["steps"],
-                                                               "forward_tokens": sum(phases.values())}}
-    print("engine", res["engine"], flush=True)
+    hf = None
     if not args.skip_hf:
         hf = HFRollout(model, tok, batch_size=args.hf_batch)
         hf.generate(prompts[:2], warm)
+    res = {"rounds": []}
+    for r in range(args.rounds):
         t = time.perf_counter()
-        ref = hf.generate(prompts, params)
-        res["hf_generate"] = summary(ref, time.perf_counter() - t) | {"batch_size": args.hf_batch,
-                                                                      "forward_tokens": hf.stats["forward_tokens"]}
-        print("hf", res["hf_generate"], flush=True)
-        res["speedup_tokens_per_s"] = round(res["engine"]["tokens_per_s"] / res["hf_generate"]["tokens_per_s"], 2)
-        print(f"speedup {res['speedup_tokens_per_s']}x")
+        out = eng.generate(prompts, params)
+        phases = {k: v for k, v in eng.stats.items() if k.startswith(("prompt_", "turn"))}
+        row = {"engine": summary(out, time.perf_counter() - t) | {"phases": phases, "steps": eng.stats["steps"],
+                                                                   "forward_tokens": sum(phases.values())}}
+        print(f"round {r} engine", row["engine"], flush=True)
+        if hf is not None:
+            t = time.perf_counter()
+            ref = hf.generate(prompts, params)
+            row["hf_generate"] = summary(ref, time.perf_counter() - t) | {
+                "batch_size": args.hf_batch, "forward_tokens": hf.stats["forward_tokens"]}
+            print(f"round {r} hf", row["hf_generate"], flush=True)
+            row["speedup_tokens_per_s"] = round(row["engine"]["tokens_per_s"] / row["hf_generate"]["tokens_per_s"], 2)
+            print(f"round {r} speedup {row['speedup_tokens_per_s']}x", flush=True)
+        res["rounds"].append(row)
+        if hf is not None:
+            res["speedup_tokens_per_s_median"] = statistics.median(x["speedup_tokens_per_s"] for x in res["rounds"])
+        _write(args, res)
+    return 0
+
+
+def _write(args, res) -> None:
     res["config"] = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "prompts": args.prompts, "n": args.n,
                      "max_new_tokens_per_turn": args.max_new_tokens, "temperature": 1.0, "two_turn": True,
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                     "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                     "time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+                     "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-    return 0
+
+
+def _commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ the arithmetic ones are ours, kept short for small models.
 Rollouts take user messages; the tokenizer's chat template wraps them. turn1_message() builds the
 turn-1 user message of a record and self_correction_instruction() the turn-2 instruction p, which
 never says whether y1 was right.
+
+`ChatFormat` turns them into token ids through the tokenizer's chat template; the engine, the HF
+baseline, pair-SFT and evaluation all build their ids here, so every path sees the same layout.
 """
 from __future__ import annotations
 
@@ -60,3 +63,71 @@ def self_correction_instruction(kind: str, style: str = "plain") -> str:
     if kind == "arithmetic":
         return ARITHMETIC_SELF_CORRECT
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat formatting: token ids for the prompt and for what comes between two turns
+
+_PLACEHOLDER = "PLACEHOLDER"
+
+
+def _ids(out) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+class ChatFormat:
+    """Prompt ids and instruction ids from the tokenizer's chat template, as token ids.
+
+    Instruction ids are found by templating [user x, assistant PLACEHOLDER, user instruction] and
+    cutting the ids at the placeholder: what follows it is the template's end of turn, the user
+    turn and the assistant header. When a turn already ended with that end-of-turn token, it is not
+    repeated. Generated text is never re-tokenised. Turn k > 2 uses the same suffix (chat templates
+    render every [assistant, user] boundary alike).
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._ph = _ids(tokenizer.encode(_PLACEHOLDER, add_special_tokens=False))
+        self._suffix_cache: dict[tuple[str, str], list[int]] = {}
+
+    def _template(self, messages, gen: bool) -> list[int]:
+        return _ids(self.tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True))
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self._template([{"role": "user", "content": prompt}], True)
+
+    def suffix_ids(self, prompt: str, instruction: str) -> list[int]:
+        """Everything the template puts after a turn's content, up to and including the next assistant header."""
+        key = (prompt, instruction)
+        if key not in self._suffix_cache:
+            head = self.prompt_ids(prompt)
+            full = self._template([{"role": "user", "content": prompt},
+                                   {"role": "assistant", "content": _PLACEHOLDER},
+                                   {"role": "user", "content": instruction}], True)
+            ph = self._ph
+            if full[:len(head)] != head or full[len(head):len(head) + len(ph)] != ph:
+                raise ValueError("the chat template does not render [user, assistant, user] as the prompt "
+                                 "followed by the assistant's content; cannot build turn-2 ids")
+            self._suffix_cache[key] = full[len(head) + len(ph):]
+        return self._suffix_cache[key]
+
+    @staticmethod
+    def instruction_ids(suffix: list[int], turn_ids: list[int], eos_ids) -> list[int]:
+        """The ids between a turn and the next: the suffix, without its end-of-turn token when the turn
+        already ended with it."""
+        if turn_ids and suffix and turn_ids[-1] in eos_ids and turn_ids[-1] == suffix[0]:
+            return suffix[1:]
+        return list(suffix)
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Every id that ends a turn: the model's generation config, its config and the tokenizer's."""
+    ids = set()
+    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update(src if isinstance(src, (list, tuple)) else [src])
+    return ids

@@ -462,7 +462,7 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
                     train_samples = [samples[i] for i in keep]
                 else:
                     # the instruction ids that follow each wrong y1, from the chat template (token ids only)
-                    from score_train.rollout.engine import ChatFormat, eos_ids_of
+                    from score_train.prompts import ChatFormat, eos_ids_of
 
                     chat, eos = ChatFormat(tok), eos_ids_of(model, tok)
                     suffix = [chat.suffix_ids(prompt_of(cfg, r), instr) for r in recs]

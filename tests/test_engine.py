@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from score_train.model import from_hf, load_model, load_tokenizer
-from score_train.rollout.engine import ChatFormat, Engine
+from score_train.prompts import ChatFormat
+from score_train.rollout.engine import Engine
 from score_train.rollout.hf_baseline import HFRollout
 from score_train.rollout.types import SamplingParams
 from tests.test_model import random_hf
@@ -172,6 +173,37 @@ def test_small_pool_chunked_prefill_and_one_turn(tok):
     assert [s.turn1_ids for s in one] == [s.turn1_ids for s in ref]
     with pytest.raises(ValueError, match="KV blocks"):
         Engine(m, tok, block_size=4, num_blocks=10).generate_ids(prompts, params, suffixes=[suffix] * 4)
+
+
+def test_three_turns_equal_a_fresh_prompt(tok):
+    # turn 3 runs over the cached prompt, y1, y2 and both instructions: it must equal one greedy turn from
+    # those ids as a fresh prompt; turns 1 and 2 equal a two-turn run
+    _, m = tiny("qwen2")
+    suffix = ChatFormat(tok).suffix_ids("x", "Again.")
+    prompts = rand_prompts([19, 5], seed=21)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
+    eng = Engine(m, tok, block_size=4)
+    three = eng.generate_ids(prompts, params, suffixes=[suffix] * 2, num_turns=3)
+    st = eng.stats
+    two = Engine(m, tok).generate_ids(prompts, params, suffixes=[suffix] * 2)
+    for x, y in zip(three, two, strict=True):
+        assert (x.turn1_ids, x.instruction_ids, x.turn2_ids) == (y.turn1_ids, y.instruction_ids, y.turn2_ids)
+        assert x.finish_reasons[:2] == y.finish_reasons
+    for s in three:
+        assert len(s.extra_turns) == 1 and len(s.finish_reasons) == 3 and len(s.turn_ids) == 3
+        t3 = s.extra_turns[0]
+        assert t3.instruction_ids == ChatFormat.instruction_ids(suffix, s.turn2_ids, eng.eos_ids)
+        head = s.prompt_ids + s.turn1_ids + s.instruction_ids + s.turn2_ids + t3.instruction_ids
+        assert s.full_ids() == head + t3.ids
+        fresh = Engine(m, tok).generate_ids([head], SamplingParams(n=1, temperature=0.0, max_new_tokens=6))[0]
+        assert t3.ids == fresh.turn1_ids
+        torch.testing.assert_close(torch.tensor(t3.logprobs), torch.tensor(fresh.turn1_logprobs), rtol=1e-4,
+                                   atol=1e-4)
+    assert st["turn3_extend"] == sum(len(s.extra_turns[0].instruction_ids) + 1 for s in three)
+    assert st["turn3_decode"] == sum(len(s.extra_turns[0].ids) - 1 for s in three)
+    assert eng.block_manager.num_free == eng.num_blocks
+    with pytest.raises(ValueError, match="suffixes"):
+        eng.generate_ids(prompts, params, num_turns=3)
 
 
 def test_stop_strings(tok):

@@ -189,3 +189,21 @@ def test_gpu_cuda_graph_replay():
     ctx.add_(0)
     g.replay()
     torch.testing.assert_close(out_g, out)
+
+
+@pytest.mark.parametrize("junk", [-1, 10 ** 6])
+def test_torch_plan_buckets_and_reuse(junk):
+    # decode rows of very different context lengths (several buckets, in shuffled order), a prefill and an
+    # extend, junk past each table's blocks; one TorchPlan serves two "layers" with different caches
+    from score_kernels.paged_attention import TorchPlan
+    ctx = [3, 200, 17, 150, 64, 1, 90, 33, 120, 5, 180, 49, 7, 140, 60, 11, 100, 2, 160, 40, 24, 30]
+    qlens = [1] * 20 + [24, 6]
+    q, kc, vc, bt, cl, cu = make_batch(ctx, qlens, 6, 2, 8, bs=4, dev="cpu", junk=junk)
+    plan = TorchPlan(bt, cl, cu, 4)
+    assert len(plan.buckets) > 1 and plan.num_dec == 20 and len(plan.other) == 2
+    for layer in range(2):
+        k2, v2 = (kc, vc) if layer == 0 else (vc.flip(0).contiguous(), kc * 0.5)
+        out = paged_attention(q, k2, v2, bt, cl, cu, plan=plan)
+        want = naive(q, k2, v2, bt, cl, cu)
+        torch.testing.assert_close(out.double(), want, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+        torch.testing.assert_close(out, paged_attention(q, k2, v2, bt, cl, cu), rtol=0, atol=0)

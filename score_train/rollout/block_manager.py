@@ -23,9 +23,16 @@ class BlockTable:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int = 16):
-        if num_blocks <= 0 or block_size <= 0:
-            raise ValueError("num_blocks and block_size must be positive")
-        self.num_blocks, self.block_size = num_blocks, block_size
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self.block_size = block_size
+        self.reset(num_blocks)
+
+    def reset(self, num_blocks: int) -> None:
+        """Every block free, in a pool of num_blocks (the engine resizes its pool per call)."""
+        if num_blocks <= 0:
+            raise ValueError("num_blocks must be positive")
+        self.num_blocks = num_blocks
         self.refcount = [0] * num_blocks
         # pop() from the end: low block ids first, which keeps small runs compact in the pool
         self.free_list = list(range(num_blocks - 1, -1, -1))

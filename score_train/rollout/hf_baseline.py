@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from score_train.rollout.engine import DEFAULT_INSTRUCTION, ChatFormat, eos_ids_of
+from score_train.prompts import MATH_SELF_CORRECT, ChatFormat, eos_ids_of
 from score_train.rollout.types import SamplingParams, TwoTurnSample
 
 
@@ -30,7 +30,7 @@ class HFRollout:
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None) -> list[TwoTurnSample]:
-        instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
+        instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
         suffixes = [self.chat.suffix_ids(p, instruction) for p in prompts] if two_turn else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes)

@@ -10,11 +10,24 @@ A two-turn episode's token layout, exactly as the trainer scores it:
   after y1 when y1 did not already end with one, the user turn holding the instruction, and the
   assistant header. Token ids, never re-tokenised text.
 - turn2_ids: the sampled turn-2 tokens.
+
+With more than two turns (`generate(..., num_turns=K)`), turns 3..K follow in `extra_turns`, each
+after its own instruction ids: ... + turn2_ids + extra_turns[0].instruction_ids + extra_turns[0].ids ...
+`turn_ids` / `turn_logprobs` list every turn's tokens in order, whatever the count.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+@dataclass
+class ExtraTurn:
+    """Turn 3 or later: the ids between the previous turn and this one, then this turn's tokens."""
+    instruction_ids: list[int]
+    ids: list[int]
+    logprobs: list[float]
+    text: str
 
 
 @dataclass
@@ -30,11 +43,25 @@ class TwoTurnSample:
     turn2_ids: list[int] | None = None
     turn2_logprobs: list[float] | None = None
     turn2_text: str | None = None
+    extra_turns: list[ExtraTurn] = field(default_factory=list)
+
+    @property
+    def turn_ids(self) -> list[list[int]]:
+        """Every generated turn's tokens, in order."""
+        rest = [self.turn2_ids] if self.turn2_ids is not None else []
+        return [self.turn1_ids, *rest, *(t.ids for t in self.extra_turns)]
+
+    @property
+    def turn_logprobs(self) -> list[list[float]]:
+        rest = [self.turn2_logprobs] if self.turn2_logprobs is not None else []
+        return [self.turn1_logprobs, *rest, *(t.logprobs for t in self.extra_turns)]
 
     def full_ids(self) -> list[int]:
         ids = self.prompt_ids + self.turn1_ids
         if self.turn2_ids is not None:
             ids = ids + self.instruction_ids + self.turn2_ids
+        for t in self.extra_turns:
+            ids = ids + t.instruction_ids + t.ids
         return ids
 
 
