@@ -1,9 +1,16 @@
 """Self-correction evaluation (the SCoRe paper's metrics) and the `score-eval` command.
 
-Metrics, all as fractions of all (problem, sample) pairs:
+Metrics, as fractions of all n (problem, sample) pairs unless said otherwise:
 - acc_t1, acc_t2: accuracy of the first and the second attempt;
 - delta = acc_t2 - acc_t1; delta_i2c: wrong at turn 1, right at turn 2; delta_c2i: right then wrong.
-  delta == delta_i2c - delta_c2i holds exactly.
+  delta == delta_i2c - delta_c2i holds exactly. (The paper's definitions.)
+- cut_t1, cut_t2: the turn ended on the token limit (finish reason "length").
+- turn 1 *stated* an answer: an answer can be read from it (rewards.stated_answer) AND it ended on EOS
+  or a stop string. delta_i2c = delta_i2c_stated (a stated wrong answer corrected) + delta_i2c_unstated
+  (turn 1 cut off or without an answer; turn 2 answered).
+- delta_stated, the headline: over the n_stated pairs whose turn 1 stated an answer,
+  (right at turn 2 - right at turn 1) / n_stated, i.e. acc_t2_stated - acc_t1_stated. Finishing an
+  answer that turn 1 never wrote does not count. None when n_stated == 0.
 - edit-distance ratio of y1 vs y2: character Levenshtein distance / (len(y1) + len(y2)), in [0, 1]
   (0: identical, 1: nothing in common), reported as a 10-bin histogram.
 - self-consistency (inference scaling, paper Fig. 1/7): majority vote over the turn-1 answers of 2K
@@ -14,24 +21,40 @@ Metrics, all as fractions of all (problem, sample) pairs:
 """
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import sys
 import time
 from collections import Counter
 
 import numpy as np
 
+from score_train.config import Config
 from score_train.prompts import self_correction_instruction, turn1_message
-from score_train.rewards import answer_key, reward
+from score_train.rewards import answer_key, reward, stated_answer
 from score_train.rollout.types import SamplingParams
 
 HIST_BINS = 10
+# Above this fraction of turn-1 answers ending on the token limit, delta and i->c mostly measure turn 2
+# finishing what turn 1 could not (docs/trainer.md, "The 32-token artefact").
+CUT_WARN_FRAC = 0.05
+STATED_FINISH = ("eos", "stop")  # finish reasons of a turn that ended by itself
 
 
 # ---------------------------------------------------------------- metrics
 
-def self_correction_metrics(r1, r2) -> dict:
-    """r1, r2: per-(problem, sample) rewards of turn 1 and turn 2 (0/1)."""
+def _flags(x, shape, name):
+    f = np.asarray(x, dtype=bool)
+    if f.shape != shape:
+        raise ValueError(f"{name} must have one entry per pair ({shape[0]}), got shape {f.shape}")
+    return f
+
+
+def self_correction_metrics(r1, r2, stated=None, *, cut_t1=None, cut_t2=None) -> dict:
+    """r1, r2: per-(problem, sample) rewards of turn 1 and turn 2 (0/1).
+    stated: per pair, whether turn 1 stated an answer (turn1_stated); adds the stated split and delta_stated.
+    cut_t1, cut_t2: per pair, whether that turn ended on the token limit; adds their fractions."""
     a = np.asarray(r1, dtype=np.float64) > 0.5
     b = np.asarray(r2, dtype=np.float64) > 0.5
     if a.shape != b.shape:
@@ -41,8 +64,52 @@ def self_correction_metrics(r1, r2) -> dict:
         raise ValueError("no samples to score")
     i2c = int(np.sum(~a & b))
     c2i = int(np.sum(a & ~b))
-    return {"n": n, "acc_t1": float(a.sum()) / n, "acc_t2": float(b.sum()) / n,
-            "delta": (int(b.sum()) - int(a.sum())) / n, "delta_i2c": i2c / n, "delta_c2i": c2i / n}
+    out = {"n": n, "acc_t1": float(a.sum()) / n, "acc_t2": float(b.sum()) / n,
+           "delta": (int(b.sum()) - int(a.sum())) / n, "delta_i2c": i2c / n, "delta_c2i": c2i / n}
+    for key, flags in (("cut_t1", cut_t1), ("cut_t2", cut_t2)):
+        if flags is not None:
+            c = _flags(flags, a.shape, key)
+            out[f"n_{key}"] = int(c.sum())
+            out[key] = int(c.sum()) / n
+    if stated is not None:
+        s = _flags(stated, a.shape, "stated")
+        ns = int(s.sum())
+        counts = {"n_i2c_stated": int(np.sum(~a & b & s)), "n_i2c_unstated": int(np.sum(~a & b & ~s)),
+                  "n_c2i_stated": int(np.sum(a & ~b & s)), "n_c2i_unstated": int(np.sum(a & ~b & ~s))}
+        out.update(n_stated=ns, frac_stated=ns / n, **counts,
+                   delta_i2c_stated=counts["n_i2c_stated"] / n, delta_i2c_unstated=counts["n_i2c_unstated"] / n,
+                   acc_t1_stated=float(a[s].sum()) / ns if ns else None,
+                   acc_t2_stated=float(b[s].sum()) / ns if ns else None,
+                   delta_stated=(int(b[s].sum()) - int(a[s].sum())) / ns if ns else None)
+    return out
+
+
+def turn1_stated(kind: str, text: str | None, finish_reason: str) -> bool:
+    """Whether turn 1 stated an answer: one can be read from it and it ended by itself (EOS or a stop
+    string), not on the token limit. A cut-off turn that happens to contain a number has not stated it."""
+    return finish_reason in STATED_FINISH and stated_answer(kind, text) is not None
+
+
+def truncation_warning(metrics: dict) -> str | None:
+    """A loud multi-line warning when more than CUT_WARN_FRAC of the turn-1 answers ended on the token
+    limit (metrics: self_correction_metrics' dict with cut_t1, or an eval_<tag>.json); else None."""
+    cut = metrics.get("cut_t1")
+    if cut is None or cut <= CUT_WARN_FRAC:
+        return None
+    budget = metrics.get("max_new_tokens")
+    at = f" of {budget} tokens" if budget else ""
+    bar = "!" * 100
+    return "\n".join([
+        bar,
+        f"WARNING: {metrics.get('n_cut_t1')} of {metrics['n']} turn-1 answers ({100 * cut:.1f}%) ended on the token "
+        f"limit{at}, more than {100 * CUT_WARN_FRAC:g}%.",
+        "WARNING: turn 2 then finishes answers that turn 1 never wrote, and delta and i->c count that as "
+        "self-correction",
+        "WARNING: (docs/trainer.md, 'The 32-token artefact'). Look at 'delta among stated answers', and raise the "
+        "budget:",
+        "WARNING:   score-train: --eval.max_new_tokens=N (evaluations) and --rollout.max_new_tokens=N (rollouts)",
+        "WARNING:   score-eval:  --max-new-tokens N",
+        bar])
 
 
 def levenshtein(a, b) -> int:
@@ -110,28 +177,71 @@ def _score(samples, records, kind, reward_pool):
     return rs[0::2], rs[1::2]
 
 
-def _summarise(samples, records, kind, r1, r2) -> dict:
+def _finish(s, turn: int) -> str | None:
+    return s.finish_reasons[turn] if len(s.finish_reasons) > turn else None
+
+
+def _summarise(samples, records, kind, r1, r2, max_new_tokens: int) -> dict:
     ratios = [edit_distance_ratio(s.turn1_text or "", s.turn2_text or "") for s in samples]
-    return {"metrics": self_correction_metrics(r1, r2), "edit_distance": ratio_histogram(ratios),
-            "finish_reasons": dict(Counter(f for s in samples for f in s.finish_reasons))}
+    m = self_correction_metrics(r1, r2, [turn1_stated(kind, s.turn1_text, _finish(s, 0)) for s in samples],
+                                cut_t1=[_finish(s, 0) == "length" for s in samples],
+                                cut_t2=[_finish(s, 1) == "length" for s in samples])
+    return {"metrics": m | {"max_new_tokens": max_new_tokens}, "edit_distance": ratio_histogram(ratios),
+            "finish_reasons": dict(Counter(f for s in samples for f in s.finish_reasons)),
+            "finish_reasons_per_turn": [dict(Counter(_finish(s, t) for s in samples if _finish(s, t)))
+                                        for t in (0, 1)]}
 
 
 def _sample_rows(samples, records, kind, r1, r2) -> list[dict]:
     return [{"id": records[s.prompt_index].id, "sample": s.sample_index, "answer": records[s.prompt_index].answer,
              "y1": s.turn1_text, "y2": s.turn2_text, "r1": r1[i], "r2": r2[i],
-             "a1": answer_key(kind, s.turn1_text), "a2": answer_key(kind, s.turn2_text)}
+             "a1": answer_key(kind, s.turn1_text), "a2": answer_key(kind, s.turn2_text),
+             "finish": list(s.finish_reasons), "stated": turn1_stated(kind, s.turn1_text, _finish(s, 0))}
             for i, s in enumerate(samples)]
+
+
+def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instruction: str | None,
+              progress, desc: str):
+    """rollout.generate with a token progress bar on stderr (progress=True), or progress(desc, total)
+    returning a callable(tokens) and a close() (tests). The engine reports the tokens of every step; other
+    rollouts move the bar once, at the end. total is the budget's worst case, so an answer that stops at
+    EOS finishes early and the bar jumps to the end."""
+    if not progress:
+        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction)
+    total = len(prompts) * params.n * (2 if two_turn else 1) * params.max_new_tokens
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    else:
+        bar = progress(desc, total)
+    done = [0]
+
+    def step(tokens: int):
+        tokens = min(int(tokens), total - done[0])
+        if tokens > 0:
+            done[0] += tokens
+            bar.update(tokens)
+
+    kw = {"progress": step} if "progress" in inspect.signature(rollout.generate).parameters else {}
+    try:
+        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction, **kw)
+    finally:
+        step(total - done[0])
+        bar.close()
 
 
 def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: bool = True,
              max_new_tokens: int = 256, style: str = "plain", seed: int = 0, reward_pool=None,
-             keep_samples: bool = True, log=None) -> dict:
+             keep_samples: bool = True, log=None, progress=False, warn: bool = True) -> dict:
     """Two-turn evaluation of any Rollout on records (all of one kind).
 
     greedy: one greedy two-turn sample per problem (the paper's headline numbers).
     k > 0: K two-turn samples per problem at `temperature` (self-correction metrics over them) plus K
     more turn-1-only samples, for self-consistency: majority over 2K turn-1 answers vs majority over
     the K turn-2 answers. Self-consistency is skipped for code (no comparable answers).
+    progress: a token progress bar per generation on stderr (see _generate).
+    warn: print truncation_warning on stderr when it applies (it is kept in result["warnings"] anyway).
     """
     if not records:
         raise ValueError("records is empty")
@@ -151,12 +261,12 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
 
     if greedy:
         t0 = time.perf_counter()
-        ss = rollout.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed),
-                              two_turn=True, instruction=instruction)
+        ss = _generate(rollout, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed),
+                       two_turn=True, instruction=instruction, progress=progress, desc="eval greedy")
         gen_s = time.perf_counter() - t0
         _check(ss, len(records), 1, two_turn=True)
         r1, r2 = _score(ss, records, kind, reward_pool)
-        out["greedy"] = _summarise(ss, records, kind, r1, r2) | {"generate_s": gen_s}
+        out["greedy"] = _summarise(ss, records, kind, r1, r2, max_new_tokens) | {"generate_s": gen_s}
         if keep_samples:
             out["greedy"]["samples"] = _sample_rows(ss, records, kind, r1, r2)
         log(f"greedy: {len(ss)} two-turn samples in {gen_s:.1f}s")
@@ -164,15 +274,17 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     if k > 0:
         t0 = time.perf_counter()
         p = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1)
-        ss = rollout.generate(prompts, p, two_turn=True, instruction=instruction)
+        ss = _generate(rollout, prompts, p, two_turn=True, instruction=instruction, progress=progress,
+                       desc=f"eval T={temperature:g} k={k}")
         _check(ss, len(records), k, two_turn=True)
         r1, r2 = _score(ss, records, kind, reward_pool)
-        sampled = _summarise(ss, records, kind, r1, r2)
+        sampled = _summarise(ss, records, kind, r1, r2, max_new_tokens)
         sampled.update({"temperature": temperature, "k": k})
         if kind != "code":
-            extra = rollout.generate(prompts, SamplingParams(n=k, temperature=temperature,
-                                                             max_new_tokens=max_new_tokens, seed=seed + 2),
-                                     two_turn=False)
+            extra = _generate(rollout, prompts, SamplingParams(n=k, temperature=temperature,
+                                                               max_new_tokens=max_new_tokens, seed=seed + 2),
+                              two_turn=False, instruction=None, progress=progress,
+                              desc=f"eval turn 1 only k={k}")
             _check(extra, len(records), k, two_turn=False)
             if reward_pool is not None:
                 rx = reward_pool.score([(kind, s.turn1_text, records[s.prompt_index]) for s in extra])
@@ -196,6 +308,10 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
             sampled["samples"] = _sample_rows(ss, records, kind, r1, r2)
         out["sampled"] = sampled
         log(f"sampled: T={temperature} k={k} in {sampled['generate_s']:.1f}s")
+    w = truncation_warning(out["greedy" if greedy else "sampled"]["metrics"])
+    out["warnings"] = [w] if w else []
+    if w and warn:
+        print(w, file=sys.stderr, flush=True)
     return out
 
 
@@ -204,6 +320,84 @@ def _check(samples, n_prompts, n, *, two_turn):
         raise RuntimeError(f"rollout returned {len(samples)} samples, expected {n_prompts * n}")
     if two_turn and any(s.turn2_text is None for s in samples):
         raise RuntimeError("rollout returned samples without a second turn")
+
+
+# ---------------------------------------------------------------- the trainer's evaluations
+
+def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: str) -> dict:
+    """Greedy two-turn evaluation on held-out records (score_train.eval, the same prompts as training);
+    writes eval_<tag>.json (metrics, edit-distance ratios) and a sample table. The base model's
+    evaluation ('before', or 'base' for a run without steps) warns on stderr when turn 1 is cut too often
+    (truncation_warning); the warning is kept in the result's "warning"."""
+    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+    model = getattr(rollout, "model", None)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    t0 = time.perf_counter()
+    res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
+                   progress=bool(cfg.run.progress), warn=False)
+    if model is not None and was_training:
+        model.train()
+    g = res["greedy"]
+    rows = g.get("samples", [])
+    out = dict(g["metrics"], tag=tag, step=step, num_problems=len(records), eval_s=time.perf_counter() - t0,
+               edit_distance=g["edit_distance"], finish_reasons=g.get("finish_reasons"),
+               finish_reasons_per_turn=g.get("finish_reasons_per_turn"),
+               edit_distance_ratios=[round(edit_distance_ratio(r["y1"] or "", r["y2"] or ""), 4) for r in rows])
+    w = truncation_warning(out) if tag in ("before", "base") else None
+    if w:
+        out["warning"] = w
+        print(w, file=sys.stderr, flush=True)
+    with open(os.path.join(run_dir, f"eval_{tag}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    if rows:
+        probs = {r.id: r.problem for r in records}
+        write_samples(os.path.join(run_dir, f"samples_eval_{tag}.md"),
+                      [dict(r, problem=probs.get(r["id"], r["id"])) for r in rows[: cfg.eval.sample_rows]])
+    return out
+
+
+def write_samples(path: str, rows: list[dict]):
+    def cell(s):
+        return str(s).replace("|", "\\|").replace("\n", " ")[:300]
+
+    # "ended": how each turn ended (eos | stop | length = cut by the token limit)
+    with open(path, "w") as f:
+        f.write("| problem | y1 | y2 | r1 | r2 | ended |\n|---|---|---|---|---|---|\n")
+        f.writelines(f"| {cell(r.get('problem'))} | {cell(r.get('y1'))} | {cell(r.get('y2'))} | "
+                    f"{r.get('r1')} | {r.get('r2')} | {'/'.join(r.get('finish') or [])} |\n" for r in rows)
+
+
+HEADLINE_KEYS = ("delta_stated", "n_stated", "n", "acc_t1_stated", "acc_t2_stated", "n_i2c_stated", "n_c2i_stated",
+                 "delta", "cut_t1", "cut_t2", "max_new_tokens")
+
+
+def headline(evals: list[dict]) -> dict:
+    """summary.json's headline: delta among stated answers (and what it rests on) of each evaluation, by tag."""
+    return {"metric": "delta_stated: (right at turn 2 - right at turn 1) / n_stated, over the n_stated problems "
+                      "whose turn 1 stated an answer (read from it, ended on EOS or a stop string)",
+            **{e.get("tag", str(i)): {k: e.get(k) for k in HEADLINE_KEYS} for i, e in enumerate(evals)}}
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{100 * v:+.1f}%"
+
+
+def fmt_eval(e: dict) -> str:
+    """One line: the headline (delta among stated answers) first, then the paper's metrics and the
+    fractions of turns cut by the token limit."""
+    head = ""
+    if "n_stated" in e:
+        head = f"delta among stated answers {_signed(e.get('delta_stated'))} ({e['n_stated']}/{e['n']} stated) | "
+    keys = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta"), ("delta_i2c", "i->c"),
+            ("delta_c2i", "c->i")]
+    body = ", ".join(f"{name} {100 * e[k]:.1f}%" for k, name in keys if k in e)
+    if "n_i2c_stated" in e:
+        body += f" (i->c: {e['n_i2c_stated']} stated wrong, {e['n_i2c_unstated']} cut off or no answer)"
+    if "cut_t1" in e:
+        body += f", cut by the limit t1 {100 * e['cut_t1']:.1f}% t2 {100 * e.get('cut_t2', 0):.1f}%"
+    return head + body + f" (n={e.get('num_problems')})"
 
 
 # ---------------------------------------------------------------- report
@@ -215,14 +409,23 @@ def format_table(result: dict) -> str:
     if "sampled" in result:
         s = result["sampled"]
         rows.append((f"T={s['temperature']:g}, k={s['k']}", s))
-    head = f"{'decoding':<16}{'Acc@t1':>8}{'Acc@t2':>8}{'delta':>8}{'i->c':>8}{'c->i':>8}{'edit':>7}"
+    head = (f"{'decoding':<16}{'d|stated':>9}{'stated':>8}{'Acc@t1':>8}{'Acc@t2':>8}{'delta':>8}{'i->c':>7}"
+            f"{'st':>6}{'cut':>6}{'c->i':>7}{'cut@t1':>8}{'cut@t2':>8}{'edit':>6}")
     lines = [f"task {result.get('task', result['kind'])}, model {result.get('model', '?')}, "
-             f"{result['n_problems']} held-out problems (numbers in %; edit = mean edit-distance ratio)",
+             f"{result['n_problems']} held-out problems, {result.get('max_new_tokens', '?')} tokens a turn",
+             "d|stated (the headline): Acc@t2 - Acc@t1 over the problems whose turn 1 stated an answer (answer "
+             "read, ended by itself); stated: their number.",
+             "i->c = st (stated wrong answer corrected) + cut (turn 1 cut off or without an answer); cut@t: "
+             "turns that ended on the token limit. Numbers in %; edit = mean edit-distance ratio.",
              head, "-" * len(head)]
     for name, s in rows:
         m = s["metrics"]
-        lines.append(f"{name:<16}{100 * m['acc_t1']:8.1f}{100 * m['acc_t2']:8.1f}{100 * m['delta']:+8.1f}"
-                     f"{100 * m['delta_i2c']:8.1f}{100 * m['delta_c2i']:8.1f}{s['edit_distance']['mean']:7.2f}")
+        ds = m.get("delta_stated")
+        lines.append(f"{name:<16}{'n/a' if ds is None else f'{100 * ds:+.1f}':>9}{m.get('n_stated', '?'):>8}"
+                     f"{100 * m['acc_t1']:8.1f}{100 * m['acc_t2']:8.1f}{100 * m['delta']:+8.1f}"
+                     f"{100 * m['delta_i2c']:7.1f}{100 * m.get('delta_i2c_stated', 0):6.1f}"
+                     f"{100 * m.get('delta_i2c_unstated', 0):6.1f}{100 * m['delta_c2i']:7.1f}"
+                     f"{100 * m.get('cut_t1', 0):8.1f}{100 * m.get('cut_t2', 0):8.1f}{s['edit_distance']['mean']:6.2f}")
     sc = result.get("sampled", {}).get("self_consistency")
     if sc:
         lines.append(f"self-consistency: majority@{2 * sc['k']} turn-1 {100 * sc['parallel_2k_turn1']:.1f}  |  "
@@ -232,6 +435,7 @@ def format_table(result: dict) -> str:
         h = s["edit_distance"]
         lines.append(f"edit-distance ratio histogram ({name}), bins of {1 / len(h['counts']):.1f} from 0 to 1: "
                      + " ".join(str(c) for c in h["counts"]))
+    lines += result.get("warnings") or []
     return "\n".join(lines)
 
 

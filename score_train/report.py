@@ -73,8 +73,11 @@ def plot_evals(evals, path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [e.get("step", 0) for e in evals]
-    for key, label in (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta(t1,t2)")):
-        ax.plot(x, [100 * e.get(key, float("nan")) for e in evals], marker="o", label=label)
+    for key, label in (("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta(t1,t2)"),
+                       ("delta_stated", "delta among stated answers")):
+        if any(e.get(key) is not None for e in evals):
+            ax.plot(x, [100 * (e.get(key) if e.get(key) is not None else float("nan")) for e in evals],
+                    marker="o", label=label)
     ax.axhline(0, color="black", lw=0.5)
     _finish(plt, fig, ax, path, "step", "% of held-out problems (greedy)")
 
@@ -92,6 +95,29 @@ def plot_edit_distance(evals, path):
 
 def _pct(v):
     return "" if v is None else f"{100 * v:.1f}"
+
+
+def _stated(e) -> str:
+    if "n_stated" not in e:
+        return ""
+    d = e.get("delta_stated")
+    return f"**{'n/a' if d is None else f'{100 * d:+.1f}'}** ({e['n_stated']}/{e.get('n', e.get('num_problems'))})"
+
+
+def _count(e, key) -> str:
+    return "" if key not in e else str(e[key])
+
+
+EVAL_NOTES = [
+    "- **delta among stated answers** (the headline): Acc@t2 - Acc@t1 over the problems whose turn 1 *stated* an "
+    "answer (an answer can be read from it and it ended on EOS or a stop string, not on the token limit); in "
+    "brackets: stated problems / all problems. A turn 2 that finishes an answer turn 1 never wrote does not count.",
+    "- delta, i->c, c->i: the paper's, over all problems (% of them). i->c splits into *stated* (a stated wrong "
+    "answer corrected) and *cut/none* (turn 1 cut off or without an answer, turn 2 answered); those two are "
+    "counts of problems.",
+    "- cut@t1, cut@t2: % of answers that ended on the token limit. Above 5% at turn 1, delta and i->c mostly "
+    "measure truncation (docs/trainer.md, 'The 32-token artefact').",
+]
 
 
 def write_report(run_dir: str) -> str:
@@ -117,13 +143,20 @@ def write_report(run_dir: str) -> str:
                    f"wall time: {summary.get('wall_s', 0) / 60:.1f} min on {summary.get('device')} "
                    f"({summary.get('threads')} threads)"), ""]
     lines += ["## Evaluation (greedy, held-out problems)", "",
-              "| eval | step | problems | Acc@t1 | Acc@t2 | delta(t1,t2) | i->c | c->i |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| eval | step | problems | delta among stated answers | Acc@t1 | Acc@t2 | delta(t1,t2) | i->c | "
+              "i->c stated | i->c cut/none | c->i | cut@t1 | cut@t2 | tokens a turn |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in evals:
-        lines.append(f"| {e.get('tag')} | {e.get('step', 0)} | {e.get('num_problems', '')} | {_pct(e.get('acc_t1'))} | "
-                     f"{_pct(e.get('acc_t2'))} | {_pct(e.get('delta'))} | {_pct(e.get('delta_i2c'))} | "
-                     f"{_pct(e.get('delta_c2i'))} |")
-    lines.append("")
+        lines.append(f"| {e.get('tag')} | {e.get('step', 0)} | {e.get('num_problems', '')} | {_stated(e)} | "
+                     f"{_pct(e.get('acc_t1'))} | {_pct(e.get('acc_t2'))} | {_pct(e.get('delta'))} | "
+                     f"{_pct(e.get('delta_i2c'))} | {_count(e, 'n_i2c_stated')} | {_count(e, 'n_i2c_unstated')} | "
+                     f"{_pct(e.get('delta_c2i'))} | {_pct(e.get('cut_t1'))} | {_pct(e.get('cut_t2'))} | "
+                     f"{e.get('max_new_tokens', '')} |")
+    lines += [""] + EVAL_NOTES + [""]
+    for e in evals:
+        if e.get("warning"):
+            lines += [f"**Warning ({e.get('tag')}):** " + " ".join(
+                ln.removeprefix("WARNING:").strip() for ln in e["warning"].splitlines() if ln.startswith("WARNING")), ""]
     for title, png in pics:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
     samples = sorted(glob.glob(os.path.join(run_dir, "samples_*.md")))

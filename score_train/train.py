@@ -31,6 +31,7 @@ from score_train import algos, checkpoint
 from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
 from score_train.cli import train_main as main
 from score_train.config import Config
+from score_train.eval import evaluate_run, fmt_eval, write_samples
 from score_train.rollout.types import SamplingParams
 from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
 
@@ -295,46 +296,6 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
     return out
 
 
-# ---------------------------------------------------------------------------- evaluation
-
-def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: str) -> dict:
-    """Greedy two-turn evaluation on held-out records (score_train.eval, the same prompts as training);
-    writes eval_<tag>.json (metrics, edit-distance ratios) and a sample table."""
-    from score_train import eval as ev
-
-    max_new = cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
-    model = getattr(rollout, "model", None)
-    was_training = model.training if model is not None else False
-    if model is not None:
-        model.eval()
-    t0 = time.perf_counter()
-    res = ev.evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed)
-    if model is not None and was_training:
-        model.train()
-    g = res["greedy"]
-    rows = g.get("samples", [])
-    out = dict(g["metrics"], tag=tag, step=step, num_problems=len(records), eval_s=time.perf_counter() - t0,
-               edit_distance=g["edit_distance"], finish_reasons=g.get("finish_reasons"),
-               edit_distance_ratios=[round(ev.edit_distance_ratio(r["y1"] or "", r["y2"] or ""), 4) for r in rows])
-    with open(os.path.join(run_dir, f"eval_{tag}.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    if rows:
-        probs = {r.id: r.problem for r in records}
-        write_samples(os.path.join(run_dir, f"samples_eval_{tag}.md"),
-                      [dict(r, problem=probs.get(r["id"], r["id"])) for r in rows[: cfg.eval.sample_rows]])
-    return out
-
-
-def write_samples(path: str, rows: list[dict]):
-    def cell(s):
-        return str(s).replace("|", "\\|").replace("\n", " ")[:300]
-
-    with open(path, "w") as f:
-        f.write("| problem | y1 | y2 | r1 | r2 |\n|---|---|---|---|---|\n")
-        f.writelines(f"| {cell(r.get('problem'))} | {cell(r.get('y1'))} | {cell(r.get('y2'))} | "
-                    f"{r.get('r1')} | {r.get('r2')} |\n" for r in rows)
-
-
 # ---------------------------------------------------------------------------- the run
 
 def step_seed(cfg: Config, step: int) -> int:
@@ -558,12 +519,6 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     except ImportError as e:  # matplotlib is optional
         print(f"report skipped: {e}", file=sys.stderr)
     return summary
-
-
-def fmt_eval(e: dict) -> str:
-    keys = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta"), ("delta_i2c", "i->c"),
-            ("delta_c2i", "c->i")]
-    return ", ".join(f"{name} {100 * e[k]:.1f}%" for k, name in keys if k in e) + f" (n={e.get('num_problems')})"
 
 
 if __name__ == "__main__":

@@ -229,3 +229,192 @@ def test_prompts():
         assert "wrong" not in instr.lower() and "incorrect" not in instr.lower()  # never reveals correctness
     with pytest.raises(ValueError):
         P.turn1_message(arith, "fancy")
+
+
+# ---------------------------------------------------------------- truncation and stated answers
+
+def _sample(i, y1, y2, f1="eos", f2="eos"):
+    return TwoTurnSample(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[0.0],
+                         turn1_text=y1, finish_reasons=[f1, f2], turn2_ids=[3], turn2_text=y2)
+
+
+class FixedRollout:
+    """Returns hand-built samples; records the generate() keyword arguments it was called with."""
+
+    def __init__(self, samples):
+        self.samples, self.kwargs = samples, []
+
+    def generate(self, prompts, params, *, two_turn=True, instruction=None, progress=None):
+        self.kwargs.append({"progress": progress})
+        if progress is not None:
+            for _ in range(3):
+                progress(1)
+        return self.samples
+
+
+def _recs(n):
+    return [Record(id=f"p{i}", kind="arithmetic", problem=f"What is {i} + 10?", answer=str(i + 10)) for i in range(n)]
+
+
+def test_truncation_accounting():
+    # turn 1 ends on the limit in samples 0, 1 and 3 of 5; turn 2 in sample 1 only
+    ss = [_sample(0, "We add the tens", "10", "length", "eos"),
+          _sample(1, "First, 1 + 10", "The sum", "length", "length"),
+          _sample(2, "12", "12", "eos", "eos"),
+          _sample(3, "3 + 10 = 1", "13", "length", "stop"),
+          _sample(4, "14", "14", "stop", "eos")]
+    res = evaluate(FixedRollout(ss), _recs(5), max_new_tokens=8, warn=False)
+    g = res["greedy"]
+    m = g["metrics"]
+    assert (m["n_cut_t1"], m["n_cut_t2"]) == (3, 1)
+    assert m["cut_t1"] == pytest.approx(0.6) and m["cut_t2"] == pytest.approx(0.2)
+    assert m["max_new_tokens"] == 8
+    assert g["finish_reasons_per_turn"] == [{"length": 3, "eos": 1, "stop": 1}, {"eos": 3, "length": 1, "stop": 1}]
+    assert [r["finish"] for r in g["samples"]][1] == ["length", "length"]
+    table = format_table(res)
+    assert "cut@t1" in table and "cut@t2" in table and "60.0" in table
+
+
+def test_stated_answer_split():
+    recs = _recs(6)
+    ss = [_sample(0, "The answer is 11.", "Let me check: 0 + 10 = 10.", "eos"),  # stated wrong -> right
+          _sample(1, "To add these we combine the numbers by", "1 + 10 = 11.", "length"),  # cut off -> right
+          _sample(2, "I am not sure how to add these.", "2 + 10 = 12.", "eos"),  # no answer -> right
+          _sample(3, "3 + 10 = 13.", "Sorry, it is 14.", "eos"),  # right -> wrong (stated)
+          _sample(4, "4 + 10 = 1", "4 + 10 = 14.", "length"),  # a number, but cut off: not stated -> right
+          _sample(5, "15", "15", "stop")]  # right -> right (ended on a stop string: stated)
+    m = evaluate(FixedRollout(ss), recs, max_new_tokens=16, warn=False)["greedy"]["metrics"]
+    assert (m["acc_t1"], m["acc_t2"]) == (pytest.approx(2 / 6), pytest.approx(5 / 6))
+    assert m["delta_i2c"] == pytest.approx(4 / 6) and m["delta_c2i"] == pytest.approx(1 / 6)  # the paper's
+    assert m["n_stated"] == 3  # samples 0, 3, 5
+    assert (m["n_i2c_stated"], m["n_i2c_unstated"], m["n_c2i_stated"], m["n_c2i_unstated"]) == (1, 3, 1, 0)
+    assert m["delta_i2c_stated"] + m["delta_i2c_unstated"] == pytest.approx(m["delta_i2c"])
+    # among the 3 stated: right at turn 1 {3, 5}, right at turn 2 {0, 5} -> delta 0, not the +50 of all six
+    assert m["acc_t1_stated"] == pytest.approx(2 / 3) and m["acc_t2_stated"] == pytest.approx(2 / 3)
+    assert m["delta_stated"] == pytest.approx(0.0) and m["delta"] == pytest.approx(0.5)
+
+
+def test_stated_metrics_hand_computed_and_empty():
+    m = self_correction_metrics([0, 0, 1, 0], [1, 1, 1, 0], stated=[True, False, True, False])
+    assert m["n_stated"] == 2 and m["delta_stated"] == pytest.approx(0.5)  # (2 - 1) / 2
+    none = self_correction_metrics([0, 0], [1, 0], stated=[False, False])
+    assert none["n_stated"] == 0 and none["delta_stated"] is None and none["acc_t1_stated"] is None
+    with pytest.raises(ValueError, match="stated"):
+        self_correction_metrics([0, 1], [1, 1], stated=[True])
+    from score_train.eval import turn1_stated
+
+    assert turn1_stated("arithmetic", "it is 12", "eos") and turn1_stated("arithmetic", "it is 12", "stop")
+    assert not turn1_stated("arithmetic", "it is 12", "length") and not turn1_stated("arithmetic", "no idea", "eos")
+
+
+def test_truncation_warning_threshold():
+    from score_train.eval import truncation_warning
+
+    def m(cut, n=100):
+        return self_correction_metrics([0] * n, [0] * n, cut_t1=[i < cut for i in range(n)]) | {"max_new_tokens": 32}
+
+    assert truncation_warning(m(5)) is None  # exactly 5%: no warning
+    assert truncation_warning(m(0)) is None
+    assert truncation_warning({"n": 3}) is None  # nothing known about the limit
+    w = truncation_warning(m(6))
+    assert w is not None and w.count("\n") >= 3 and "WARNING" in w
+    assert "6 of 100" in w and "32 tokens" in w
+    assert "--eval.max_new_tokens" in w and "--rollout.max_new_tokens" in w and "--max-new-tokens" in w
+
+
+def test_evaluate_warns_on_stderr(capsys):
+    cut = [_sample(i, "Adding the two", f"{i + 10}", "length") for i in range(2)]
+    res = evaluate(FixedRollout(cut + [_sample(2, "12", "12")]), _recs(3), max_new_tokens=4)
+    err = capsys.readouterr().err
+    assert "WARNING: 2 of 3 turn-1 answers (66.7%)" in err
+    assert res["warnings"] and res["warnings"][0] in format_table(res)
+    ok = evaluate(FixedRollout([_sample(i, f"{i + 10}", f"{i + 10}") for i in range(3)]), _recs(3))
+    assert ok["warnings"] == [] and "WARNING" not in capsys.readouterr().err
+
+
+def _cfg(tmp_path, progress=False):
+    from score_train.config import Config
+
+    cfg = Config()
+    cfg.eval.max_new_tokens, cfg.run.progress, cfg.run.out_dir = 8, progress, str(tmp_path)
+    return cfg
+
+
+def test_evaluate_run_warns_for_the_base_model_only(tmp_path, capsys):
+    from score_train.eval import evaluate_run, fmt_eval
+
+    cut = FixedRollout([_sample(i, "Adding the two", f"{i + 10}", "length") for i in range(4)])
+    before = evaluate_run(cut, _recs(4), _cfg(tmp_path), "before", 0, str(tmp_path))
+    err = capsys.readouterr().err
+    assert "WARNING: 4 of 4 turn-1 answers" in err and "--eval.max_new_tokens" in err
+    assert before["warning"] and before["cut_t1"] == 1.0 and before["n_stated"] == 0
+    saved = json.loads((tmp_path / "eval_before.json").read_text())
+    assert saved["cut_t1"] == 1.0 and saved["delta_stated"] is None and saved["n_i2c_unstated"] == 4
+    assert "| ended |" in (tmp_path / "samples_eval_before.md").read_text()
+    after = evaluate_run(cut, _recs(4), _cfg(tmp_path), "after", 10, str(tmp_path))
+    assert "warning" not in after and "WARNING" not in capsys.readouterr().err
+    line = fmt_eval(after)
+    assert line.startswith("delta among stated answers n/a (0/4 stated)") and "cut by the limit t1 100.0%" in line
+    from score_train.eval import headline
+
+    h = headline([before, after])
+    assert "n_stated" in h["metric"] and h["after"]["n_stated"] == 0 and h["before"]["cut_t1"] == 1.0
+    assert h["after"]["delta_stated"] is None and h["after"]["max_new_tokens"] == 8
+
+
+def test_evaluate_progress(tmp_path, capsys):
+    # a callback hook: the engine-style rollout's steps reach it, and it is closed at the full total
+    events = []
+
+    class Bar:
+        def __init__(self, desc, total):
+            events.append(("open", desc, total))
+
+        def update(self, n):
+            events.append(("update", n))
+
+        def close(self):
+            events.append(("close",))
+
+    ro = FixedRollout([_sample(i, f"{i + 10}", f"{i + 10}") for i in range(3)])
+    evaluate(ro, _recs(3), max_new_tokens=4, progress=Bar)
+    assert events[0] == ("open", "eval greedy", 3 * 2 * 4)
+    assert events[1:4] == [("update", 1)] * 3 and events[-2:] == [("update", 24 - 3), ("close",)]
+    # progress=True: a tqdm bar on stderr; the trainer's evaluations show it when run.progress is on
+    from score_train.eval import evaluate_run
+
+    evaluate_run(ro, _recs(3), _cfg(tmp_path, progress=True), "after", 1, str(tmp_path))
+    err = capsys.readouterr().err
+    assert "eval greedy" in err and "48/48" in err  # 3 problems, 2 turns, eval.max_new_tokens=8
+    # a rollout without a progress argument still gets a bar (moved once, at the end)
+    evaluate(ScriptedRollout(lambda *a: "1"), _recs(2), max_new_tokens=4, progress=True)
+    assert "16/16" in capsys.readouterr().err
+
+
+def test_tiny_model_evaluation_is_quick_and_shows_progress(tiny_model_dir, capsys):
+    # after the model load, a few problems take seconds, and the engine moves the bar at every step
+    import time
+
+    from score_train.eval import make_rollout
+
+    rollout, backend = make_rollout(tiny_model_dir, backend="engine", device="cpu")
+    assert backend == "engine"
+    updates = []
+
+    class Bar:
+        def __init__(self, desc, total):
+            self.total = total
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    t0 = time.process_time()  # CPU time: the machine may be shared with other jobs
+    res = evaluate(rollout, generate_arithmetic(4, "eval", seed=0), max_new_tokens=6, progress=Bar, warn=False)
+    assert time.process_time() - t0 < 20  # about a second on a quiet 2-core machine
+    assert len(updates) > 2 and sum(updates) == 4 * 2 * 6  # per engine step, then the rest at the end
+    assert res["greedy"]["metrics"]["n"] == 4 and "cut_t1" in res["greedy"]["metrics"]
+    evaluate(rollout, generate_arithmetic(2, "eval", seed=0), max_new_tokens=6, progress=True, warn=False)
+    assert "eval greedy" in capsys.readouterr().err

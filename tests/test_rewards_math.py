@@ -158,3 +158,36 @@ def test_reward_pool_code_items():
              ("code", "    return x\n", code)]
     with RewardPool(workers=1, code_timeout_s=1.0) as pool:
         assert pool.score(items) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("kind, text, stated", [
+    ("arithmetic", "55 + 33 = 88.", "88"),
+    ("arithmetic", "The answer is \\boxed{88}, not 90", "88"),  # the boxed answer wins over the last number
+    ("arithmetic", "Final Answer: The final answer is $1,234$. I hope it is correct.", "1234"),
+    ("arithmetic", "To add these we need to combine the numbers by", None),  # cut off before any number
+    ("arithmetic", "", None),
+    ("arithmetic", None, None),
+    ("math", "so x = 3, thus \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("math", "Final Answer: The final answer is $7$. I hope it is correct.", "7"),
+    ("math", "We have x = 3 and then", None),  # a number but no stated final answer
+    ("math", "\\boxed{ }", None),
+    ("code", "```python\ndef f(x):\n    return x\n```", "def f(x):\n    return x\n"),
+    ("code", "def f(x): return x", "def f(x): return x"),
+    ("code", "   \n", None),
+    ("code", None, None),
+])
+def test_stated_answer(kind, text, stated):
+    from score_train.rewards import stated_answer
+
+    assert stated_answer(kind, text) == stated
+
+
+def test_stated_answer_agrees_with_reward():
+    # a response the reward scores right always states an answer
+    from score_train.rewards import stated_answer
+
+    rec = Record(id="a", kind="arithmetic", problem="What is 2 + 2?", answer="4")
+    for text in ("4", "2 + 2 = 4.", "\\boxed{4}", "it is 4, final"):
+        assert reward("arithmetic", text, rec) == 1.0 and stated_answer("arithmetic", text) == "4"
+    with pytest.raises(ValueError, match="task_kind"):
+        stated_answer("chess", "e4")

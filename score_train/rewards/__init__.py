@@ -22,7 +22,7 @@ from score_train.rewards.math import (arithmetic_answer, arithmetic_reward, extr
                                       math_reward)
 
 __all__ = ["ExecResult", "RewardPool", "answer_key", "arithmetic_answer", "check_program", "extract_answer",
-           "extract_code", "is_equivalent", "reward"]
+           "extract_code", "is_equivalent", "reward", "stated_answer"]
 
 
 def _get(record, key):
@@ -41,6 +41,25 @@ def reward(task_kind: str, text: str | None, record, *, code_timeout_s: float = 
         return code_reward(text, _get(record, "tests"), prompt=_get(record, "problem"),
                            entry_point=_get(record, "entry_point"), timeout_s=code_timeout_s,
                            memory_mb=code_memory_mb)
+    raise ValueError(f"task_kind must be 'arithmetic', 'math' or 'code', got {task_kind!r}")
+
+
+def stated_answer(task_kind: str, text: str | None) -> str | None:
+    """The answer a response states, read by the same rule as its reward, or None when it states none.
+
+    arithmetic: the \\boxed{} / "Final Answer" number, else the last number (arithmetic_answer);
+    math: the \\boxed{} / "Final Answer" answer (extract_answer); code: the program text (the last
+    fenced block, else the whole response) when it is not blank.
+    Evaluation uses it to tell a wrong answer from no answer at all (a turn cut off before it wrote one).
+    """
+    if task_kind == "arithmetic":
+        return arithmetic_answer(text)
+    if task_kind == "math":
+        a = extract_answer(text)
+        return a if a is not None and a.strip() else None
+    if task_kind == "code":
+        code = extract_code(text)
+        return code if code.strip() else None
     raise ValueError(f"task_kind must be 'arithmetic', 'math' or 'code', got {task_kind!r}")
 
 
