@@ -412,3 +412,38 @@ def test_kl_tokens_bad_input():
         policy_loss(lp, adv, ids, kl_tokens=torch.zeros(3, 3), kl_coef=0.1)
     with pytest.raises(ValueError, match="kl_tokens"):
         policy_loss(lp, adv, ids, kl_tokens=torch.zeros(3, 4, dtype=torch.long), kl_coef=0.1)
+
+
+# ----------------------------------------------------------------------------- bad numbers stay visible
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [{}, {"clip_eps": 0.2}, {"old": True}, {"kl_tokens": True}])
+@pytest.mark.parametrize("bad", [NAN, float("inf"), -float("inf")])
+def test_nan_logprob_gives_nan_loss_and_gradient(backend, cfg, bad):
+    """A NaN / inf log-prob at a policy token is NaN out on every backend, as in the reference (no
+    old_logprobs: ratio = exp(lp - lp) is NaN there, not 1)."""
+    lp = torch.tensor([[bad, -1.0, -2.0], [-0.5, -0.1, -0.3]], device=DEV, requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5]], device=DEV)
+    ids = torch.tensor([[0, 0, 1], [0, 1, -1]], device=DEV)
+    kw = {"clip_eps": cfg.get("clip_eps")}
+    if cfg.get("old"):
+        kw["old_logprobs"] = torch.full((2, 3), -1.0, device=DEV)
+    if cfg.get("kl_tokens"):
+        kw.update(kl_tokens=torch.full((2, 3), 0.1, device=DEV), kl_coef=0.1)
+    loss, _ = policy_loss(lp, adv, ids, backend=backend, **kw)
+    want, _ = policy_loss_reference(lp, adv, ids, **kw)
+    (g,) = torch.autograd.grad(loss, lp)
+    (wg,) = torch.autograd.grad(want, lp)
+    def same(a, b):  # the same NaN and inf positions
+        return torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+
+    assert same(loss, want) and same(g.cpu(), wg.cpu()), (float(loss), float(want), g, wg)
+    if "old_logprobs" not in kw:  # issue 16: this case gave a finite loss and gradient on a backend
+        assert torch.isnan(loss) and torch.isnan(g[0, 0])
+    assert g[1, 2] == 0  # a masked token stays exactly 0
+
+
+def test_nan_kl_tokens_at_a_policy_token_is_nan():
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    kl = torch.tensor([[NAN, 0.1]], requires_grad=True)
+    loss, stats = policy_loss(lp, torch.ones(1, 2), torch.zeros(1, 2, dtype=torch.long), kl_tokens=kl, kl_coef=0.1)
+    assert torch.isnan(loss) and torch.isnan(stats["kl_turn0"])

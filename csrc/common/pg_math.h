@@ -29,7 +29,9 @@ struct PGToken {
 template <typename T>
 SCORE_HD PGToken<T> pg_token(T lp, T old, T ref, T adv, T coef, const PGParams& p) {
   PGToken<T> o;
-  o.ratio = p.has_old ? exp(lp - old) : T(1);
+  // Without old: ratio = exp(lp - lp) as in the reference's exp(lp - lp.detach()): 1, but NaN for a
+  // NaN / inf lp, so a bad log-prob reaches the loss and gradient instead of vanishing.
+  o.ratio = p.has_old ? exp(lp - old) : exp(lp - lp);
   const T pg1 = -adv * o.ratio;
   o.pg = pg1;
   o.clipped = false;
