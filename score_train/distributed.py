@@ -43,10 +43,11 @@ def launched_by_torchrun() -> bool:
 
 
 def init(timeout_s: float = 600.0, device: str | None = None) -> DistInfo:
-    """Start the process group when launched by torchrun; otherwise a single-process DistInfo."""
+    """Start the process group when launched by torchrun; otherwise a single-process DistInfo on `device`
+    ("auto"/None: a GPU if there is one)."""
     want_cuda = torch.cuda.is_available() if device in (None, "auto") else str(device).startswith("cuda")
     if not launched_by_torchrun():
-        return DistInfo(device=torch.device("cuda" if want_cuda else "cpu"))
+        return DistInfo(device=torch.device(device if device not in (None, "auto") else "cuda" if want_cuda else "cpu"))
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if want_cuda:
         torch.cuda.set_device(local)
@@ -59,11 +60,6 @@ def init(timeout_s: float = 600.0, device: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _decoder_layers(model: torch.nn.Module):
     layers = getattr(model, "layers", None)
     if layers is None and hasattr(model, "model"):
@@ -71,6 +67,21 @@ def _decoder_layers(model: torch.nn.Module):
     if layers is None:
         raise ValueError("shard: the model has no .layers (or .model.layers) to shard per decoder layer")
     return layers
+
+
+def prepare(model: torch.nn.Module, ref: torch.nn.Module | None, info: DistInfo, cut: int, *, engine: str,
+            activation_checkpointing: bool = False, shard_ref: bool = True) -> int:
+    """Shard the policy (and the reference unless replicated) for a torchrun run; a no-op in one process.
+    Returns the first trainable layer to run the frozen prefix from (0 under FSDP: every layer through the
+    model's own forward, one unshard per layer per pass)."""
+    if not info.enabled:
+        return cut
+    if engine != "engine":
+        raise ValueError("distributed training needs rollout.engine=engine")
+    shard(model, activation_checkpointing=activation_checkpointing)
+    if ref is not None and shard_ref:
+        shard(ref)
+    return 0
 
 
 def shard(model: torch.nn.Module, *, mixed_precision: bool | None = None, activation_checkpointing: bool = False,
@@ -173,6 +184,12 @@ def grad_scale(info: DistInfo) -> float:
     return float(info.world_size) if info.enabled else 1.0
 
 
+def pad_passes(batches: list, info: DistInfo) -> list:
+    """The same number of forward/backward passes on every rank (FSDP's collectives run per pass): a rank with
+    fewer micro-batches gets None entries, which the caller replays with zero weight. Unchanged in one process."""
+    return batches + [None] * (all_max(len(batches), info) - len(batches))
+
+
 def shard_prompts(n_prompts: int, info: DistInfo) -> range:
     """Contiguous prompt shard of this rank. All n samples of one prompt stay on one rank (group baselines need no
     communication). Requires n_prompts % world_size == 0 so every rank runs the same number of steps."""
@@ -246,6 +263,17 @@ def save_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer,
             shutil.rmtree(old, ignore_errors=True)
     barrier(info)
     return final
+
+
+def save(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer, state: dict, info: DistInfo, *,
+         keep: int = 2) -> str:
+    """A checkpoint of this run: sharded (torch.distributed.checkpoint) under torchrun, else the
+    single-process safetensors layout of score_train.checkpoint. Either loads on any number of ranks."""
+    if info.enabled:
+        return save_checkpoint(ckpt_dir, step, model, optimizer, state, info, keep=keep)
+    from score_train import checkpoint as ck
+
+    return ck.save(ckpt_dir, step, model, optimizer, state, keep=keep)
 
 
 def is_sharded_checkpoint(path: str) -> bool:

