@@ -71,3 +71,28 @@ def targets(t, lead_name: str, lead: torch.Tensor, V: int, ignore_index: int) ->
             raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}; "
                              f"got {int(flat[bad][0])}")
     return flat
+
+
+def should_validate(validate: bool | None, device: torch.device) -> bool:
+    """Data-dependent checks read values on the host: free on the CPU, a sync on a GPU. None (the
+    default) checks CPU tensors only; True forces the checks; never under torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" if validate is None else bool(validate)
+
+
+def check_turn_ids(name: str, turn_ids: torch.Tensor, K: int, arg_for_k: str) -> None:
+    """Data-dependent check (reads values: one host sync on a GPU)."""
+    if turn_ids.numel() and int(turn_ids.max()) >= K:
+        raise ValueError(f"{name} has a turn id {int(turn_ids.max())} >= K={K} (from {arg_for_k})")
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {cu_seqlens.tolist()[:8]}...")
+
+
+def row_index(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """Sequence index of each packed token (searchsorted: no host sync)."""
+    pos = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)

@@ -30,18 +30,6 @@ _EXT_OPS_TURN = ("turn_advantages",)
 _EXT_OPS_TOKEN = ("token_advantages",)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def should_validate(validate: bool | None, device: torch.device) -> bool:
-    """Data-dependent checks read values on the host: free on the CPU, a sync on a GPU. None (the
-    default) checks CPU tensors only; True forces the checks; never under torch.compile."""
-    if _compiling():
-        return False
-    return device.type == "cpu" if validate is None else bool(validate)
-
-
 # ----------------------------------------------------------------------------- references
 def shape_rewards(rewards: torch.Tensor, shaping_alpha: float) -> torch.Tensor:
     """r'_0 = r_0, r'_k = r_k + alpha * (r_k - r_{k-1})."""
@@ -80,12 +68,6 @@ def turn_advantages_reference(rewards: torch.Tensor, group_ids: torch.Tensor, es
     return a.float()
 
 
-def _row_index(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """Sequence index of each packed token (searchsorted: no host sync)."""
-    pos = torch.arange(n, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), pos, right=True)
-
-
 def token_advantages_reference(turn_values: torch.Tensor, turn_ids: torch.Tensor,
                                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Pure PyTorch: turn_values[b, turn_ids[b, t]] where 0 <= id < K, else 0."""
@@ -97,7 +79,7 @@ def token_advantages_reference(turn_values: torch.Tensor, turn_ids: torch.Tensor
     if cu_seqlens is None:
         got = torch.gather(vals, 1, safe)
     else:
-        got = vals[_row_index(cu_seqlens.long(), ids.shape[0]), safe]
+        got = vals[_checks.row_index(cu_seqlens.long(), ids.shape[0]), safe]
     return torch.where(valid, got, torch.zeros_like(got))
 
 
@@ -129,12 +111,6 @@ def _(turn_values, turn_ids, cu_seqlens, backend):
 
 
 # ----------------------------------------------------------------------------- public API
-def check_turn_ids(name: str, turn_ids: torch.Tensor, K: int, arg_for_k: str) -> None:
-    """Data-dependent check (reads values: one host sync on a GPU)."""
-    if turn_ids.numel() and int(turn_ids.max()) >= K:
-        raise ValueError(f"{name} has a turn id {int(turn_ids.max())} >= K={K} (from {arg_for_k})")
-
-
 def turn_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator: str = "rloo",
                     shaping_alpha: float = 0.0, std_normalize: bool = False, eps: float = 1e-6,
                     validate: bool | None = None, backend: str | None = None) -> torch.Tensor:
@@ -158,7 +134,7 @@ def turn_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, estimator
     shaping_alpha = float(shaping_alpha)
     if not math.isfinite(shaping_alpha):
         raise ValueError(f"shaping_alpha must be finite, got {shaping_alpha}")
-    if should_validate(validate, rewards.device) and not bool(torch.isfinite(rewards).all()):
+    if _checks.should_validate(validate, rewards.device) and not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards contains NaN or inf")
     b = pick_backend(backend, rewards.device, supported=_SUPPORTED, ext_ops=_EXT_OPS_TURN, op="turn_advantages")
     return _turn_adv_op(rewards, group_ids, ESTIMATORS.index(estimator), shaping_alpha, bool(std_normalize),
@@ -186,15 +162,10 @@ def token_advantages(turn_values: torch.Tensor, turn_ids: torch.Tensor, *, cu_se
             raise ValueError(f"turn_ids must be [N] with cu_seqlens, got shape {tuple(turn_ids.shape)}")
         if cu_seqlens.shape[0] != B + 1:
             raise ValueError(f"cu_seqlens must have B+1={B + 1} entries, got {cu_seqlens.shape[0]}")
-        if should_validate(validate, turn_values.device):
-            check_cu_seqlens(cu_seqlens, turn_ids.shape[0])
-    if should_validate(validate, turn_values.device):
-        check_turn_ids("turn_ids", turn_ids, K, "turn_values")
+        if _checks.should_validate(validate, turn_values.device):
+            _checks.check_cu_seqlens(cu_seqlens, turn_ids.shape[0])
+    if _checks.should_validate(validate, turn_values.device):
+        _checks.check_turn_ids("turn_ids", turn_ids, K, "turn_values")
     b = pick_backend(backend, turn_values.device, supported=_SUPPORTED, ext_ops=_EXT_OPS_TOKEN,
                      op="token_advantages")
     return _token_adv_op(turn_values, turn_ids, cu_seqlens, b)
-
-
-def check_cu_seqlens(cu_seqlens: torch.Tensor, n: int) -> None:
-    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-        raise ValueError(f"cu_seqlens must rise from 0 to N={n}, got {cu_seqlens.tolist()[:8]}...")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from score_kernels.advantages import should_validate
+from score_kernels import _checks
 from score_kernels.linear_logprobs import linear_logprobs
 
 _IGNORE = -100
@@ -78,7 +78,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, *, attention_mask: torch.
     if getattr(cfg, "final_logit_softcapping", None):
         raise ValueError("model: final_logit_softcapping is not supported by the fused head")
     head = _head(model)
-    if should_validate(validate, input_ids.device) and input_ids.numel():
+    if _checks.should_validate(validate, input_ids.device) and input_ids.numel():
         V = _vocab_size(model, head)
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= V:

@@ -31,9 +31,8 @@ import torch
 
 from score_kernels import _checks
 from score_kernels._backend import pick_backend
-from score_kernels.advantages import _row_index, check_cu_seqlens, check_turn_ids, should_validate
 from score_kernels.token_kl import ESTIMATORS as KL_ESTIMATORS
-from score_kernels.token_kl import _grad_reference as _kl_grad_reference
+from score_kernels.token_kl import grad_reference as _kl_grad_reference
 from score_kernels.token_kl import token_kl_reference
 
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")  # index = pg_math.h PGAgg
@@ -162,7 +161,7 @@ def policy_loss_reference(logprobs, advantages, turn_ids, *, old_logprobs=None, 
     coefs = _coefs(kl_coef, num_turns)
     K = len(coefs)
     B = logprobs.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    rows = None if cu_seqlens is None else _row_index(cu_seqlens.long(), logprobs.shape[0])
+    rows = None if cu_seqlens is None else _checks.row_index(cu_seqlens.long(), logprobs.shape[0])
     terms = _token_terms(logprobs, advantages, turn_ids.long(), old_logprobs, ref_logprobs, coefs,
                          KL_ESTIMATORS.index(kl_estimator), _clip(clip_eps), analytic=False, kl_tokens=kl_tokens)
     gc = None
@@ -176,7 +175,7 @@ def policy_loss_reference(logprobs, advantages, turn_ids, *, old_logprobs=None, 
 def _torch_fwd(lp, adv, ids, old, ref, cu, gc_t, coefs, est, clip_lo, clip_hi, agg, gc_f):
     K = len(coefs)
     B = lp.shape[0] if cu is None else cu.shape[0] - 1
-    rows = None if cu is None else _row_index(cu.long(), lp.shape[0])
+    rows = None if cu is None else _checks.row_index(cu.long(), lp.shape[0])
     clip = None if clip_lo < 0 else (clip_lo, clip_hi)
     with torch.no_grad():
         terms = _token_terms(lp, adv, ids.long(), old, ref, coefs, est, clip, analytic=True)
@@ -190,7 +189,7 @@ def _torch_bwd(g, dl, w, cu):
     if cu is None:
         s = w.unsqueeze(1) * g.to(w.dtype)
     else:
-        s = w[_row_index(cu.long(), dl.shape[0])] * g.to(w.dtype)
+        s = w[_checks.row_index(cu.long(), dl.shape[0])] * g.to(w.dtype)
     return torch.where(dl == 0, torch.zeros((), dtype=dl.dtype, device=dl.device), (dl.to(w.dtype) * s).to(dl.dtype))
 
 
@@ -262,7 +261,7 @@ def _add_kl_tokens(loss, stats, w, kl_tokens, ids, cu, coefs):
     kl = torch.where(mask, kl_tokens.to(ct), zero)
     klterm = torch.where(mask, coef * kl, zero)
     B = w.shape[0]
-    rows = None if cu is None else _row_index(cu.long(), ids.shape[0])
+    rows = None if cu is None else _checks.row_index(cu.long(), ids.shape[0])
     kl_loss = (w * _rowsum(klterm, rows, B)).sum()
     out = dict(zip(stat_names(K), stats.unbind()))
     klv = kl.detach()
@@ -357,12 +356,12 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
         else:
             raise ValueError(f"global_token_count must be > 0, got {global_token_count!r}")
     K = len(coefs)
-    if should_validate(validate, logprobs.device):
-        check_turn_ids("turn_ids", turn_ids, K, "kl_coef/num_turns")
+    if _checks.should_validate(validate, logprobs.device):
+        _checks.check_turn_ids("turn_ids", turn_ids, K, "kl_coef/num_turns")
         if gc_t is not None and not bool(gc_t > 0):
             raise ValueError(f"global_token_count must be > 0, got {float(gc_t)}")
         if cu_seqlens is not None:
-            check_cu_seqlens(cu_seqlens, logprobs.shape[0])
+            _checks.check_cu_seqlens(cu_seqlens, logprobs.shape[0])
     b = pick_backend(backend, logprobs.device, supported=_SUPPORTED, ext_ops=_EXT_OPS, op="policy_loss")
     dt = logprobs.dtype
     cast = lambda x: None if x is None else x.detach().to(dt)

@@ -56,7 +56,6 @@ def grad_reference(g: torch.Tensor, lp: torch.Tensor, ref: torch.Tensor, est: in
     return (g.to(ct) * dk).to(lp.dtype)
 
 
-_grad_reference = grad_reference  # policy_loss (helper H4) still imports the old name; drop once it does not
 
 
 # ----------------------------------------------------------------------------- triton
