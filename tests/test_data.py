@@ -59,6 +59,18 @@ def test_arithmetic_too_many():
         generate_arithmetic(5, "test")
 
 
+def test_arithmetic_draws_most_of_a_small_split():
+    # Two-digit additions have about 810 eval problems: 512 of them is more than rejection sampling allows,
+    # so the split is listed and drawn from; still distinct, reproducible, and disjoint from train.
+    ev = generate_arithmetic(512, "eval")
+    assert len({r.id for r in ev}) == 512
+    assert [r.id for r in ev] == [r.id for r in generate_arithmetic(512, "eval")]
+    assert not {r.id for r in ev} & {r.id for r in generate_arithmetic(2048, "train")}
+    assert all(int(r.answer) == sum(int(x) for x in r.meta["expr"].split(" + ")) for r in ev)
+    with pytest.raises(ValueError, match="too many"):
+        generate_arithmetic(900, "eval")
+
+
 def test_champ_loads_and_splits():
     recs = load_champ()
     assert len(recs) == 270 and all(r.kind == "math" and r.answer for r in recs)

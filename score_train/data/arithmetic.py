@@ -62,11 +62,10 @@ def generate(n: int, split: str = "train", seed: int = 0, cfg: ArithmeticConfig 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     expected = cfg.space_size() * (cfg.eval_fraction if split == "eval" else 1 - cfg.eval_fraction)
-    if n > 0.5 * expected:
-        # Rejection sampling would crawl (or never finish) close to the split's size.
-        raise ValueError(f"n={n} is too many for this config's {split} split (about {int(expected)} "
-                         "distinct problems); raise digits or n_operands")
     rng = random.Random(f"arith|{split}|{seed}")
+    if n > 0.5 * expected:
+        # Rejection sampling would crawl close to the split's size: list the split and draw from it.
+        return _drawn_from_split(n, split, rng, cfg)
     seen: set[str] = set()
     out: list[Record] = []
     while len(out) < n:
@@ -74,6 +73,27 @@ def generate(n: int, split: str = "train", seed: int = 0, cfg: ArithmeticConfig 
         if expr in seen or split_of("arith:" + expr, cfg.eval_fraction) != split:
             continue
         seen.add(expr)
-        out.append(Record(id=f"arith:{expr}", kind="arithmetic", problem=cfg.prompt_format.format(expr=expr),
-                          answer=str(_value(expr)), source="arithmetic", meta={"expr": expr}))
+        out.append(_record(expr, cfg))
     return out
+
+
+_ENUMERATE_LIMIT = 2_000_000  # expressions; beyond this a split is never close to full at sane n
+
+
+def _record(expr: str, cfg: ArithmeticConfig) -> Record:
+    return Record(id=f"arith:{expr}", kind="arithmetic", problem=cfg.prompt_format.format(expr=expr),
+                  answer=str(_value(expr)), source="arithmetic", meta={"expr": expr})
+
+
+def _drawn_from_split(n: int, split: str, rng: random.Random, cfg: ArithmeticConfig) -> list[Record]:
+    if cfg.space_size() > _ENUMERATE_LIMIT:
+        raise ValueError(f"n={n} is too many to draw from this config's {split} split; raise digits or n_operands")
+    lo, hi = cfg._range()
+    exprs = [str(a) for a in range(lo, hi + 1)]
+    for _ in range(cfg.n_operands - 1):
+        exprs = [f"{e} {op} {b}" for e in exprs for op in cfg.ops for b in range(lo, hi + 1)]
+    exprs = [e for e in exprs if split_of("arith:" + e, cfg.eval_fraction) == split]
+    if n > len(exprs):
+        raise ValueError(f"n={n} is too many for this config's {split} split ({len(exprs)} distinct problems); "
+                         "raise digits or n_operands")
+    return [_record(e, cfg) for e in rng.sample(exprs, n)]
