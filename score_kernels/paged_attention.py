@@ -12,6 +12,7 @@ is the plain float32 reference the tests hold both to.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -96,7 +97,7 @@ class TorchPlan:
         dev = block_tables.device
         ctx = context_lens.tolist() if isinstance(context_lens, torch.Tensor) else list(context_lens)
         starts = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else list(cu_seqlens_q)
-        q_lens = [e - s for s, e in zip(starts, starts[1:])]
+        q_lens = [e - s for s, e in itertools.pairwise(starts)]
         nblk = [-(-c // block_size) for c in ctx]
         # entries past a sequence's blocks may be junk: point them at block 0 (masked out below)
         width = block_tables.shape[1]

@@ -5,7 +5,7 @@ import torch
 
 from score_kernels import paged_attention, paged_attention_reference, store_kv
 from score_kernels.paged_attention import _triton_paged_attention
-from tests.helpers import INTERPRET, device, live_backends
+from tests.helpers import device, live_backends
 
 DEV = device()
 BACKENDS = [b for b in live_backends(DEV) if b in ("torch", "triton")]
