@@ -95,9 +95,68 @@ def case_train_step(machine: str) -> dict:
             "ours": lambda: train_step(policy, ref, opt, inp, cfg, 0), "baseline": naive, "rounds": 3}
 
 
-CASES = {"train_step": case_train_step}
+DEMO = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True}  # SmolLM2-135M's shape
+
+
+def demo_samples(B: int, g, V: int = 49152, layout=(36, 32, 56, 32)):
+    """B two-turn samples with the demo's token layout (chat prompt, y1, instruction, y2 at 32 new tokens)."""
+    from score_train.rollout.types import TwoTurnSample
+
+    p, t1, i, t2 = layout
+    out = []
+    for b in range(B):
+        ids = torch.randint(4, V, (p + t1 + i + t2,), generator=g).tolist()
+        lps = (-torch.rand(len(ids), generator=g)).tolist()
+        out.append(TwoTurnSample(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
+                                 turn1_ids=ids[p:p + t1], turn1_logprobs=lps[p:p + t1], turn1_text="",
+                                 finish_reasons=["length", "length"], instruction_ids=ids[p + t1:p + t1 + i],
+                                 turn2_ids=ids[p + t1 + i:], turn2_logprobs=lps[p + t1 + i:], turn2_text=""))
+    return out
+
+
+def case_train_step_demo(machine: str, B: int = 8) -> dict:
+    """The demo's optimisation step (issue 14): SmolLM2-135M's shape (random weights), the top 8 of 30 layers
+    trained, SCoRe Stage II with the k3 KL, T=0.7, on the same samples: today's `train_step` vs the frozen copy of
+    the step at commit 693d5f9 (benchmarks/train_step_693d5f9.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import train_step_693d5f9 as old
+    from score_train import algos
+    from score_train.config import Config
+    from score_train.model import from_hf
+    from score_train.train import StepInputs, set_trainable, train_step
+
+    if machine != "cpu":
+        pytest.skip("the demo's step is a CPU measurement")
+    torch.manual_seed(0)
+    base = from_hf(LlamaForCausalLM(LlamaConfig(**DEMO)))
+
+    def models():
+        m = copy.deepcopy(base)
+        cut = set_trainable(m, 8, False)
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-6)
+        return m, copy.deepcopy(m).requires_grad_(False).eval(), opt, cut
+
+    cfg = Config()
+    cfg.rollout.temperature = 0.7
+    st = algos.stage_settings(cfg.algo, "stage2")
+    g = torch.Generator().manual_seed(0)
+    samples, values = demo_samples(B, g), torch.randn(B, 2, generator=g)
+    (m1, r1, o1, cut), (m2, r2, o2, _) = models(), models()
+    return {"shape": f"SmolLM2-135M shape, top 8/30 layers, B={B} x {len(samples[0].full_ids())} tokens, fp32",
+            "ours": lambda: train_step(m1, r1, o1, StepInputs(samples, values, st), cfg, cut),
+            "baseline": lambda: old.train_step(m2, r2, o2, samples, values, st, cfg, cut), "rounds": 3}
+
+
+CASES = {"train_step": case_train_step, "train_step_demo": case_train_step_demo}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_train_step(paired, variant):
     paired("train_step", variant)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step_demo(paired, variant):
+    paired("train_step_demo", variant)
