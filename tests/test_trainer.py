@@ -109,6 +109,63 @@ def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_mo
         T.training_temperature(cfg)
 
 
+def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
+    """CausalLM.forward(to_layer=k) then (from_layer=k, hidden=...) is the full forward, and forward_pair's
+    shared frozen prefix gives the policy and the reference the hidden states of their own full forwards."""
+    import copy
+
+    from score_train import algos
+    from score_train.model import load_model
+    from score_train.rollout.types import TwoTurnSample
+
+    model, _ = load_model(tiny_model_dir)
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.model.layers[1].parameters():
+            p.add_(0.01)  # the reference differs above the cut, as after an update
+    g = torch.Generator().manual_seed(0)
+    samples = [TwoTurnSample(0, j, torch.randint(5, 500, (7 + j,), generator=g).tolist(), [11, 12, 13], [0.0] * 3, "",
+                             ["length"] * 2, [20, 21], [30, 31, 32, 33], [0.0] * 4, "") for j in range(3)]
+    b = algos.pack_samples(samples)
+    with torch.no_grad():
+        full = model(b.input_ids, b.position_ids, b.cu_seqlens)
+        ref_full = ref(b.input_ids, b.position_ids, b.cu_seqlens)
+        mid = model(b.input_ids, b.position_ids, b.cu_seqlens, to_layer=1)
+        torch.testing.assert_close(model(b.input_ids, b.position_ids, b.cu_seqlens, from_layer=1, hidden=mid), full)
+    hidden, ref_hidden = T.forward_pair(model, ref, b, 1, need_ref=True, autocast=False)
+    assert hidden.requires_grad and not ref_hidden.requires_grad
+    torch.testing.assert_close(hidden.detach(), full)
+    torch.testing.assert_close(ref_hidden, ref_full)
+    with pytest.raises(ValueError, match="hidden"):
+        model(b.input_ids, b.position_ids, b.cu_seqlens, from_layer=1)
+
+
+def test_old_logprobs_come_from_the_sampler(tiny_model_dir, tmp_path, monkeypatch):
+    """With epochs=2 and clipping, the behaviour log-probs are the sampler's: one forward per micro-batch per
+    epoch, no extra no-grad pass (693d5f9 ran one more per micro-batch)."""
+    calls = []
+    orig = T.forward_pair
+
+    def counted(*a, **k):
+        calls.append(torch.is_grad_enabled())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(T, "forward_pair", counted)
+    seen = {}
+    orig_old = T.old_logprobs
+
+    def spy(model, batches, st, cfg, cut, temp):
+        out = orig_old(model, batches, st, cfg, cut, temp)
+        seen["same"] = all(o is b.old_logprobs for o, b in zip(out, batches))
+        return out
+
+    monkeypatch.setattr(T, "old_logprobs", spy)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=multi-turn-rl", "--optim.epochs=2", "--algo.clip_eps=0.2",
+                   "--eval.before=false")
+    T.train(cfg)
+    assert seen["same"] and calls and all(calls)  # every training forward builds a graph: none is an extra pass
+
+
 def test_weights_change_and_engine_sees_them(tiny_model_dir, tmp_path):
     """The rollout engine shares the policy's parameters: after training, what it generates comes from
     the updated weights (no sync step)."""
