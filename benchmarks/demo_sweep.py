@@ -1,0 +1,154 @@
+"""The demo's measurements (issue 13 §3-§4): `score-train` runs over seeds, algorithms, alpha and turn counts,
+each recorded under benchmarks/results/, then one table with the pooled sign test.
+
+    python benchmarks/demo_sweep.py main            # 3 seeds x {score, multi-turn-rl}, the shipped demo preset
+    python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
+    python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
+    python benchmarks/demo_sweep.py table           # re-tabulate the records already written
+
+Each run is a plain `score-train` subprocess with the preset's settings plus the sweep's overrides, so a
+record's wall time is what a user would see (model load and both evaluations included). These are long
+measurements (about 25-30 min a run on 2 cores): benchmarks with records, never part of the test suite.
+A run's record keeps its final evaluation (greedy, held-out), the base evaluation, the truncation counts and
+the config; the table's headline is delta among stated answers (turn 1 ended by itself with an answer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+SEEDS = (0, 1, 2)
+SWEEPS = {
+    "main": [(f"demo_{algo}_seed{s}", [f"--algo.name={algo}", f"--run.seed={s}"])
+             for algo in ("score", "multi-turn-rl") for s in SEEDS],
+    "alpha": [(f"demo_alpha{a:g}_seed0", [f"--algo.alpha={a}", "--run.seed=0"]) for a in (0.0, 1.0, 10.0, 30.0)],
+    "turns": [("demo_turns3_seed0", ["--algo.num_turns=3", "--run.seed=0"])],
+}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), load average at start {os.getloadavg()[0]:.1f}"
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial test of wins vs losses at p = 1/2 (ties dropped)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> dict:
+    cmd = [sys.executable, "-m", "score_train", f"--run.name={name}", f"--run.out_dir={out_dir}",
+           "--run.progress=false", "--run.export=false", *overrides, *extra]
+    print(f"[sweep] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE))
+    wall = time.perf_counter() - t0
+    run_dir = os.path.join(out_dir, name)
+    rec = {"run": name, "command": "score-train " + " ".join(cmd[3:]), "commit": commit(), "machine": machine(),
+           "load_average_start": load0, "load_average_end": os.getloadavg()[0], "returncode": proc.returncode,
+           "wall_s": wall}
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            rec["config_yaml"] = f.read()
+        rec["evals"] = summary["evals"]
+        rec["train_metrics"] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
+                                if line.strip()]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        rec["error"] = f"no summary: {e}"
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def row(rec: dict) -> dict | None:
+    evals = rec.get("evals") or []
+    before = next((e for e in evals if e.get("tag") in ("before", "base")), None)
+    after = next((e for e in reversed(evals) if e.get("tag") == "after"), None)
+    if after is None:
+        return None
+    return {"run": rec["run"], "before": before, "after": after, "wall_s": rec.get("wall_s")}
+
+
+def table(names: list[str]) -> str:
+    lines = ["| run | Acc@t1 | Acc@t2 | delta | delta stated (n stated) | i->c stated | i->c cut/none | c->i | "
+             "cut t1 / t2 | base Acc@t1 / Acc@t2 | wall min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pooled = {}
+    for name in names:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = row(json.load(f))
+        if r is None:
+            lines.append(f"| {name} | (no final evaluation) |||||||||")
+            continue
+        a, b = r["after"], r["before"] or {}
+        c2i = a.get("n_c2i_stated", 0) + a.get("n_c2i_unstated", 0)
+        lines.append(
+            f"| {name} | {_pct(a['acc_t1'])} | {_pct(a['acc_t2'])} | {_pct(a['delta'])} | "
+            f"{_pct(a.get('delta_stated'))} ({a.get('n_stated', '-')}) | {a.get('n_i2c_stated', '-')} | "
+            f"{a.get('n_i2c_unstated', '-')} | {c2i} | {_pct(a.get('cut_t1'))} / {_pct(a.get('cut_t2'))} | "
+            f"{_pct(b.get('acc_t1'))} / {_pct(b.get('acc_t2'))} | {(r['wall_s'] or 0) / 60:.1f} |")
+        algo = name.rsplit("_seed", 1)[0]
+        p = pooled.setdefault(algo, [0, 0])
+        p[0] += a.get("n_i2c_stated", 0)
+        p[1] += c2i
+    for algo, (w, lo) in pooled.items():
+        lines.append(f"\n{algo}: pooled i->c among stated {w} vs c->i {lo}, sign test p = {sign_test_p(w, lo):.2g}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", choices=[*SWEEPS, "table"])
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
+    ap.add_argument("extra", nargs="*", help="more --section.key=value overrides for every run")
+    args = ap.parse_args(argv)
+    sweeps = SWEEPS if args.sweep == "table" else {args.sweep: SWEEPS[args.sweep]}
+    if args.sweep != "table":
+        for name, overrides in SWEEPS[args.sweep]:
+            run_one(name, overrides, args.extra, args.out_dir)
+    names = [n for runs in sweeps.values() for n, _ in runs]
+    text = table(names)
+    print(text)
+    with open(os.path.join(RESULTS, "demo_sweep.md"), "w") as f:
+        f.write(f"# Demo sweep (benchmarks/demo_sweep.py), commit {commit()}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The demo sweep's arithmetic (benchmarks/demo_sweep.py): the sign test and the table from records."""
+import json
+import math
+
+from benchmarks import demo_sweep
+
+
+def test_sign_test_matches_binomial():
+    # 10 wins, 0 losses: two-sided p = 2 / 2^10
+    assert math.isclose(demo_sweep.sign_test_p(10, 0), 2 / 1024)
+    assert math.isclose(demo_sweep.sign_test_p(3, 3), 1.0)
+    assert demo_sweep.sign_test_p(0, 0) == 1.0
+    # symmetric, and 30 vs 10 is significant at 0.01
+    assert demo_sweep.sign_test_p(30, 10) == demo_sweep.sign_test_p(10, 30) < 0.01
+
+
+def test_table_pools_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_sweep, "RESULTS", str(tmp_path))
+    after = {"tag": "after", "acc_t1": 0.2, "acc_t2": 0.25, "delta": 0.05, "delta_stated": 0.04, "n_stated": 500,
+             "n_i2c_stated": 20, "n_i2c_unstated": 2, "n_c2i_stated": 4, "n_c2i_unstated": 1, "cut_t1": 0.01,
+             "cut_t2": 0.02}
+    for s in (0, 1):
+        with open(tmp_path / f"demo_score_seed{s}.json", "w") as f:
+            json.dump({"run": f"demo_score_seed{s}", "wall_s": 1500, "evals": [{"tag": "before", "acc_t1": 0.19,
+                                                                               "acc_t2": 0.17}, after]}, f)
+    text = demo_sweep.table(["demo_score_seed0", "demo_score_seed1", "demo_score_seed2"])
+    assert text.count("| demo_score_seed") == 2
+    assert "| 4.0 (500) | 20 | 2 | 5 |" in text
+    assert "demo_score: pooled i->c among stated 40 vs c->i 10" in text
