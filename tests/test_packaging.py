@@ -8,7 +8,6 @@ fresh venv gets torch and its dependencies linked from the running interpreter's
 same files a `pip install torch==<this version>` would unpack, seen by pip in that venv as installed."""
 import email
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -22,17 +21,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cmd, **kw):
-    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, **kw)
     assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
 
 def _requirement_names(dist):
+    """Runtime requirements that apply here; the venv keeps its own build tools (pip, setuptools)."""
+    from packaging.requirements import Requirement
+
     names = []
-    for r in dist.requires or []:
-        if "extra ==" in r:
+    for r in map(Requirement, dist.requires or []):
+        if r.marker is not None and not r.marker.evaluate({"extra": ""}):
             continue
-        names.append(re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0])
+        if r.name.lower() not in ("pip", "setuptools", "wheel"):
+            names.append(r.name)
     return names
 
 
@@ -108,7 +111,8 @@ def test_sdist_and_wheel_install_in_a_fresh_venv(tmp_path):
                env=env)
     assert "SetuptoolsDeprecationWarning" not in out, out[-3000:]
     (sdist,) = dist.glob("score_rl-*.tar.gz")
-    names = tarfile.open(sdist).getnames()
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
     for must in ("csrc/module.cpp", "csrc/common/kl_math.h", "LICENSE", "score_kernels/integrations.py",
                  "score_train/configs"):
         assert any(n.split("/", 1)[1].startswith(must) for n in names if "/" in n), must
@@ -136,7 +140,7 @@ def test_sdist_and_wheel_install_in_a_fresh_venv(tmp_path):
     _run([str(py), "-m", "pip", "install", "-q", "setuptools>=77", "wheel", "pybind11"])
     out = _run([str(py), "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", str(sdist)],
                env={**env, "CC": "/bin/false", "CXX": "/bin/false"}, cwd=work)
-    notices = [x for x in out.splitlines() if "score-rl: building score_kernels._C failed" in x]
+    notices = [x for x in out.splitlines() if "score-rl: no usable C++ compiler" in x]
     assert len(notices) == 1, out[-3000:]
     line = _check_import(py, work)
     assert "'cpu': False" in line and "'torch': True" in line, line
