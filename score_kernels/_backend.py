@@ -7,6 +7,7 @@ always live). Ops pass their own preference order; `backend=` forces one.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -22,7 +23,10 @@ def _load_ext():
         return None
     try:
         from score_kernels import _C  # noqa: F401  (registers torch.ops.score_ext.*)
-    except ImportError:
+    except ImportError as e:
+        # pip -q hides the build's own notice, so say it here, once, where the user sees it
+        warnings.warn(f"score_kernels: the compiled extension is not available ({e}); ops use their Triton / "
+                      "PyTorch paths (rebuild with a C++ compiler: pip install -e .)", stacklevel=2)
         return None
     return _C
 

@@ -35,3 +35,22 @@ def test_package_works_without_extension(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env={**__import__('os').environ, "SCORE_NO_EXT": "1"},
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_missing_extension_says_so_once(tmp_path):
+    # an install whose build had no compiler: importing _C fails; the package still works and says why, once
+    import subprocess
+    import sys
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'score_kernels._C': raise ImportError('no _C in this install')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import torch, score_kernels as sk\n"
+            "import score_kernels._backend\n"
+            "assert not sk.backends()['cpu']\n"
+            "x = torch.randn(5, requires_grad=True); sk.token_kl(x, torch.randn(5)).sum().backward(); print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert res.stderr.count("compiled extension is not available") == 1, res.stderr[-2000:]
+    assert "no _C in this install" in res.stderr
