@@ -330,6 +330,25 @@ def _status(timed_out: bool, runner_rc: int, cand_rc: int | None, stderr: str) -
     return "error"
 
 
+def _command(mode: SandboxMode, role: str, folder: str, uid: int | None, cfg: dict):
+    """(argv, cwd, env) that start one side (candidate or runner) at the sandbox level of mode."""
+    script = _FILES[role][0]
+    if mode.level == "bwrap":
+        work = "/tmp/" + os.path.basename(folder)
+        files = {n: os.path.join(folder, n) for n in os.listdir(folder)}
+        cmd = _bwrap(mode.python, files, work, uid) + [mode.python, "-I", "-B", f"{work}/{script}"]
+        cwd = "/"
+    else:
+        work = cwd = folder
+        cmd = [mode.python, "-I", "-B", os.path.join(work, script)]
+        if uid is not None:
+            cmd = _setpriv(uid) + cmd
+        if mode.netns:
+            cmd = ["unshare", "-n", "-p", "-f", "--kill-child"] + cmd
+    cmd.append(json.dumps(cfg))
+    return cmd, cwd, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+
+
 def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 1024,
                   max_procs: int = 32, isolation: str | None = None) -> ExecResult:
     """Run program, then tests against it, in the sandbox. passed is True only when every test ran.
@@ -370,22 +389,7 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
             for i, role in enumerate(("candidate", "runner")):
                 rfd, wfd = ends[role]
                 cfg = {"block_network": not mode.netns, "limits": limits, "rfd": rfd, "wfd": wfd}
-                script = _FILES[role][0]
-                uid = None if uids is None else uids[i]
-                if mode.level == "bwrap":
-                    work = "/tmp/" + os.path.basename(dirs[role])
-                    files = {n: os.path.join(dirs[role], n) for n in os.listdir(dirs[role])}
-                    cmd = _bwrap(mode.python, files, work, uid) + [mode.python, "-I", "-B", f"{work}/{script}"]
-                    cwd = "/"
-                else:
-                    work = cwd = dirs[role]
-                    cmd = [mode.python, "-I", "-B", os.path.join(work, script)]
-                    if uid is not None:
-                        cmd = _setpriv(uid) + cmd
-                    if mode.netns:
-                        cmd = ["unshare", "-n", "-p", "-f", "--kill-child"] + cmd
-                cmd.append(json.dumps(cfg))
-                env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
+                cmd, cwd, env = _command(mode, role, dirs[role], None if uids is None else uids[i], cfg)
                 # Anonymous files, not pipes: no deadlock on big output, and nothing in tmp to symlink-swap.
                 out = stack.enter_context(tempfile.TemporaryFile())
                 err = stack.enter_context(tempfile.TemporaryFile())
