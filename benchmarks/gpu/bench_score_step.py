@@ -203,8 +203,7 @@ def run(quick: bool = False):
     if roll_err is not None:
         yield gt.error_row(OP, desc, "1 rollouts", roll_err)
         samples = synthetic_samples(prompts, suffix, n, M)
-    if hasattr(eng, "release"):
-        eng.release()  # the KV pool goes back before the update, as the trainer's step lets it
+    # the engine keeps its KV pool between steps (as in the trainer), so the update runs beside it
     # 2-3. rewards, advantages
     t0 = time.perf_counter()
     inp = step_inputs(samples)

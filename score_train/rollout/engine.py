@@ -26,7 +26,7 @@ from score_train.rollout.scheduler import Scheduler
 from score_train.rollout.sequence import PromptGroup, Sequence, Status
 from score_train.rollout.types import ExtraTurn, SamplingParams, TwoTurnSample
 
-__all__ = ["ChatFormat", "Engine", "eos_ids_of", "sample_seed"]
+__all__ = ["Engine", "sample_seed"]
 
 _M63 = (1 << 63) - 1
 
