@@ -505,7 +505,7 @@ def run_command(cfg, records) -> int:
     try:
         result = evaluate(rollout, records, temperature=cfg.rollout.temperature, k=k, greedy=e.greedy,
                           max_new_tokens=cfg.rollout.max_new_tokens, style=cfg.rollout.style, seed=cfg.run.seed,
-                          reward_pool=pool, keep_samples=e.samples, log=log)
+                          reward_pool=pool, keep_samples=e.samples, log=log, progress=cfg.run.progress)
     finally:
         if pool is not None:
             pool.close()

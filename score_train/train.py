@@ -30,7 +30,7 @@ from score_train import algos, checkpoint, losses
 from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
 from score_train.cli import train_main as main
 from score_train.config import Config
-from score_train.eval import evaluate_run, fmt_eval, write_samples
+from score_train.eval import evaluate_run, fmt_eval, headline, write_samples
 from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
 
 
@@ -345,7 +345,8 @@ class Progress:
 
 def write_summary(run_dir: str, cfg: Config, total: int, t_start: float, state: dict, info) -> dict:
     summary = {"run_dir": run_dir, "algo": cfg.algo.name, "steps": total, "wall_s": time.perf_counter() - t_start,
-               "evals": state["evals"], "threads": torch.get_num_threads(), "device": str(info.device)}
+               "headline": headline(state["evals"]), "evals": state["evals"], "threads": torch.get_num_threads(),
+               "device": str(info.device)}
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     try:

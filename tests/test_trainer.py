@@ -68,6 +68,9 @@ def test_one_step_of_every_algorithm(tiny_model_dir, tmp_path, algo, extra):
     assert tags == ["before", "after"]
     for e in s["evals"]:
         assert e["num_problems"] == 2 and e["delta"] == pytest.approx(e["delta_i2c"] - e["delta_c2i"])
+        # summary.json leads with delta among stated answers, per evaluation
+        assert {k: s["headline"][e["tag"]][k] for k in ("delta_stated", "n_stated", "cut_t1")} == {
+            k: e[k] for k in ("delta_stated", "n_stated", "cut_t1")}
     m = metrics(run)
     assert [x["step"] for x in m] == list(range(1, s["steps"] + 1))
     for x in m:
