@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -455,15 +456,48 @@ def from_hf(hf_model, dtype=None, device=None) -> CausalLM:
     return model.to(device=device or "cpu", dtype=dtype or torch.float32)
 
 
+# Plain copies of GGUF models, written on first load: transformers parses a GGUF file once for the config,
+# again for the weights and again for the tokenizer (minutes on a busy 2-core machine); a safetensors
+# directory loads in about a second. A user setting, not a test hook: the tests point it at a tmp dir.
+GGUF_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "score", "gguf")
+
+
+def _cached_plain_copy(d: str, gguf: str) -> str:
+    """The directory of a plain float32 copy of d/gguf (model + tokenizer), made on first use."""
+    src = os.path.join(d, gguf)
+    st = os.stat(src)
+    out = os.path.join(GGUF_CACHE, f"{gguf}-{st.st_size}-{int(st.st_mtime)}")
+    if os.path.exists(os.path.join(out, "complete")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, gguf_file=gguf)
+    model = from_hf(hf, dtype=torch.float32)
+    tmp = f"{out}.tmp{os.getpid()}"
+    model.save_pretrained(tmp, AutoTokenizer.from_pretrained(d, gguf_file=gguf))
+    open(os.path.join(tmp, "complete"), "w").close()
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent first load either wins or finds it complete
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
-    """spec: a local HF directory (safetensors), a .gguf file, or "embedded". -> (model, tokenizer)."""
+    """spec: a local HF directory (safetensors), a .gguf file, or "embedded". -> (model, tokenizer).
+    A GGUF file is converted once into a plain directory under GGUF_CACHE and loaded from there."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     d, gguf = _resolve(spec)
+    if gguf:
+        try:
+            d, gguf = _cached_plain_copy(d, gguf), None
+        except OSError as e:  # a read-only or full cache: parse the GGUF as before
+            print(f"score: cannot cache a plain copy of {gguf} in {GGUF_CACHE} ({e}); loading the GGUF", file=sys.stderr)
     kw = {"gguf_file": gguf} if gguf else {}
     check_supported(AutoConfig.from_pretrained(d, **kw))
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
     model = from_hf(hf, dtype=dtype, device=device)
     del hf
-    tok = load_tokenizer(spec)
+    tok = AutoTokenizer.from_pretrained(d, **kw)
     return model, tok
