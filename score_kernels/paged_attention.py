@@ -82,7 +82,9 @@ def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
     n = math.prod(shape)
     buf = _WS.get((name, dtype))
     if buf is None or buf.numel() < n:
-        buf = _WS[(name, dtype)] = torch.empty(int(n * 1.25) + 1, dtype=dtype)
+        # never an inference tensor (the engine runs under inference_mode): a later call outside it could not write one
+        with torch.inference_mode(False):
+            buf = _WS[(name, dtype)] = torch.empty(int(n * 1.25) + 1, dtype=dtype)
     return buf[:n].view(shape)
 
 
