@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from score_train.model import from_hf, load_model  # noqa: E402
+from score_train.model import from_hf  # noqa: E402
 
 
 def _tiny_gguf_like(dtype=torch.float32):
@@ -76,7 +76,12 @@ def test_export_logits_equal_ours(tmp_path):
 
 @pytest.mark.slow
 def test_embedded_gguf_export_is_plain(tmp_path):
-    m, tok = load_model("embedded")
+    # straight from the GGUF (load_model now reads a plain cached copy): the config that needs cleaning
+    from score_train.model import embedded_gguf_path, load_tokenizer
+    gguf = embedded_gguf_path()
+    m = from_hf(transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), dtype=torch.float32,
+                                                                  gguf_file=os.path.basename(gguf)))
+    tok = load_tokenizer("embedded")
     assert "quantization_config" in m.config.to_dict()
     m.save_pretrained(str(tmp_path / "a"), tokenizer=tok)
     cfg = _config(tmp_path / "a")
