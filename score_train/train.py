@@ -31,8 +31,8 @@ from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (sc
 from score_train.cli import train_main as main
 from score_train.config import Config
 from score_train.eval import evaluate_run, fmt_eval, headline, write_samples
+from score_train.preflight import load_records
 from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
-
 
 # ---------------------------------------------------------------------------- set-up helpers
 
@@ -51,16 +51,6 @@ def set_trainable(model, train_layers: int, train_embeddings: bool) -> int:
     if getattr(model, "lm_head", None) is not None:
         model.lm_head.requires_grad_(emb)
     return cut
-
-
-def records_for(cfg: Config, split: str, n: int):
-    from score_train.data import ArithmeticConfig, load_task
-
-    arith = None
-    if cfg.data.task == "arithmetic":
-        arith = ArithmeticConfig(digits=cfg.data.digits, n_operands=cfg.data.n_operands, ops=tuple(cfg.data.ops),
-                                 prompt_format=cfg.data.prompt_format)
-    return load_task(cfg.data.task, split, n, cfg.data.seed, arithmetic=arith)
 
 
 def make_reward_fn(cfg: Config):
@@ -383,8 +373,8 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     # 2. the policy, its frozen reference, the rollout engine (it shares the policy's parameters), the data
     model, tok, ref, cut = build_models(cfg, info, total)
     rollout = make_rollout(cfg, model, tok)
-    train_recs = records_for(cfg, "train", cfg.data.train_size) if total > 0 else []
-    eval_recs = records_for(cfg, "eval", cfg.data.eval_size)
+    train_recs = load_records(cfg.data, "train", cfg.data.train_size) if total > 0 else []
+    eval_recs = load_records(cfg.data, "eval", cfg.data.eval_size)
     order = list(range(len(train_recs)))
     random.Random(cfg.data.seed + 1).shuffle(order)
 
