@@ -433,6 +433,8 @@ def load_tokenizer(spec: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     d, gguf = _resolve(spec)
+    if gguf and os.path.exists(os.path.join(_plain_copy_dir(d, gguf), "complete")):
+        d, gguf = _plain_copy_dir(d, gguf), None  # load_model wrote it: no GGUF parse for the tokenizer
     kw = {"gguf_file": gguf} if gguf else {}
     return AutoTokenizer.from_pretrained(d, **kw)
 
@@ -462,11 +464,14 @@ def from_hf(hf_model, dtype=None, device=None) -> CausalLM:
 GGUF_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "score", "gguf")
 
 
+def _plain_copy_dir(d: str, gguf: str) -> str:
+    st = os.stat(os.path.join(d, gguf))
+    return os.path.join(GGUF_CACHE, f"{gguf}-{st.st_size}-{int(st.st_mtime)}")
+
+
 def _cached_plain_copy(d: str, gguf: str) -> str:
     """The directory of a plain float32 copy of d/gguf (model + tokenizer), made on first use."""
-    src = os.path.join(d, gguf)
-    st = os.stat(src)
-    out = os.path.join(GGUF_CACHE, f"{gguf}-{st.st_size}-{int(st.st_mtime)}")
+    out = _plain_copy_dir(d, gguf)
     if os.path.exists(os.path.join(out, "complete")):
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
