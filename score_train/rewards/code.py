@@ -14,8 +14,8 @@ is not bubblewrap):
   per-sample uid). Only /usr (and the interpreter) are visible, read-only; private size-capped tmpfs
   /tmp, /dev/shm and /var/tmp vanish with the sample; a private /proc; no network; no new user
   namespaces; killed with its parent.
-- "namespaces": root without bubblewrap: `unshare -n -p -f --kill-child` plus `setpriv` to a
-  per-sample uid; files that uid leaves in /tmp, /dev/shm, /var/tmp are deleted afterwards.
+- "namespaces": root without bubblewrap: `unshare -m -n -p -f --mount-proc --kill-child` (a private
+  network, PID namespace and /proc) plus `setpriv` to a per-sample uid; files that uid leaves in /tmp, /dev/shm, /var/tmp are deleted afterwards.
 - "basic": neither: the socket module is blocked, the environment emptied, limits set.
 Every level: resource limits (CPU, address space, files, processes, file size), an empty
 environment, `python -I`, a wall-clock timeout that SIGKILLs everything the sample started.
@@ -143,8 +143,8 @@ def _probe(level: str) -> tuple[str | None, str]:
         if not root:
             return None, "namespaces and setpriv need root"
         if not (shutil.which("unshare") and shutil.which("setpriv")
-                and _ok(["unshare", "-n", "-p", "-f", "--kill-child", "true"])):
-            return None, "unshare -n -p failed"
+                and _ok(["unshare", "-m", "-n", "-p", "-f", "--mount-proc", "--kill-child", "true"])):
+            return None, "unshare -m -n -p --mount-proc failed"
         for cand in _python_candidates():
             if _ok(_setpriv(NOBODY) + [cand, "-I", "-c", "import resource, json"]):
                 return cand, ""
@@ -344,7 +344,9 @@ def _command(mode: SandboxMode, role: str, folder: str, uid: int | None, cfg: di
         if uid is not None:
             cmd = _setpriv(uid) + cmd
         if mode.netns:
-            cmd = ["unshare", "-n", "-p", "-f", "--kill-child"] + cmd
+            # a mount namespace only so that /proc can be the sample's own: the host's /proc would show
+            # every other process's command line (and make a walk of it cost what the host holds)
+            cmd = ["unshare", "-m", "-n", "-p", "-f", "--mount-proc", "--kill-child"] + cmd
     cmd.append(json.dumps(cfg))
     return cmd, cwd, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
 
