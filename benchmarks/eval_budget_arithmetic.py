@@ -1,7 +1,7 @@
 """Turn-1 token budget for arithmetic (issue 13 section 1): how many greedy turn-1 answers of the embedded
 SmolLM2-135M end on EOS within B new tokens, on eval-split problems, with the paged engine.
 
-    python benchmarks/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1]
+    python benchmarks/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1] [PROMPT_FORMAT='What is {expr}?']
 
 One greedy generation at MAX_TOKENS; the greedy answer at a budget B <= MAX_TOKENS is its first B tokens.
 Also writes the model load's cProfile (top 25 by cumulative time) to OUT.json's "load_profile_top".
@@ -26,7 +26,8 @@ s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_sta
 load_profile = s.getvalue().splitlines()[:40]
 print(f"imports {t_imp:.1f}s load {t_load:.1f}s", flush=True)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 256
-recs = load_task("arithmetic", "eval", N, 0, arithmetic=ArithmeticConfig(digits=2, prompt_format="What is {expr}?"))
+PROMPT = sys.argv[5] if len(sys.argv) > 5 else "What is {expr}?"
+recs = load_task("arithmetic", "eval", N, 0, arithmetic=ArithmeticConfig(digits=2, prompt_format=PROMPT))
 eng = Engine(m, tok)
 MAX = int(sys.argv[3]) if len(sys.argv) > 3 else 192
 t2 = time.perf_counter()
@@ -51,7 +52,7 @@ for B in (128, MAX):
     at[str(B)] = {"acc_t1": sum(right) / len(rows), "n_stated": sum(stated)}
 out = {"what": "greedy turn-1 answers of the base model that end on EOS within B new tokens",
        "model": "embedded SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32)", "rollout": "paged engine",
-       "task": "arithmetic, eval split, seed 0, 2 digits, 2 operands, '+', prompt 'What is {expr}?', plain style",
+       "task": f"arithmetic, eval split, seed 0, 2 digits, 2 operands, '+', prompt {PROMPT!r}, plain style",
        "n_problems": len(rows), "generated_at_max_new_tokens": MAX,
        "method": f"one greedy generation at {MAX} tokens; the greedy answer at budget B is its first B tokens",
        "budgets": budgets, "turn1_at_budget": at,

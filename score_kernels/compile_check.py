@@ -1,12 +1,14 @@
 """Ahead-of-time compile every registered Triton kernel for GPU targets, with no GPU present.
 
-    python -m score_kernels.compile_check [--arch sm_80,sm_90] [--filter NAME] [--json PATH]
+    python -m score_kernels.compile_check [--arch sm_80,sm_90] [--filter NAME] [--json PATH] [--jobs N]
 
 Prints kernel, arch, num_warps, shared memory (bytes), registers per thread and spilled bytes (from
 ptxas), whether the loads were software-pipelined (cp.async in the PTX), and whether tl.dot lowered
 to tensor cores (wgmma on sm_90, mma on sm_80). Exits non-zero on any compile failure, when a kernel
 that should use tensor cores does not, or when a kernel spills more than --max-spill bytes.
 Kernels are compiled with the divisibility hints the JIT gives aligned tensors (see _aot.py).
+Triton compiles one kernel at a time in its process, so --jobs N (default: the CPU count) splits the
+kernels over N child processes (`--shard i/N` each) and merges their rows in the single-process order.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -61,7 +65,9 @@ def _compile(triton, src, target, options):
     return k, buf.getvalue()
 
 
-def run(archs: list[str], name_filter: str | None = None, max_spill: int | None = None) -> list[dict]:
+def run(archs: list[str], name_filter: str | None = None, max_spill: int | None = None,
+        shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Rows for every (kernel, arch) pair; with shard (i, n) only the pairs whose index is i mod n."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("compile_check needs real Triton kernels: unset TRITON_INTERPRET")
     import triton
@@ -72,6 +78,7 @@ def run(archs: list[str], name_filter: str | None = None, max_spill: int | None 
     from score_kernels import _aot
 
     rows = []
+    index = -1
     for spec in _aot.SPECS:
         if name_filter and name_filter not in spec.name:
             continue
@@ -79,7 +86,10 @@ def run(archs: list[str], name_filter: str | None = None, max_spill: int | None 
             cc = _arch_cc(arch)
             if not spec.for_arch(cc):
                 continue
-            row = {"kernel": spec.name, "arch": f"sm_{cc}", "ok": False}
+            index += 1
+            if index % shard[1] != shard[0]:
+                continue
+            row = {"kernel": spec.name, "arch": f"sm_{cc}", "ok": False, "index": index}
             t0 = time.time()
             try:
                 src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs,
@@ -101,14 +111,52 @@ def run(archs: list[str], name_filter: str | None = None, max_spill: int | None 
     return rows
 
 
+def _run_sharded(args, jobs: int) -> list[dict]:
+    """The same rows as run(), from `jobs` child processes of this module, one shard each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i in range(jobs):
+            cmd = [sys.executable, "-m", "score_kernels.compile_check", "--arch", args.arch,
+                   "--shard", f"{i}/{jobs}", "--json", os.path.join(tmp, f"{i}.json")]
+            if args.filter:
+                cmd += ["--filter", args.filter]
+            if args.max_spill is not None:
+                cmd += ["--max-spill", str(args.max_spill)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        rows = []
+        for i, proc in enumerate(procs):
+            _, err = proc.communicate()
+            path = os.path.join(tmp, f"{i}.json")
+            if not os.path.exists(path):  # the shard died before writing: say so, fail the check
+                raise SystemExit(f"compile_check shard {i}/{jobs} exited {proc.returncode}:\n{err[-2000:]}")
+            with open(path) as f:
+                rows += json.load(f)
+    return sorted(rows, key=lambda r: r["index"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--arch", default="sm_80,sm_90")
     p.add_argument("--filter", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--max-spill", type=int, default=None, help="fail a kernel that spills more bytes than this")
+    p.add_argument("--jobs", type=int, default=None, help="child processes (default: the CPU count)")
+    p.add_argument("--shard", default=None, help="i/n: compile only every n-th pair from the i-th (what --jobs runs)")
     args = p.parse_args(argv)
-    rows = run([a for a in args.arch.split(",") if a], args.filter, args.max_spill)
+    archs = [a for a in args.arch.split(",") if a]
+    if args.shard is not None:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+            if not 0 <= i < n:
+                raise ValueError
+        except ValueError:
+            p.error(f"--shard must be i/n with 0 <= i < n, got {args.shard!r}")
+        rows = run(archs, args.filter, args.max_spill, (i, n))
+    else:
+        jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+        if jobs < 1:
+            p.error(f"--jobs must be >= 1, got {jobs}")
+        rows = run(archs, args.filter, args.max_spill) if jobs == 1 else _run_sharded(args, jobs)
     w = max([len(r["kernel"]) for r in rows] + [6])
     print(f"{'kernel':<{w}}  arch   warps  shared_B  regs  spill_B  pipelined  tensor_cores  status")
     for r in rows:
@@ -123,7 +171,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    if not rows:
+    if not rows and args.shard is None:  # a shard may be empty when --filter leaves few kernels
         print("no kernels registered", file=sys.stderr)
         return 1
     return 1 if bad else 0

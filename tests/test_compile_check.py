@@ -27,6 +27,23 @@ def test_compile_check_all_kernels(tmp_path):
     assert "kernel" in res.stdout and "compiled" in res.stdout
 
 
+def test_jobs_give_the_rows_of_one_process(tmp_path):
+    """--jobs splits the pairs over child processes; the merged rows are the single process's, in order."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    got = {}
+    for jobs in (1, 3):
+        out = tmp_path / f"j{jobs}.json"
+        res = subprocess.run([sys.executable, "-m", "score_kernels.compile_check", "--arch", "sm_80,sm_90",
+                              "--filter", "token_kl", "--jobs", str(jobs), "--json", str(out)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        got[jobs] = [(r["kernel"], r["arch"], r["ok"], r.get("registers")) for r in json.loads(out.read_text())]
+    assert len(got[1]) >= 3 and got[3] == got[1]
+    res = subprocess.run([sys.executable, "-m", "score_kernels.compile_check", "--jobs", "0"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--jobs must be >= 1" in res.stderr
+
+
 def test_compile_check_fails_on_broken_kernel(tmp_path):
     # a kernel that cannot compile (shape mismatch in tl.store) must make the check exit non-zero
     script = tmp_path / "broken.py"
