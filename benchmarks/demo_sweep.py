@@ -8,7 +8,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
 
 Each run is a plain `score-train` subprocess with the preset's settings plus the sweep's overrides, so a
 record's wall time is what a user would see (model load and both evaluations included). These are long
-measurements (about 25-30 min a run on 2 cores): benchmarks with records, never part of the test suite.
+measurements (about 29 min a run on a quiet 2-core machine): benchmarks with records, never part of the test suite.
 A run's record keeps its final evaluation (greedy, held-out), the base evaluation, the truncation counts and
 the config; the table's headline is delta among stated answers (turn 1 ended by itself with an answer).
 """
