@@ -5,6 +5,9 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
+    python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
+
+Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
 
 Each run is a plain `score-train` subprocess with the preset's settings plus the sweep's overrides, so a
 record's wall time is what a user would see (model load and both evaluations included). These are long
@@ -129,19 +132,51 @@ def table(names: list[str]) -> str:
         p[1] += c2i
     for algo, (w, lo) in pooled.items():
         lines.append(f"\n{algo}: pooled i->c among stated {w} vs c->i {lo}, sign test p = {sign_test_p(w, lo):.2g}")
+    lines += turns_table(names)
     return "\n".join(lines)
+
+
+def turns_table(names: list[str]) -> list[str]:
+    """The runs with a third turn: delta(t1,t2) and delta(t2,t3), before and after training."""
+    out = []
+    for name in names:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = row(json.load(f))
+        if r is None or "acc_t3" not in r["after"]:
+            continue
+        if not out:
+            out = ["", "| run | eval | Acc@t1 | Acc@t2 | Acc@t3 | delta(t1,t2) | stated (n) | delta(t2,t3) | stated (n) | "
+                   "cut t1 / t2 / t3 |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for tag, e in (("base", r["before"] or {}), ("after", r["after"])):
+            if "acc_t3" not in e:
+                continue
+            out.append(f"| {name} | {tag} | {_pct(e['acc_t1'])} | {_pct(e['acc_t2'])} | {_pct(e['acc_t3'])} | "
+                       f"{_pct(e['delta'])} | {_pct(e.get('delta_stated'))} ({e.get('n_stated', '-')}) | "
+                       f"{_pct(e['delta_t23'])} | {_pct(e.get('delta_stated_t23'))} ({e.get('n_stated_t2', '-')}) | "
+                       f"{_pct(e.get('cut_t1'))} / {_pct(e.get('cut_t2'))} / {_pct(e.get('cut_t3'))} |")
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", choices=[*SWEEPS, "table"])
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
-    ap.add_argument("extra", nargs="*", help="more --section.key=value overrides for every run")
-    args = ap.parse_args(argv)
+    ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
+    args, extra = ap.parse_known_args(argv)
+    bad = [x for x in extra if not x.startswith("--")]
+    if bad:
+        ap.error(f"unexpected arguments {bad}: overrides are --section.key=value")
     sweeps = SWEEPS if args.sweep == "table" else {args.sweep: SWEEPS[args.sweep]}
     if args.sweep != "table":
-        for name, overrides in SWEEPS[args.sweep]:
-            run_one(name, overrides, args.extra, args.out_dir)
+        only = {x for x in args.only.split(",") if x}
+        runs = [(n, o) for n, o in SWEEPS[args.sweep] if not only or n in only]
+        if only - {n for n, _ in runs}:
+            ap.error(f"--only: no run {sorted(only - {n for n, _ in runs})} in sweep {args.sweep}")
+        for name, overrides in runs:
+            run_one(name, overrides, extra, args.out_dir)
     names = [n for runs in sweeps.values() for n, _ in runs]
     text = table(names)
     print(text)

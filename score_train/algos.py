@@ -1,7 +1,7 @@
 """The algorithms as small pure functions: per-stage loss settings, packing two-turn samples into
 padding-free batches, per-token advantages, and the SFT data builders of the baselines.
 
-Shapes: B samples, K turns (2), N packed tokens of a micro-batch, M <= N policy tokens.
+Shapes: B samples, K turns (2, or algo.num_turns), N packed tokens of a micro-batch, M <= N policy tokens.
 Token convention: position i of a packed sequence predicts token i+1, so `targets[i] = ids[i+1]`
 and `turn_ids[i]` is the turn that token i+1 belongs to (-1: prompt, instruction, or sequence end).
 """
@@ -14,13 +14,14 @@ import torch
 from score_train.rollout.types import TwoTurnSample
 
 SFT_ALGOS = ("star", "pair-sft")
+MULTI_TURN_ALGOS = ("score", "multi-turn-rl")  # the algorithms that train more than two turns
 
 
 @dataclass(frozen=True)
 class StageSettings:
     """What one optimisation step of an algorithm trains."""
     name: str  # "stage1", "stage2", "multi-turn-rl", ...
-    two_turn: bool  # do rollouts produce a second turn?
+    two_turn: bool  # do rollouts produce more than one turn (num_turns of them)?
     pg_turns: tuple[bool, ...]  # per turn: does the policy gradient (or SFT) apply?
     kl_coef: tuple[float, ...]  # per turn KL weight against the reference
     shaping_alpha: float = 0.0  # turn-2 reward bonus alpha * (r2 - r1), applied before the baseline
@@ -33,21 +34,28 @@ class StageSettings:
 
     @property
     def rollout_turns(self) -> int:
-        return 2 if self.two_turn else 1
+        return self.num_turns if self.two_turn else 1
 
 
 def stage_settings(algo, stage: str) -> StageSettings:
-    """The paper's settings. `algo` is a config.AlgoConfig; stage is "stage1"/"stage2" for score."""
+    """The paper's settings. `algo` is a config.AlgoConfig; stage is "stage1"/"stage2" for score.
+    With algo.num_turns = K > 2 (score and multi-turn-rl) every later turn is treated as the paper treats
+    turn 2: Stage I trains turns 2..K with beta1 and holds turn 1 with beta2; Stage II shapes each turn
+    against the one before it (r_k + alpha * (r_k - r_{k-1}), score_kernels.shape_rewards)."""
     b1, b2 = algo.beta1, algo.beta2
+    K = getattr(algo, "num_turns", 2)
+    if K != 2 and algo.name not in MULTI_TURN_ALGOS:
+        raise ValueError(f"algo.num_turns={K} applies to {', '.join(MULTI_TURN_ALGOS)}, not {algo.name!r}")
+    later = K - 1
     if algo.name == "score":
         if stage == "stage1":
-            # PG on turn 2 only; turn 1 held near the reference by the strong beta2.
-            return StageSettings("stage1", True, (False, True), (b2, b1))
+            # PG on the later turns only; turn 1 held near the reference by the strong beta2.
+            return StageSettings("stage1", True, (False,) + (True,) * later, (b2,) + (b1,) * later)
         if stage == "stage2":
-            return StageSettings("stage2", True, (True, True), (b1, b1), shaping_alpha=algo.alpha)
+            return StageSettings("stage2", True, (True,) * K, (b1,) * K, shaping_alpha=algo.alpha)
         raise ValueError(f"score has stages stage1 and stage2, got {stage!r}")
     if algo.name == "multi-turn-rl":
-        return StageSettings("multi-turn-rl", True, (True, True), (b1, b1))
+        return StageSettings("multi-turn-rl", True, (True,) * K, (b1,) * K)
     if algo.name == "single-turn-rl":
         return StageSettings("single-turn-rl", False, (True,), (b1,))
     if algo.name == "star":
@@ -102,14 +110,16 @@ class PackedBatch:
 
 
 def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) -> PackedBatch:
-    """Concatenate the samples' token layouts (prompt + y1 [+ instruction + y2]) without padding.
-    rows[i] is sample i's row index in the step's tables (default: i)."""
+    """Concatenate the samples' token layouts (prompt + y1 [+ instruction + y2 [+ instruction + y3 ...]])
+    without padding. rows[i] is sample i's row index in the step's tables (default: i)."""
     rows = list(range(len(samples))) if rows is None else rows
     ids, pos, tgt, tid, sid, olp, cu = [], [], [], [], [], [], [0]
     for s, row in zip(samples, rows):
         parts = [(s.prompt_ids, -1, None), (s.turn1_ids, 0, s.turn1_logprobs)]
         if s.turn2_ids is not None:
             parts += [(s.instruction_ids, -1, None), (s.turn2_ids, 1, s.turn2_logprobs)]
+        for k, t in enumerate(s.extra_turns, start=2):
+            parts += [(t.instruction_ids, -1, None), (t.ids, k, t.logprobs)]
         seq, turn, lp = [], [], []
         for toks, t, lps in parts:
             seq += list(toks)
@@ -152,13 +162,14 @@ def micro_batches(samples: list[TwoTurnSample], max_tokens: int) -> list[list[in
 
 
 def reward_table(samples: list[TwoTurnSample], reward_fn, records, num_turns: int) -> torch.Tensor:
-    """[B, K] fp32 rewards; reward_fn(record, text) -> float; sample.prompt_index indexes records."""
+    """[B, K] fp32 rewards; reward_fn(record, text) -> float; sample.prompt_index indexes records.
+    A turn the sample does not have (a one-turn rollout of a K-turn table) scores as the empty text."""
     out = torch.zeros(len(samples), num_turns)
     for i, s in enumerate(samples):
         rec = records[s.prompt_index]
-        out[i, 0] = float(reward_fn(rec, s.turn1_text))
-        if num_turns > 1:
-            out[i, 1] = float(reward_fn(rec, s.turn2_text or ""))
+        texts = s.turn_texts
+        for k in range(num_turns):
+            out[i, k] = float(reward_fn(rec, (texts[k] if k < len(texts) else None) or ""))
     return out
 
 

@@ -128,6 +128,7 @@ class AlgoConfig:
     clip_eps: float = 0.0  # > 0 turns on PPO clipping (useful with optim.epochs > 1)
     agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean
     star_keep_correct: bool = False  # star: also keep correct->correct traces (D+ = only i->c when False)
+    num_turns: int = 2  # attempts per episode: 3 adds a third (score, multi-turn-rl; the paged engine)
 
     def check(self):
         if self.name not in ALGOS:  # message kept: "algo.name must be one of"
@@ -140,6 +141,11 @@ class AlgoConfig:
         _need(self.interleave >= 1, f"algo.interleave must be >= 1; got {self.interleave}")
         for k in ("beta1", "beta2", "clip_eps"):
             _need(getattr(self, k) >= 0, f"algo.{k} must be >= 0; got {getattr(self, k)}")
+        _need(self.num_turns >= 2, f"algo.num_turns must be >= 2 (the first attempt and at least one correction); "
+                                   f"got {self.num_turns}")
+        _need(self.num_turns == 2 or self.name in ("score", "multi-turn-rl", "self-refine"),
+              f"algo.num_turns={self.num_turns} applies to score, multi-turn-rl and self-refine; {self.name} "
+              "trains two turns")
 
 
 @dataclass
@@ -245,9 +251,11 @@ class EvalCommand:
     greedy: bool = True
     out: str = ""  # JSON output file ("" = score-eval-<task>.json)
     samples: bool = True  # per-sample texts in the JSON
+    num_turns: int = 2  # attempts in the greedy pass (3: a third, reported against the second)
 
     def check(self):
         _one_of(self.split, ("eval", "all"), "evaluate.split")
+        _need(self.num_turns >= 2, f"evaluate.num_turns must be >= 2; got {self.num_turns}")
         _need(self.k >= -1, f"evaluate.k must be >= 0 (or -1: by device); got {self.k}")
         if self.out:
             check_output_path(self.out, "evaluate.out")
@@ -296,6 +304,8 @@ class Config:
     def validate(self) -> Config:
         self.algo.check()
         self.rollout.check()
+        _need(self.algo.num_turns == 2 or self.rollout.engine == "engine",
+              f"algo.num_turns={self.algo.num_turns} needs rollout.engine=engine (the HF baseline samples two turns)")
         self.model.check(training=True)
         self.optim.check()
         self.data.check()
@@ -323,6 +333,8 @@ class EvalCommandConfig:
         self.rollout.check()
         self.run.check()
         self.evaluate.check()
+        _need(self.evaluate.num_turns == 2 or self.rollout.engine == "engine",
+              f"evaluate.num_turns={self.evaluate.num_turns} needs rollout.engine=engine")
         return self
 
     def to_dict(self) -> dict:

@@ -164,51 +164,79 @@ def majority_vote(keys, rewards) -> float:
 
 # ---------------------------------------------------------------- evaluation
 
-def _score(samples, records, kind, reward_pool):
+def _score(samples, records, kind, reward_pool, num_turns: int = 2):
+    """-> one list of 0/1 rewards per turn (turns 1..num_turns)."""
     items = []
     for s in samples:
         rec = records[s.prompt_index]
-        items.append((kind, s.turn1_text, rec))
-        items.append((kind, s.turn2_text, rec))
+        texts = s.turn_texts
+        items += [(kind, texts[t] if t < len(texts) else None, rec) for t in range(num_turns)]
     if reward_pool is not None:
         rs = reward_pool.score(items)
     else:
         rs = [reward(k, t, r) for k, t, r in items]
-    return rs[0::2], rs[1::2]
+    return [rs[t::num_turns] for t in range(num_turns)]
 
 
 def _finish(s, turn: int) -> str | None:
     return s.finish_reasons[turn] if len(s.finish_reasons) > turn else None
 
 
-def _summarise(samples, records, kind, r1, r2, max_new_tokens: int) -> dict:
+def later_turn_metrics(samples, kind, rewards: list) -> dict:
+    """Turn k >= 3 against turn k-1, as flat keys: acc_t3, delta_t23, delta_stated_t23 (among the problems
+    whose turn 2 stated an answer), n_stated_t2, n_i2c_stated_t23, n_c2i_t23, cut_t3, ..."""
+    out = {}
+    for k in range(2, len(rewards)):
+        a, b = f"t{k}", f"t{k + 1}"  # the earlier and the later turn, 1-based
+        m = self_correction_metrics(rewards[k - 1], rewards[k],
+                                    [turn1_stated(kind, s.turn_texts[k - 1], _finish(s, k - 1)) for s in samples],
+                                    cut_t2=[_finish(s, k) == "length" for s in samples])
+        out.update({f"acc_{b}": m["acc_t2"], f"delta_t{k}{k + 1}": m["delta"],
+                    f"delta_stated_t{k}{k + 1}": m["delta_stated"], f"n_stated_{a}": m["n_stated"],
+                    f"n_i2c_stated_t{k}{k + 1}": m["n_i2c_stated"], f"n_i2c_unstated_t{k}{k + 1}": m["n_i2c_unstated"],
+                    f"n_c2i_t{k}{k + 1}": m["n_c2i_stated"] + m["n_c2i_unstated"], f"n_cut_{b}": m["n_cut_t2"],
+                    f"cut_{b}": m["cut_t2"]})
+    return out
+
+
+def _summarise(samples, records, kind, rewards: list, max_new_tokens: int) -> dict:
+    r1, r2 = rewards[0], rewards[1]
     ratios = [edit_distance_ratio(s.turn1_text or "", s.turn2_text or "") for s in samples]
     m = self_correction_metrics(r1, r2, [turn1_stated(kind, s.turn1_text, _finish(s, 0)) for s in samples],
                                 cut_t1=[_finish(s, 0) == "length" for s in samples],
                                 cut_t2=[_finish(s, 1) == "length" for s in samples])
-    return {"metrics": m | {"max_new_tokens": max_new_tokens}, "edit_distance": ratio_histogram(ratios),
+    m |= later_turn_metrics(samples, kind, rewards)
+    return {"metrics": m | {"max_new_tokens": max_new_tokens, "num_turns": len(rewards)},
+            "edit_distance": ratio_histogram(ratios),
             "finish_reasons": dict(Counter(f for s in samples for f in s.finish_reasons)),
             "finish_reasons_per_turn": [dict(Counter(_finish(s, t) for s in samples if _finish(s, t)))
-                                        for t in (0, 1)]}
+                                        for t in range(len(rewards))]}
 
 
-def _sample_rows(samples, records, kind, r1, r2) -> list[dict]:
-    return [{"id": records[s.prompt_index].id, "sample": s.sample_index, "answer": records[s.prompt_index].answer,
-             "y1": s.turn1_text, "y2": s.turn2_text, "r1": r1[i], "r2": r2[i],
-             "a1": answer_key(kind, s.turn1_text), "a2": answer_key(kind, s.turn2_text),
-             "finish": list(s.finish_reasons), "stated": turn1_stated(kind, s.turn1_text, _finish(s, 0))}
-            for i, s in enumerate(samples)]
+def _sample_rows(samples, records, kind, rewards: list) -> list[dict]:
+    rows = []
+    for i, s in enumerate(samples):
+        texts = s.turn_texts
+        row = {"id": records[s.prompt_index].id, "sample": s.sample_index, "answer": records[s.prompt_index].answer,
+               "y1": s.turn1_text, "y2": s.turn2_text, "r1": rewards[0][i], "r2": rewards[1][i],
+               "a1": answer_key(kind, s.turn1_text), "a2": answer_key(kind, s.turn2_text),
+               "finish": list(s.finish_reasons), "stated": turn1_stated(kind, s.turn1_text, _finish(s, 0))}
+        for t in range(2, len(rewards)):
+            row.update({f"y{t + 1}": texts[t], f"r{t + 1}": rewards[t][i], f"a{t + 1}": answer_key(kind, texts[t])})
+        rows.append(row)
+    return rows
 
 
 def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instruction: str | None,
-              progress, desc: str):
+              progress, desc: str, num_turns: int = 2):
     """rollout.generate with a token progress bar on stderr (progress=True), or progress(desc, total)
     returning a callable(tokens) and a close() (tests). The engine reports the tokens of every step; other
     rollouts move the bar once, at the end. total is the budget's worst case, so an answer that stops at
     EOS finishes early and the bar jumps to the end."""
+    turns_kw = {"num_turns": num_turns} if two_turn and num_turns > 2 else {}
     if not progress:
-        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction)
-    total = len(prompts) * params.n * (2 if two_turn else 1) * params.max_new_tokens
+        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction, **turns_kw)
+    total = len(prompts) * params.n * (num_turns if two_turn else 1) * params.max_new_tokens
     if progress is True:
         from tqdm.auto import tqdm
 
@@ -225,7 +253,7 @@ def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instr
 
     kw = {"progress": step} if "progress" in inspect.signature(rollout.generate).parameters else {}
     try:
-        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction, **kw)
+        return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction, **turns_kw, **kw)
     finally:
         step(total - done[0])
         bar.close()
@@ -233,7 +261,7 @@ def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instr
 
 def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: bool = True,
              max_new_tokens: int = 256, style: str = "plain", seed: int = 0, reward_pool=None,
-             keep_samples: bool = True, log=None, progress=False, warn: bool = True) -> dict:
+             keep_samples: bool = True, log=None, progress=False, warn: bool = True, num_turns: int = 2) -> dict:
     """Two-turn evaluation of any Rollout on records (all of one kind).
 
     greedy: one greedy two-turn sample per problem (the paper's headline numbers).
@@ -242,6 +270,8 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     the K turn-2 answers. Self-consistency is skipped for code (no comparable answers).
     progress: a token progress bar per generation on stderr (see _generate).
     warn: print truncation_warning on stderr when it applies (it is kept in result["warnings"] anyway).
+    num_turns: attempts in the greedy pass (> 2 needs a rollout whose generate takes num_turns, the engine);
+    turn k >= 3 is reported against turn k-1 (later_turn_metrics). The sampled pass stays two-turn.
     """
     if not records:
         raise ValueError("records is empty")
@@ -253,6 +283,8 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
         raise ValueError(f"k must be >= 0, got {k}")
     if not greedy and k == 0:
         raise ValueError("nothing to evaluate: greedy=False and k=0")
+    if num_turns < 2:
+        raise ValueError(f"num_turns must be >= 2, got {num_turns}")
     log = log or (lambda msg: None)
     prompts = [turn1_message(r, style) for r in records]
     instruction = self_correction_instruction(kind, style)
@@ -262,13 +294,14 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     if greedy:
         t0 = time.perf_counter()
         ss = _generate(rollout, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed),
-                       two_turn=True, instruction=instruction, progress=progress, desc="eval greedy")
+                       two_turn=True, instruction=instruction, progress=progress, desc="eval greedy",
+                       num_turns=num_turns)
         gen_s = time.perf_counter() - t0
-        _check(ss, len(records), 1, two_turn=True)
-        r1, r2 = _score(ss, records, kind, reward_pool)
-        out["greedy"] = _summarise(ss, records, kind, r1, r2, max_new_tokens) | {"generate_s": gen_s}
+        _check(ss, len(records), 1, two_turn=True, num_turns=num_turns)
+        rs = _score(ss, records, kind, reward_pool, num_turns)
+        out["greedy"] = _summarise(ss, records, kind, rs, max_new_tokens) | {"generate_s": gen_s}
         if keep_samples:
-            out["greedy"]["samples"] = _sample_rows(ss, records, kind, r1, r2)
+            out["greedy"]["samples"] = _sample_rows(ss, records, kind, rs)
         log(f"greedy: {len(ss)} two-turn samples in {gen_s:.1f}s")
 
     if k > 0:
@@ -278,7 +311,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
                        desc=f"eval T={temperature:g} k={k}")
         _check(ss, len(records), k, two_turn=True)
         r1, r2 = _score(ss, records, kind, reward_pool)
-        sampled = _summarise(ss, records, kind, r1, r2, max_new_tokens)
+        sampled = _summarise(ss, records, kind, [r1, r2], max_new_tokens)
         sampled.update({"temperature": temperature, "k": k})
         if kind != "code":
             extra = _generate(rollout, prompts, SamplingParams(n=k, temperature=temperature,
@@ -305,7 +338,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
                     [r1[j] for j, s in enumerate(ss) if s.prompt_index == i]) for i in range(len(records))]))}
         sampled["generate_s"] = time.perf_counter() - t0
         if keep_samples:
-            sampled["samples"] = _sample_rows(ss, records, kind, r1, r2)
+            sampled["samples"] = _sample_rows(ss, records, kind, [r1, r2])
         out["sampled"] = sampled
         log(f"sampled: T={temperature} k={k} in {sampled['generate_s']:.1f}s")
     w = truncation_warning(out["greedy" if greedy else "sampled"]["metrics"])
@@ -315,11 +348,13 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     return out
 
 
-def _check(samples, n_prompts, n, *, two_turn):
+def _check(samples, n_prompts, n, *, two_turn, num_turns: int = 2):
     if len(samples) != n_prompts * n:
         raise RuntimeError(f"rollout returned {len(samples)} samples, expected {n_prompts * n}")
     if two_turn and any(s.turn2_text is None for s in samples):
         raise RuntimeError("rollout returned samples without a second turn")
+    if two_turn and any(len(s.turn_texts) < num_turns for s in samples):
+        raise RuntimeError(f"rollout returned samples with fewer than {num_turns} turns")
 
 
 # ---------------------------------------------------------------- the trainer's evaluations
@@ -336,7 +371,7 @@ def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: st
         model.eval()
     t0 = time.perf_counter()
     res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
-                   progress=bool(cfg.run.progress), warn=False)
+                   progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns)
     if model is not None and was_training:
         model.train()
     g = res["greedy"]
@@ -377,7 +412,18 @@ def headline(evals: list[dict]) -> dict:
     """summary.json's headline: delta among stated answers (and what it rests on) of each evaluation, by tag."""
     return {"metric": "delta_stated: (right at turn 2 - right at turn 1) / n_stated, over the n_stated problems "
                       "whose turn 1 stated an answer (read from it, ended on EOS or a stop string)",
-            **{e.get("tag", str(i)): {k: e.get(k) for k in HEADLINE_KEYS} for i, e in enumerate(evals)}}
+            **{e.get("tag", str(i)): {k: e.get(k) for k in HEADLINE_KEYS} | _later_headline(e)
+               for i, e in enumerate(evals)}}
+
+
+def _later_headline(e: dict) -> dict:
+    """A third turn's (and later turns') headline keys, when the evaluation has them."""
+    out, k = {}, 3
+    while f"acc_t{k}" in e:
+        out.update({key: e.get(key) for key in (f"acc_t{k}", f"delta_t{k - 1}{k}", f"delta_stated_t{k - 1}{k}",
+                                                f"n_stated_t{k - 1}", f"cut_t{k}")})
+        k += 1
+    return out
 
 
 def _signed(v) -> str:
@@ -397,6 +443,12 @@ def fmt_eval(e: dict) -> str:
         body += f" (i->c: {e['n_i2c_stated']} stated wrong, {e['n_i2c_unstated']} cut off or no answer)"
     if "cut_t1" in e:
         body += f", cut by the limit t1 {100 * e['cut_t1']:.1f}% t2 {100 * e.get('cut_t2', 0):.1f}%"
+    k = 3
+    while f"acc_t{k}" in e:
+        body += (f" | turn {k}: Acc@t{k} {100 * e[f'acc_t{k}']:.1f}%, delta(t{k - 1},t{k}) "
+                 f"{100 * e[f'delta_t{k - 1}{k}']:+.1f}%, among stated {_signed(e.get(f'delta_stated_t{k - 1}{k}'))}, "
+                 f"cut {100 * e.get(f'cut_t{k}', 0):.1f}%")
+        k += 1
     return head + body + f" (n={e.get('num_problems')})"
 
 
@@ -426,6 +478,15 @@ def format_table(result: dict) -> str:
                      f"{100 * m['delta_i2c']:7.1f}{100 * m.get('delta_i2c_stated', 0):6.1f}"
                      f"{100 * m.get('delta_i2c_unstated', 0):6.1f}{100 * m['delta_c2i']:7.1f}"
                      f"{100 * m.get('cut_t1', 0):8.1f}{100 * m.get('cut_t2', 0):8.1f}{s['edit_distance']['mean']:6.2f}")
+    for name, s in rows:
+        m, k = s["metrics"], 3
+        while f"acc_t{k}" in m:
+            ds = m.get(f"delta_stated_t{k - 1}{k}")
+            lines.append(f"{name}: turn {k} vs turn {k - 1}: Acc@t{k} {100 * m[f'acc_t{k}']:.1f}, delta "
+                         f"{100 * m[f'delta_t{k - 1}{k}']:+.1f}, among the {m[f'n_stated_t{k - 1}']} whose turn "
+                         f"{k - 1} stated an answer {'n/a' if ds is None else f'{100 * ds:+.1f}'}, "
+                         f"cut@t{k} {100 * m.get(f'cut_t{k}', 0):.1f}")
+            k += 1
     sc = result.get("sampled", {}).get("self_consistency")
     if sc:
         lines.append(f"self-consistency: majority@{2 * sc['k']} turn-1 {100 * sc['parallel_2k_turn1']:.1f}  |  "
@@ -505,7 +566,8 @@ def run_command(cfg, records) -> int:
     try:
         result = evaluate(rollout, records, temperature=cfg.rollout.temperature, k=k, greedy=e.greedy,
                           max_new_tokens=cfg.rollout.max_new_tokens, style=cfg.rollout.style, seed=cfg.run.seed,
-                          reward_pool=pool, keep_samples=e.samples, log=log, progress=cfg.run.progress)
+                          reward_pool=pool, keep_samples=e.samples, log=log, progress=cfg.run.progress,
+                          num_turns=e.num_turns)
     finally:
         if pool is not None:
             pool.close()

@@ -72,6 +72,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         err, samples, rewards = None, [], None
         try:
             with D.gathered(model):
+                if st.rollout_turns > 2:  # the paged engine only (config checks it)
+                    kw["num_turns"] = st.rollout_turns
                 samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
                                            instruction=instruction, **kw)
             if hook is not None:
@@ -85,7 +87,7 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         train_samples, values = advantages(
             a, st, samples, rewards,
             lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
-        gen = sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in samples)
+        gen = sum(len(t) for s in samples for t in s.turn_ids)
         model.train()
         data_pos += P
         yield RolloutBatch(step, stage, st, recs, samples, rewards, train_samples, values, data_pos,

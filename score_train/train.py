@@ -291,6 +291,10 @@ def step_record(ro, upd: dict, lr: float, elapsed_s: float, info) -> dict:
         rec["reward_t2"] = float(r[:, 1].mean())
         rec["i2c"] = float(((r[:, 0] < 0.5) & (r[:, 1] > 0.5)).float().mean())
         rec["c2i"] = float(((r[:, 0] > 0.5) & (r[:, 1] < 0.5)).float().mean())
+    for k in range(2, r.shape[1]):  # a third turn and later: its reward and its changes from the turn before
+        rec[f"reward_t{k + 1}"] = float(r[:, k].mean())
+        rec[f"i2c_t{k}{k + 1}"] = float(((r[:, k - 1] < 0.5) & (r[:, k] > 0.5)).float().mean())
+        rec[f"c2i_t{k}{k + 1}"] = float(((r[:, k - 1] > 0.5) & (r[:, k] < 0.5)).float().mean())
     rec["elapsed_s"] = elapsed_s
     return D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
         "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",

@@ -148,3 +148,32 @@ def test_pair_sft_build():
 def test_unknown_stage():
     with pytest.raises(ValueError):
         algos.stage_settings(AlgoConfig(name="score"), "stage3")
+
+
+def test_three_turn_settings_pack_and_rewards():
+    from score_train.rollout.types import ExtraTurn
+
+    a = AlgoConfig(name="score", num_turns=3, beta1=0.01, beta2=0.1, alpha=10)
+    s1, s2 = algos.stage_settings(a, "stage1"), algos.stage_settings(a, "stage2")
+    # Stage I: every later turn is trained like turn 2, turn 1 held by beta2; Stage II: all turns, shaped
+    assert s1.pg_turns == (False, True, True) and s1.kl_coef == (0.1, 0.01, 0.01) and s1.rollout_turns == 3
+    assert s2.pg_turns == (True, True, True) and s2.kl_coef == (0.01,) * 3 and s2.shaping_alpha == 10
+    m = algos.stage_settings(AlgoConfig(name="multi-turn-rl", num_turns=3), "multi-turn-rl")
+    assert m.pg_turns == (True,) * 3 and m.num_turns == 3
+    with pytest.raises(ValueError, match="num_turns=3"):
+        algos.stage_settings(AlgoConfig(name="star", num_turns=3), "star")
+    s = _sample(0, 0, [1, 2], [3], [5], [6])
+    s.extra_turns = [ExtraTurn([5, 9], [7, 8], [-0.75, -0.5], "seven")]
+    s.turn1_text, s.turn2_text = "one", "six"
+    b = algos.pack_samples([s])
+    assert b.input_ids.tolist() == [1, 2, 3, 5, 6, 5, 9, 7, 8]
+    # the third turn's tokens are turn 2 (0-based); the instruction between turns 2 and 3 is not trained
+    assert b.turn_ids.tolist() == [-1, 0, -1, 1, -1, -1, 2, 2, -1]
+    assert b.targets.tolist() == [-100, 3, -100, 6, -100, -100, 7, 8, -100]
+    assert b.old_logprobs[6].item() == -0.75 and b.old_logprobs[7].item() == -0.5
+    r = algos.reward_table([s], lambda rec, text: float(text == "six" or text == "seven"), [None], 3)
+    assert r.tolist() == [[0.0, 1.0, 1.0]]
+    # shaping between consecutive turns: turn 3 gets r3 + alpha * (r3 - r2) before the baseline
+    v = algos.turn_values(s2, torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]), torch.tensor([0, 1]),
+                          estimator="none")
+    assert v.tolist() == [[0.0, 11.0, 1.0], [0.0, 0.0, 11.0]]

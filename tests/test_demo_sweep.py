@@ -27,3 +27,15 @@ def test_table_pools_seeds(tmp_path, monkeypatch):
     assert text.count("| demo_score_seed") == 2
     assert "| 4.0 (500) | 20 | 2 | 5 |" in text
     assert "demo_score: pooled i->c among stated 40 vs c->i 10" in text
+
+
+def test_turns_table_shows_the_third_turn(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_sweep, "RESULTS", str(tmp_path))
+    e = {"acc_t1": 0.2, "acc_t2": 0.22, "acc_t3": 0.25, "delta": 0.02, "delta_stated": 0.01, "n_stated": 480,
+         "delta_t23": 0.03, "delta_stated_t23": 0.025, "n_stated_t2": 490, "cut_t1": 0.05, "cut_t2": 0.04,
+         "cut_t3": 0.03}
+    with open(tmp_path / "demo_turns3_seed0.json", "w") as f:
+        json.dump({"run": "demo_turns3_seed0", "wall_s": 60, "evals": [e | {"tag": "before"}, e | {"tag": "after"}]}, f)
+    text = demo_sweep.table(["demo_turns3_seed0"])
+    assert "| demo_turns3_seed0 | after | 20.0 | 22.0 | 25.0 | 2.0 | 1.0 (480) | 3.0 | 2.5 (490) | 5.0 / 4.0 / 3.0 |" in text
+    assert text.count("| demo_turns3_seed0 | base |") == 1

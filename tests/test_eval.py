@@ -418,3 +418,39 @@ def test_tiny_model_evaluation_is_quick_and_shows_progress(tiny_model_dir, capsy
     assert res["greedy"]["metrics"]["n"] == 4 and "cut_t1" in res["greedy"]["metrics"]
     evaluate(rollout, generate_arithmetic(2, "eval", seed=0), max_new_tokens=6, progress=True, warn=False)
     assert "eval greedy" in capsys.readouterr().err
+
+
+def test_evaluate_three_turns_reports_turn3_against_turn2():
+    from score_train.rollout.types import ExtraTurn
+
+    recs = generate_arithmetic(4, "eval", seed=0)
+    ans = [int(r.answer) for r in recs]
+    # per problem (turn 1, turn 2, turn 3) right?  0: w w r  1: w r r  2: r r w  3: w w w (turn 2 cut off)
+    table = {0: (0, 0, 1), 1: (0, 1, 1), 2: (1, 1, 0), 3: (0, 0, 0)}
+    seen = []
+
+    class ThreeTurns:
+        def generate(self, prompts, params, *, two_turn=True, instruction=None, num_turns=2):
+            seen.append(num_turns)
+            out = []
+            for i in range(len(prompts)):
+                t = [f"The answer is {ans[i] if table[i][k] else ans[i] + 1}." for k in range(3)]
+                cut = i == 3
+                out.append(TwoTurnSample(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2],
+                                         turn1_logprobs=[0.0], turn1_text=t[0],
+                                         finish_reasons=["eos", "length" if cut else "eos", "eos"],
+                                         turn2_ids=[3], turn2_text="I think" if cut else t[1],
+                                         extra_turns=[ExtraTurn([4], [5], [0.0], t[2])]))
+            return out
+
+    res = evaluate(ThreeTurns(), recs, max_new_tokens=32, num_turns=3, warn=False)
+    m = res["greedy"]["metrics"]
+    assert seen == [3] and m["num_turns"] == 3
+    assert (m["acc_t1"], m["acc_t2"], m["acc_t3"]) == (0.25, 0.5, 0.5)
+    assert m["delta_t23"] == 0.0 and m["n_c2i_t23"] == 1 and m["n_i2c_stated_t23"] == 1
+    # turn 2 of problem 3 was cut off: three problems stated an answer at turn 2; among them 2 -> 2 right
+    assert m["n_stated_t2"] == 3 and m["delta_stated_t23"] == 0.0 and m["cut_t3"] == 0.0
+    assert res["greedy"]["samples"][0]["r3"] == 1.0 and res["greedy"]["samples"][2]["y3"].endswith(f"{ans[2] + 1}.")
+    assert "turn 3 vs turn 2: Acc@t3 50.0" in format_table(res | {"n_problems": 4})
+    with pytest.raises(ValueError, match="num_turns must be >= 2"):
+        evaluate(ThreeTurns(), recs, num_turns=1)

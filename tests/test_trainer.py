@@ -281,3 +281,28 @@ def test_demo_one_step_smollm2(tmp_path, monkeypatch):
     assert s["steps"] == 1 and [e["tag"] for e in s["evals"]] == ["before", "after"]
     assert os.path.isdir(os.path.join(s["run_dir"], "final_model"))
     assert os.path.exists(os.path.join(s["run_dir"], "report.md"))
+
+
+@pytest.mark.parametrize("algo", ["score", "multi-turn-rl"])
+def test_three_turns_train_and_evaluate(tiny_model_dir, tmp_path, algo):
+    s = T.train(tiny_cfg(tiny_model_dir, tmp_path, f"--algo.name={algo}", "--algo.num_turns=3"))
+    m = metrics(s["run_dir"])
+    assert all("reward_t3" in x and "i2c_t23" in x and "c2i_t23" in x for x in m)
+    assert all(x["policy_tokens"] > 0 and "kl_t3" in x for x in m)
+    for e in s["evals"]:
+        assert e["num_turns"] == 3 and {"acc_t3", "delta_t23", "delta_stated_t23", "cut_t3"} <= set(e)
+        assert e["delta_t23"] == pytest.approx(e["acc_t3"] - e["acc_t2"])
+        assert s["headline"][e["tag"]]["acc_t3"] == e["acc_t3"]
+    with open(os.path.join(s["run_dir"], "eval_after.json")) as f:
+        assert len(json.load(f)["finish_reasons_per_turn"]) == 3
+
+
+def test_three_turns_need_a_multi_turn_algorithm_and_the_engine(tiny_model_dir, tmp_path):
+    from score_train.config import UsageError
+
+    with pytest.raises(UsageError, match="num_turns=3 applies to"):
+        tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=star", "--algo.num_turns=3")
+    with pytest.raises(UsageError, match="rollout.engine=engine"):
+        tiny_cfg(tiny_model_dir, tmp_path, "--algo.num_turns=3", "--rollout.engine=hf")
+    with pytest.raises(UsageError, match="num_turns must be >= 2"):
+        tiny_cfg(tiny_model_dir, tmp_path, "--algo.num_turns=1")

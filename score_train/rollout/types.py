@@ -52,6 +52,12 @@ class TwoTurnSample:
         return [self.turn1_ids, *rest, *(t.ids for t in self.extra_turns)]
 
     @property
+    def turn_texts(self) -> list[str | None]:
+        """Every generated turn's decoded text, in order."""
+        rest = [self.turn2_text] if self.turn2_ids is not None else []
+        return [self.turn1_text, *rest, *(t.text for t in self.extra_turns)]
+
+    @property
     def turn_logprobs(self) -> list[list[float]]:
         rest = [self.turn2_logprobs] if self.turn2_logprobs is not None else []
         return [self.turn1_logprobs, *rest, *(t.logprobs for t in self.extra_turns)]
