@@ -6,6 +6,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
+    python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
 
 Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
 
@@ -162,13 +163,20 @@ def turns_table(names: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", choices=[*SWEEPS, "table"])
+    ap.add_argument("sweep", choices=[*SWEEPS, "one", "table"])
+    ap.add_argument("--name", default="", help="one: the run's name (its record is benchmarks/results/NAME.json)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
     ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
     args, extra = ap.parse_known_args(argv)
     bad = [x for x in extra if not x.startswith("--")]
     if bad:
         ap.error(f"unexpected arguments {bad}: overrides are --section.key=value")
+    if args.sweep == "one":
+        if not args.name:
+            ap.error("one: --name NAME is required")
+        run_one(args.name, [], extra, args.out_dir)
+        print(table([args.name]))
+        return 0
     sweeps = SWEEPS if args.sweep == "table" else {args.sweep: SWEEPS[args.sweep]}
     if args.sweep != "table":
         only = {x for x in args.only.split(",") if x}

@@ -1,7 +1,7 @@
 """Turn-1 token budget for arithmetic (issue 13 section 1): how many greedy turn-1 answers of the embedded
 SmolLM2-135M end on EOS within B new tokens, on eval-split problems, with the paged engine.
 
-    python benchmarks/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1] [PROMPT_FORMAT='What is {expr}?']
+    python benchmarks/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1] [PROMPT_FORMAT=the task's default]
 
 One greedy generation at MAX_TOKENS; the greedy answer at a budget B <= MAX_TOKENS is its first B tokens.
 Also writes the model load's cProfile (top 25 by cumulative time) to OUT.json's "load_profile_top".
@@ -11,6 +11,7 @@ t0 = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
 from score_train.data import ArithmeticConfig, load_task
+from score_train.data.arithmetic import DEFAULT_FORMAT
 from score_train.model import load_model
 from score_train.prompts import turn1_message
 from score_train.rewards import reward, stated_answer
@@ -26,7 +27,7 @@ s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("cumulative").print_sta
 load_profile = s.getvalue().splitlines()[:40]
 print(f"imports {t_imp:.1f}s load {t_load:.1f}s", flush=True)
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 256
-PROMPT = sys.argv[5] if len(sys.argv) > 5 else "What is {expr}?"
+PROMPT = sys.argv[5] if len(sys.argv) > 5 else DEFAULT_FORMAT
 recs = load_task("arithmetic", "eval", N, 0, arithmetic=ArithmeticConfig(digits=2, prompt_format=PROMPT))
 eng = Engine(m, tok)
 MAX = int(sys.argv[3]) if len(sys.argv) > 3 else 192

@@ -28,6 +28,8 @@ from importlib import resources
 
 import yaml
 
+from score_train.data.arithmetic import DEFAULT_FORMAT as ARITHMETIC_FORMAT
+
 ALGOS = ("score", "multi-turn-rl", "single-turn-rl", "star", "pair-sft", "self-refine")
 PRESETS = ("demo", "math", "code")
 TASKS = ("arithmetic", "champ", "humaneval", "jsonl:PATH")
@@ -93,7 +95,7 @@ class DataConfig:
     digits: int = 2
     n_operands: int = 2
     ops: list[str] = field(default_factory=lambda: ["+"])
-    prompt_format: str = "What is {expr}?"
+    prompt_format: str = ARITHMETIC_FORMAT  # defined once, in score_train.data.arithmetic
 
     def check(self):
         from score_train.data.arithmetic import OPS

@@ -314,28 +314,8 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
         sampled = _summarise(ss, records, kind, [r1, r2], max_new_tokens)
         sampled.update({"temperature": temperature, "k": k})
         if kind != "code":
-            extra = _generate(rollout, prompts, SamplingParams(n=k, temperature=temperature,
-                                                               max_new_tokens=max_new_tokens, seed=seed + 2),
-                              two_turn=False, instruction=None, progress=progress,
-                              desc=f"eval turn 1 only k={k}")
-            _check(extra, len(records), k, two_turn=False)
-            if reward_pool is not None:
-                rx = reward_pool.score([(kind, s.turn1_text, records[s.prompt_index]) for s in extra])
-            else:
-                rx = [reward(kind, s.turn1_text, records[s.prompt_index]) for s in extra]
-            par, seq = [], []
-            for i in range(len(records)):
-                two = [j for j, s in enumerate(ss) if s.prompt_index == i]
-                one = [j for j, s in enumerate(extra) if s.prompt_index == i]
-                par.append(majority_vote([answer_key(kind, ss[j].turn1_text) for j in two]
-                                         + [answer_key(kind, extra[j].turn1_text) for j in one],
-                                         [r1[j] for j in two] + [rx[j] for j in one]))
-                seq.append(majority_vote([answer_key(kind, ss[j].turn2_text) for j in two], [r2[j] for j in two]))
-            sampled["self_consistency"] = {
-                "k": k, "parallel_2k_turn1": float(np.mean(par)), "sequential_k_turn2": float(np.mean(seq)),
-                "parallel_k_turn1": float(np.mean([majority_vote(
-                    [answer_key(kind, ss[j].turn1_text) for j, s in enumerate(ss) if s.prompt_index == i],
-                    [r1[j] for j, s in enumerate(ss) if s.prompt_index == i]) for i in range(len(records))]))}
+            sampled["self_consistency"] = _self_consistency(rollout, records, prompts, kind, ss, r1, r2, p,
+                                                            reward_pool, progress)
         sampled["generate_s"] = time.perf_counter() - t0
         if keep_samples:
             sampled["samples"] = _sample_rows(ss, records, kind, [r1, r2])
@@ -346,6 +326,31 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     if w and warn:
         print(w, file=sys.stderr, flush=True)
     return out
+
+
+def _self_consistency(rollout, records, prompts, kind, ss, r1, r2, p: SamplingParams, reward_pool, progress) -> dict:
+    """Majority over 2K turn-1 answers (the two-turn samples' and K more turn-1-only ones, seed + 1) against
+    majority over the K turn-2 answers, and majority over the two-turn samples' K turn-1 answers."""
+    k = p.n
+    extra = _generate(rollout, prompts, SamplingParams(n=k, temperature=p.temperature,
+                                                       max_new_tokens=p.max_new_tokens, seed=p.seed + 1),
+                      two_turn=False, instruction=None, progress=progress, desc=f"eval turn 1 only k={k}")
+    _check(extra, len(records), k, two_turn=False)
+    if reward_pool is not None:
+        rx = reward_pool.score([(kind, s.turn1_text, records[s.prompt_index]) for s in extra])
+    else:
+        rx = [reward(kind, s.turn1_text, records[s.prompt_index]) for s in extra]
+    par, seq, one_k = [], [], []
+    for i in range(len(records)):
+        two = [j for j, s in enumerate(ss) if s.prompt_index == i]
+        one = [j for j, s in enumerate(extra) if s.prompt_index == i]
+        par.append(majority_vote([answer_key(kind, ss[j].turn1_text) for j in two]
+                                 + [answer_key(kind, extra[j].turn1_text) for j in one],
+                                 [r1[j] for j in two] + [rx[j] for j in one]))
+        seq.append(majority_vote([answer_key(kind, ss[j].turn2_text) for j in two], [r2[j] for j in two]))
+        one_k.append(majority_vote([answer_key(kind, ss[j].turn1_text) for j in two], [r1[j] for j in two]))
+    return {"k": k, "parallel_2k_turn1": float(np.mean(par)), "sequential_k_turn2": float(np.mean(seq)),
+            "parallel_k_turn1": float(np.mean(one_k))}
 
 
 def _check(samples, n_prompts, n, *, two_turn, num_turns: int = 2):

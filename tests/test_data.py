@@ -16,7 +16,7 @@ def test_arithmetic_default_records():
         a, b = (int(x) for x in r.meta["expr"].split(" + "))
         assert 10 <= a <= 99 and 10 <= b <= 99
         assert r.kind == "arithmetic" and r.answer == str(a + b)
-        assert r.problem == f"What is {a} + {b}?"
+        assert r.problem == f"What is {a} + {b}? Answer with just the number."
 
 
 def test_arithmetic_splits_disjoint_for_any_seeds():

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 from score_train.data.records import Record, split_of
 
-DEFAULT_FORMAT = "What is {expr}?"
+# "Answer with just the number": the embedded SmolLM2 then ends 96.5% of its greedy turn-1 answers on EOS within
+# 128 tokens (512 held-out additions; 93% with the bare "What is {expr}?", whose long-winded answers loop), and
+# writes less: a two-turn evaluation takes about half the time (docs/trainer.md, "Demo results").
+DEFAULT_FORMAT = "What is {expr}? Answer with just the number."
 OPS = ("+", "-", "*")
 
 
