@@ -36,6 +36,8 @@ SWEEPS = {
     "alpha": [(f"demo_alpha{a:g}_seed0", [f"--algo.alpha={a}", "--run.seed=0"]) for a in (0.0, 1.0, 10.0, 30.0)],
     "turns": [("demo_turns3_seed0", ["--algo.num_turns=3", "--run.seed=0"])],
 }
+# Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
+EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
 
 
 def commit() -> str:
@@ -186,7 +188,10 @@ def main(argv=None) -> int:
         for name, overrides in runs:
             run_one(name, overrides, extra, args.out_dir)
     names = [n for runs in sweeps.values() for n, _ in runs]
+    names = list(dict.fromkeys(names))
     text = table(names)
+    if args.sweep == "table":
+        text += "\n\nEarlier preset (bare prompt, 10 + 10 steps, two runs side by side):\n\n" + table(list(EARLIER))
     print(text)
     with open(os.path.join(RESULTS, "demo_sweep.md"), "w") as f:
         f.write(f"# Demo sweep (benchmarks/demo_sweep.py), commit {commit()}\n\n{text}\n")
