@@ -108,17 +108,21 @@ def row(rec: dict) -> dict | None:
     return {"run": rec["run"], "before": before, "after": after, "wall_s": rec.get("wall_s")}
 
 
+def rows(names: list[str]):
+    """(name, row or None) for each name with a record under RESULTS."""
+    for name in names:
+        path = os.path.join(RESULTS, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                yield name, row(json.load(f))
+
+
 def table(names: list[str]) -> str:
     lines = ["| run | Acc@t1 | Acc@t2 | delta | delta stated (n stated) | i->c stated | i->c cut/none | c->i | "
              "cut t1 / t2 | base Acc@t1 / Acc@t2 | wall min |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     pooled = {}
-    for name in names:
-        path = os.path.join(RESULTS, f"{name}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            r = row(json.load(f))
+    for name, r in rows(names):
         if r is None:
             lines.append(f"| {name} | (no final evaluation) |||||||||")
             continue
@@ -142,12 +146,7 @@ def table(names: list[str]) -> str:
 def turns_table(names: list[str]) -> list[str]:
     """The runs with a third turn: delta(t1,t2) and delta(t2,t3), before and after training."""
     out = []
-    for name in names:
-        path = os.path.join(RESULTS, f"{name}.json")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            r = row(json.load(f))
+    for name, r in rows(names):
         if r is None or "acc_t3" not in r["after"]:
             continue
         if not out:
