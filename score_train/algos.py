@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from score_train.config import MULTI_TURN_ALGOS
 from score_train.rollout.types import TwoTurnSample
 
 SFT_ALGOS = ("star", "pair-sft")
-MULTI_TURN_ALGOS = ("score", "multi-turn-rl")  # the algorithms that train more than two turns
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def stage_settings(algo, stage: str) -> StageSettings:
     turn 2: Stage I trains turns 2..K with beta1 and holds turn 1 with beta2; Stage II shapes each turn
     against the one before it (r_k + alpha * (r_k - r_{k-1}), score_kernels.shape_rewards)."""
     b1, b2 = algo.beta1, algo.beta2
-    K = getattr(algo, "num_turns", 2)
+    K = algo.num_turns
     if K != 2 and algo.name not in MULTI_TURN_ALGOS:
         raise ValueError(f"algo.num_turns={K} applies to {', '.join(MULTI_TURN_ALGOS)}, not {algo.name!r}")
     later = K - 1

@@ -31,6 +31,7 @@ import yaml
 from score_train.data.arithmetic import DEFAULT_FORMAT as ARITHMETIC_FORMAT
 
 ALGOS = ("score", "multi-turn-rl", "single-turn-rl", "star", "pair-sft", "self-refine")
+MULTI_TURN_ALGOS = ("score", "multi-turn-rl")  # the algorithms that train more than two turns (algo.num_turns)
 PRESETS = ("demo", "math", "code")
 TASKS = ("arithmetic", "champ", "humaneval", "jsonl:PATH")
 
@@ -146,9 +147,9 @@ class AlgoConfig:
             _need(getattr(self, k) >= 0, f"algo.{k} must be >= 0; got {getattr(self, k)}")
         _need(self.num_turns >= 2, f"algo.num_turns must be >= 2 (the first attempt and at least one correction); "
                                    f"got {self.num_turns}")
-        _need(self.num_turns == 2 or self.name in ("score", "multi-turn-rl", "self-refine"),
-              f"algo.num_turns={self.num_turns} applies to score, multi-turn-rl and self-refine; {self.name} "
-              "trains two turns")
+        _need(self.num_turns == 2 or self.name in (*MULTI_TURN_ALGOS, "self-refine"),
+              f"algo.num_turns={self.num_turns} applies to {', '.join(MULTI_TURN_ALGOS)} and self-refine; "
+              f"{self.name} trains two turns")
 
 
 @dataclass

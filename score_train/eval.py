@@ -421,14 +421,18 @@ def headline(evals: list[dict]) -> dict:
                for i, e in enumerate(evals)}}
 
 
+def later_turns(m: dict) -> range:
+    """The 1-based turns k >= 3 that a metrics dict reports (later_turn_metrics' keys)."""
+    k = 3
+    while f"acc_t{k}" in m:
+        k += 1
+    return range(3, k)
+
+
 def _later_headline(e: dict) -> dict:
     """A third turn's (and later turns') headline keys, when the evaluation has them."""
-    out, k = {}, 3
-    while f"acc_t{k}" in e:
-        out.update({key: e.get(key) for key in (f"acc_t{k}", f"delta_t{k - 1}{k}", f"delta_stated_t{k - 1}{k}",
-                                                f"n_stated_t{k - 1}", f"cut_t{k}")})
-        k += 1
-    return out
+    return {key: e.get(key) for k in later_turns(e) for key in (
+        f"acc_t{k}", f"delta_t{k - 1}{k}", f"delta_stated_t{k - 1}{k}", f"n_stated_t{k - 1}", f"cut_t{k}")}
 
 
 def _signed(v) -> str:
@@ -448,12 +452,10 @@ def fmt_eval(e: dict) -> str:
         body += f" (i->c: {e['n_i2c_stated']} stated wrong, {e['n_i2c_unstated']} cut off or no answer)"
     if "cut_t1" in e:
         body += f", cut by the limit t1 {100 * e['cut_t1']:.1f}% t2 {100 * e.get('cut_t2', 0):.1f}%"
-    k = 3
-    while f"acc_t{k}" in e:
+    for k in later_turns(e):
         body += (f" | turn {k}: Acc@t{k} {100 * e[f'acc_t{k}']:.1f}%, delta(t{k - 1},t{k}) "
                  f"{100 * e[f'delta_t{k - 1}{k}']:+.1f}%, among stated {_signed(e.get(f'delta_stated_t{k - 1}{k}'))}, "
                  f"cut {100 * e.get(f'cut_t{k}', 0):.1f}%")
-        k += 1
     return head + body + f" (n={e.get('num_problems')})"
 
 
@@ -484,14 +486,13 @@ def format_table(result: dict) -> str:
                      f"{100 * m.get('delta_i2c_unstated', 0):6.1f}{100 * m['delta_c2i']:7.1f}"
                      f"{100 * m.get('cut_t1', 0):8.1f}{100 * m.get('cut_t2', 0):8.1f}{s['edit_distance']['mean']:6.2f}")
     for name, s in rows:
-        m, k = s["metrics"], 3
-        while f"acc_t{k}" in m:
+        m = s["metrics"]
+        for k in later_turns(m):
             ds = m.get(f"delta_stated_t{k - 1}{k}")
             lines.append(f"{name}: turn {k} vs turn {k - 1}: Acc@t{k} {100 * m[f'acc_t{k}']:.1f}, delta "
                          f"{100 * m[f'delta_t{k - 1}{k}']:+.1f}, among the {m[f'n_stated_t{k - 1}']} whose turn "
                          f"{k - 1} stated an answer {'n/a' if ds is None else f'{100 * ds:+.1f}'}, "
                          f"cut@t{k} {100 * m.get(f'cut_t{k}', 0):.1f}")
-            k += 1
     sc = result.get("sampled", {}).get("self_consistency")
     if sc:
         lines.append(f"self-consistency: majority@{2 * sc['k']} turn-1 {100 * sc['parallel_2k_turn1']:.1f}  |  "
