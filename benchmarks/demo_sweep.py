@@ -4,9 +4,11 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py main            # 3 seeds x {score, multi-turn-rl}, the shipped demo preset
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
+    python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
+    python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --out-dir DIR   # re-evaluate a finished run
 
 Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
 
@@ -35,6 +37,8 @@ SWEEPS = {
              for algo in ("score", "multi-turn-rl") for s in SEEDS],
     "alpha": [(f"demo_alpha{a:g}_seed0", [f"--algo.alpha={a}", "--run.seed=0"]) for a in (0.0, 1.0, 10.0, 30.0)],
     "turns": [("demo_turns3_seed0", ["--algo.num_turns=3", "--run.seed=0"])],
+    # seeds 1-2 of the one alpha that looked like self-correction at seed 0 (seed 0 is the alpha sweep's run)
+    "alpha1": [(f"demo_alpha1_seed{s}", ["--algo.alpha=1.0", f"--run.seed={s}"]) for s in SEEDS],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
@@ -95,6 +99,50 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
     return rec
 
 
+def audit(name: str, out_dir: str) -> dict:
+    """Re-evaluate a finished run's final checkpoint with today's evaluation (greedy, its own config) and keep
+    the result in its record as "audit": the counts added since it ran (n_i2c_stated_written, delta_stated_new),
+    whether it reproduces the recorded final evaluation, and the texts of every stated correction and breakage."""
+    import torch
+    from safetensors.torch import load_file
+
+    from score_train.config import load_config
+    from score_train.eval import evaluate
+    from score_train.model import load_model
+    from score_train.preflight import load_records
+    from score_train.rollout.engine import Engine
+
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path) as f:
+        rec = json.load(f)
+    # the run's directory, from the recorded command (a record may keep an earlier run name)
+    flags = dict(x.split("=", 1) for x in rec.get("command", "").split(" --")[1:] if "=" in x)
+    run_dir = os.path.join(out_dir, flags.get("run.name", name))
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
+    model, tok = load_model(cfg.model.spec, dtype=torch.float32)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    last = sorted(d for d in os.listdir(ckpts) if d.startswith("step_"))[-1]
+    missing, unexpected = model.load_state_dict(load_file(os.path.join(ckpts, last, "model.safetensors")), strict=False)
+    if unexpected:
+        raise RuntimeError(f"{name}: checkpoint has unexpected tensors {unexpected[:3]}")
+    model.eval()
+    recs = load_records(cfg.data, "eval", cfg.data.eval_size)
+    g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                 style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns)["greedy"]
+    m, after = g["metrics"], (row(rec) or {}).get("after") or {}
+    keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
+    probs = {r.id: r.problem for r in recs}
+    rec["audit"] = {
+        "commit": commit(), "checkpoint": last, "metrics": m,
+        "reproduces_recorded_eval": all(after.get(k) == m.get(k) for k in keys),
+        "stated_i2c_and_c2i_rows": [dict(r, problem=probs.get(r["id"])) for r in g["samples"]
+                                    if r["stated"] and r["r1"] != r["r2"]]}
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1)
+    return rec
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -105,7 +153,8 @@ def row(rec: dict) -> dict | None:
     after = next((e for e in reversed(evals) if e.get("tag") == "after"), None)
     if after is None:
         return None
-    return {"run": rec["run"], "before": before, "after": after, "wall_s": rec.get("wall_s")}
+    audit = (rec.get("audit") or {}).get("metrics") or {}
+    return {"run": rec["run"], "before": before, "after": after, "wall_s": rec.get("wall_s"), "audit": audit}
 
 
 def rows(names: list[str]):
@@ -119,8 +168,8 @@ def rows(names: list[str]):
 
 def table(names: list[str]) -> str:
     lines = ["| run | Acc@t1 | Acc@t2 | delta | delta stated (n stated) | i->c stated | i->c cut/none | c->i | "
-             "cut t1 / t2 | base Acc@t1 / Acc@t2 | wall min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "i->c stated, right number in y1 | cut t1 / t2 | base Acc@t1 / Acc@t2 | wall min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pooled = {}
     for name, r in rows(names):
         if r is None:
@@ -128,17 +177,24 @@ def table(names: list[str]) -> str:
             continue
         a, b = r["after"], r["before"] or {}
         c2i = a.get("n_c2i_stated", 0) + a.get("n_c2i_unstated", 0)
+        written = 0 if a.get("n_i2c_stated") == 0 else a.get("n_i2c_stated_written",
+                                                                 r["audit"].get("n_i2c_stated_written"))
         lines.append(
             f"| {name} | {_pct(a['acc_t1'])} | {_pct(a['acc_t2'])} | {_pct(a['delta'])} | "
             f"{_pct(a.get('delta_stated'))} ({a.get('n_stated', '-')}) | {a.get('n_i2c_stated', '-')} | "
-            f"{a.get('n_i2c_unstated', '-')} | {c2i} | {_pct(a.get('cut_t1'))} / {_pct(a.get('cut_t2'))} | "
+            f"{a.get('n_i2c_unstated', '-')} | {c2i} | {'-' if written is None else written} | "
+            f"{_pct(a.get('cut_t1'))} / {_pct(a.get('cut_t2'))} | "
             f"{_pct(b.get('acc_t1'))} / {_pct(b.get('acc_t2'))} | {(r['wall_s'] or 0) / 60:.1f} |")
         algo = name.rsplit("_seed", 1)[0]
-        p = pooled.setdefault(algo, [0, 0])
+        p = pooled.setdefault(algo, [0, 0, 0])
         p[0] += a.get("n_i2c_stated", 0)
         p[1] += c2i
-    for algo, (w, lo) in pooled.items():
+        p[2] = None if p[2] is None or written is None else p[2] + written
+    for algo, (w, lo, wr) in pooled.items():
         lines.append(f"\n{algo}: pooled i->c among stated {w} vs c->i {lo}, sign test p = {sign_test_p(w, lo):.2g}")
+        if wr:
+            lines.append(f"{algo}: without the {wr} whose turn 1 had written the right number: {w - wr} vs {lo}, "
+                         f"sign test p = {sign_test_p(w - wr, lo):.2g}")
     lines += turns_table(names)
     return "\n".join(lines)
 
@@ -164,7 +220,7 @@ def turns_table(names: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", choices=[*SWEEPS, "one", "table"])
+    ap.add_argument("sweep", choices=[*SWEEPS, "one", "table", "audit"])
     ap.add_argument("--name", default="", help="one: the run's name (its record is benchmarks/results/NAME.json)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
     ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
@@ -172,6 +228,16 @@ def main(argv=None) -> int:
     bad = [x for x in extra if not x.startswith("--")]
     if bad:
         ap.error(f"unexpected arguments {bad}: overrides are --section.key=value")
+    if args.sweep == "audit":
+        if not args.name:
+            ap.error("audit: --name NAME is required (comma-separated for several)")
+        for name in args.name.split(","):
+            a = audit(name, args.out_dir)["audit"]
+            m = a["metrics"]
+            print(f"{name}: reproduces {a['reproduces_recorded_eval']}, stated i->c {m.get('n_i2c_stated')} "
+                  f"(right number in y1: {m.get('n_i2c_stated_written')}), c->i {m.get('n_c2i_stated')}, "
+                  f"delta stated {m.get('delta_stated')}, without them {m.get('delta_stated_new')}", flush=True)
+        return 0
     if args.sweep == "one":
         if not args.name:
             ap.error("one: --name NAME is required")

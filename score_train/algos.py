@@ -103,6 +103,10 @@ class PackedBatch:
     turn_ids: torch.Tensor  # [N] int64, turn of the target token or -1
     seq_ids: torch.Tensor  # [N] int64, row of the sample in the step's [B, K] tables
     old_logprobs: torch.Tensor  # [N] fp32, the sampler's log-prob of the target (0 off-policy tokens)
+    # [N, d] the sampler's residual after layers [0, prefix_layer) (each sequence's last row zero: that position
+    # predicts nothing and no other attends to it), when every sample carried one; else None
+    prefix_hidden: torch.Tensor | None = None
+    prefix_layer: int = 0
 
     @property
     def num_policy_tokens(self) -> int:
@@ -135,6 +139,7 @@ def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) ->
         sid += [row] * n
         cu.append(cu[-1] + n)
     return PackedBatch(
+        prefix_hidden=_packed_prefix(samples), prefix_layer=samples[0].prefix_layer if samples else 0,
         input_ids=torch.tensor(ids, dtype=torch.long),
         position_ids=torch.tensor(pos, dtype=torch.long),
         cu_seqlens=torch.tensor(cu, dtype=torch.int32),
@@ -143,6 +148,20 @@ def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) ->
         seq_ids=torch.tensor(sid, dtype=torch.long),
         old_logprobs=torch.tensor(olp, dtype=torch.float32),
     )
+
+
+def _packed_prefix(samples: list[TwoTurnSample]) -> torch.Tensor | None:
+    """The samples' captured prefixes packed like their tokens, or None unless all carry one of one layer."""
+    if not samples or any(s.prefix_hidden is None or s.prefix_layer != samples[0].prefix_layer for s in samples):
+        return None
+    parts = []
+    for s in samples:
+        h = s.prefix_hidden
+        if h.shape[0] != len(s.full_ids()) - 1:
+            raise ValueError(f"sample ({s.prompt_index}, {s.sample_index}): prefix_hidden has {h.shape[0]} rows, "
+                             f"expected len(full_ids()) - 1 = {len(s.full_ids()) - 1}")
+        parts += [h, h.new_zeros(1, h.shape[1])]
+    return torch.cat(parts)  # outside inference mode: a plain tensor the policy's graph may save
 
 
 def micro_batches(samples: list[TwoTurnSample], max_tokens: int) -> list[list[int]]:

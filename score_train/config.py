@@ -162,6 +162,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 0  # per turn; 0 = the task's default (TASK_DEFAULTS)
     style: str = "plain"  # prompts (score_train.prompts): plain | paper (the paper's math prompts for arithmetic)
+    # training: the engine keeps each sample's residual after the frozen bottom layers (model.train_layers), so
+    # the update skips them; costs B x tokens x d activations held from sampling to the update
+    reuse_prefix: bool = True
 
     def check(self):
         _one_of(self.engine, ("engine", "hf"), "rollout.engine")

@@ -11,6 +11,10 @@ Metrics, as fractions of all n (problem, sample) pairs unless said otherwise:
 - delta_stated, the headline: over the n_stated pairs whose turn 1 stated an answer,
   (right at turn 2 - right at turn 1) / n_stated, i.e. acc_t2_stated - acc_t1_stated. Finishing an
   answer that turn 1 never wrote does not count. None when n_stated == 0.
+- n_i2c_stated_written: of those stated-wrong-then-right pairs, the ones whose turn 1 had already written
+  the right number and ended on another (rewards.wrote_answer: "19 + 33 = 52 ... the sum of 19 and 33." reads
+  as 33); turn 2 restating 52 is a reading fix, not a corrected computation. delta_stated_new leaves them out:
+  (n_i2c_stated - n_i2c_stated_written - n_c2i_stated) / n_stated.
 - edit-distance ratio of y1 vs y2: character Levenshtein distance / (len(y1) + len(y2)), in [0, 1]
   (0: identical, 1: nothing in common), reported as a 10-bin histogram.
 - self-consistency (inference scaling, paper Fig. 1/7): majority vote over the turn-1 answers of 2K
@@ -32,7 +36,7 @@ import numpy as np
 
 from score_train.config import Config
 from score_train.prompts import self_correction_instruction, turn1_message
-from score_train.rewards import answer_key, reward, stated_answer
+from score_train.rewards import answer_key, reward, stated_answer, wrote_answer
 from score_train.rollout.types import SamplingParams
 
 HIST_BINS = 10
@@ -51,10 +55,12 @@ def _flags(x, shape, name):
     return f
 
 
-def self_correction_metrics(r1, r2, stated=None, *, cut_t1=None, cut_t2=None) -> dict:
+def self_correction_metrics(r1, r2, stated=None, *, cut_t1=None, cut_t2=None, written=None) -> dict:
     """r1, r2: per-(problem, sample) rewards of turn 1 and turn 2 (0/1).
     stated: per pair, whether turn 1 stated an answer (turn1_stated); adds the stated split and delta_stated.
-    cut_t1, cut_t2: per pair, whether that turn ended on the token limit; adds their fractions."""
+    cut_t1, cut_t2: per pair, whether that turn ended on the token limit; adds their fractions.
+    written: per pair, whether turn 1 wrote the right answer somewhere (rewards.wrote_answer); with stated,
+    adds n_i2c_stated_written and delta_stated_new."""
     a = np.asarray(r1, dtype=np.float64) > 0.5
     b = np.asarray(r2, dtype=np.float64) > 0.5
     if a.shape != b.shape:
@@ -81,6 +87,10 @@ def self_correction_metrics(r1, r2, stated=None, *, cut_t1=None, cut_t2=None) ->
                    acc_t1_stated=float(a[s].sum()) / ns if ns else None,
                    acc_t2_stated=float(b[s].sum()) / ns if ns else None,
                    delta_stated=(int(b[s].sum()) - int(a[s].sum())) / ns if ns else None)
+        if written is not None:
+            w = int(np.sum(~a & b & s & _flags(written, a.shape, "written")))
+            out.update(n_i2c_stated_written=w,
+                       delta_stated_new=(counts["n_i2c_stated"] - w - counts["n_c2i_stated"]) / ns if ns else None)
     return out
 
 
@@ -204,7 +214,9 @@ def _summarise(samples, records, kind, rewards: list, max_new_tokens: int) -> di
     ratios = [edit_distance_ratio(s.turn1_text or "", s.turn2_text or "") for s in samples]
     m = self_correction_metrics(r1, r2, [turn1_stated(kind, s.turn1_text, _finish(s, 0)) for s in samples],
                                 cut_t1=[_finish(s, 0) == "length" for s in samples],
-                                cut_t2=[_finish(s, 1) == "length" for s in samples])
+                                cut_t2=[_finish(s, 1) == "length" for s in samples],
+                                written=[wrote_answer(kind, s.turn1_text, records[s.prompt_index].answer)
+                                         for s in samples])
     m |= later_turn_metrics(samples, kind, rewards)
     return {"metrics": m | {"max_new_tokens": max_new_tokens, "num_turns": len(rewards)},
             "edit_distance": ratio_histogram(ratios),
@@ -220,7 +232,8 @@ def _sample_rows(samples, records, kind, rewards: list) -> list[dict]:
         row = {"id": records[s.prompt_index].id, "sample": s.sample_index, "answer": records[s.prompt_index].answer,
                "y1": s.turn1_text, "y2": s.turn2_text, "r1": rewards[0][i], "r2": rewards[1][i],
                "a1": answer_key(kind, s.turn1_text), "a2": answer_key(kind, s.turn2_text),
-               "finish": list(s.finish_reasons), "stated": turn1_stated(kind, s.turn1_text, _finish(s, 0))}
+               "finish": list(s.finish_reasons), "stated": turn1_stated(kind, s.turn1_text, _finish(s, 0)),
+               "written": wrote_answer(kind, s.turn1_text, records[s.prompt_index].answer)}
         for t in range(2, len(rewards)):
             row.update({f"y{t + 1}": texts[t], f"r{t + 1}": rewards[t][i], f"a{t + 1}": answer_key(kind, texts[t])})
         rows.append(row)
@@ -395,6 +408,10 @@ def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: st
         probs = {r.id: r.problem for r in records}
         write_samples(os.path.join(run_dir, f"samples_eval_{tag}.md"),
                       [dict(r, problem=probs.get(r["id"], r["id"])) for r in rows[: cfg.eval.sample_rows]])
+        # every row, so that any count above can be audited against the texts it was read from
+        with open(os.path.join(run_dir, f"eval_{tag}_rows.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(dict(r, problem=probs.get(r["id"], r["id"]))) + "\n")
     return out
 
 
@@ -410,7 +427,7 @@ def write_samples(path: str, rows: list[dict]):
 
 
 HEADLINE_KEYS = ("delta_stated", "n_stated", "n", "acc_t1_stated", "acc_t2_stated", "n_i2c_stated", "n_c2i_stated",
-                 "delta", "cut_t1", "cut_t2", "max_new_tokens")
+                 "n_i2c_stated_written", "delta_stated_new", "delta", "cut_t1", "cut_t2", "max_new_tokens")
 
 
 def headline(evals: list[dict]) -> dict:
@@ -444,7 +461,11 @@ def fmt_eval(e: dict) -> str:
     fractions of turns cut by the token limit."""
     head = ""
     if "n_stated" in e:
-        head = f"delta among stated answers {_signed(e.get('delta_stated'))} ({e['n_stated']}/{e['n']} stated) | "
+        head = f"delta among stated answers {_signed(e.get('delta_stated'))} ({e['n_stated']}/{e['n']} stated"
+        if e.get("n_i2c_stated_written"):
+            head += (f"; {_signed(e.get('delta_stated_new'))} without the {e['n_i2c_stated_written']} whose turn 1 "
+                     f"had written the right number")
+        head += ") | "
     keys = [("acc_t1", "Acc@t1"), ("acc_t2", "Acc@t2"), ("delta", "delta"), ("delta_i2c", "i->c"),
             ("delta_c2i", "c->i")]
     body = ", ".join(f"{name} {100 * e[k]:.1f}%" for k, name in keys if k in e)
@@ -487,6 +508,10 @@ def format_table(result: dict) -> str:
                      f"{100 * m.get('cut_t1', 0):8.1f}{100 * m.get('cut_t2', 0):8.1f}{s['edit_distance']['mean']:6.2f}")
     for name, s in rows:
         m = s["metrics"]
+        if m.get("n_i2c_stated_written"):
+            lines.append(f"{name}: {m['n_i2c_stated_written']} of the {m['n_i2c_stated']} stated answers corrected had "
+                         f"the right number written in turn 1 already (it ended on another); without them d|stated "
+                         f"is {_signed(m.get('delta_stated_new'))}")
         for k in later_turns(m):
             ds = m.get(f"delta_stated_t{k - 1}{k}")
             lines.append(f"{name}: turn {k} vs turn {k - 1}: Acc@t{k} {100 * m[f'acc_t{k}']:.1f}, delta "

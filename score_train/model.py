@@ -337,19 +337,29 @@ class CausalLM(nn.Module):
         return out.view(b, t, -1)
 
     # -- generation forward -------------------------------------------------------------------
-    def forward_paged(self, input_ids, positions, kv_caches, batch: PagedBatch):
+    def forward_paged(self, input_ids, positions, kv_caches, batch: PagedBatch, *, capture_layer: int = 0):
         """input_ids/positions [N] packed new tokens; kv_caches: per layer (k_cache, v_cache).
-        Stores the new tokens' K/V, attends over the cache, returns hidden [N, d] after the final norm."""
+        Stores the new tokens' K/V, attends over the cache, returns hidden [N, d] after the final norm.
+        capture_layer=k > 0 returns (hidden, residual [N, d] after layers [0, k)): what the trainer's
+        `forward(..., to_layer=k)` computes, so a frozen prefix sampled once need not run again."""
         from score_kernels import store_kv
+        if not 0 <= capture_layer <= self.num_layers:
+            raise ValueError(f"capture_layer must be in [0, {self.num_layers}], got {capture_layer}")
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(positions, x.dtype)
-        for layer, (kc, vc) in zip(self.model.layers, kv_caches):
+        residual = None
+        for i, (layer, (kc, vc)) in enumerate(zip(self.model.layers, kv_caches)):
+            if i == capture_layer and capture_layer:
+                residual = x
             def attend(q, k, v, kc=kc, vc=vc):
                 store_kv(k, v, kc, vc, batch.slot_mapping)
                 return batch.attend(q, kc, vc)
 
             x = layer(x, cos, sin, attend)
-        return self.model.norm(x)
+        if capture_layer == self.num_layers:
+            residual = x
+        hidden = self.model.norm(x)
+        return (hidden, residual) if capture_layer else hidden
 
     # -- export -------------------------------------------------------------------------------
     def plain_config(self):

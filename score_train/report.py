@@ -115,6 +115,9 @@ EVAL_NOTES = [
     "- delta, i->c, c->i: the paper's, over all problems (% of them). i->c splits into *stated* (a stated wrong "
     "answer corrected) and *cut/none* (turn 1 cut off or without an answer, turn 2 answered); those two are "
     "counts of problems.",
+    "- *i->c stated, right number in y1*: stated corrections whose turn 1 had already written the right number and "
+    "ended on another (\"19 + 33 = 52 ... the sum of 19 and 33.\" reads as 33): turn 2 restating it fixes the "
+    "reading, not a computation.",
     "- cut@t1, cut@t2: % of answers that ended on the token limit. Above 5% at turn 1, delta and i->c mostly "
     "measure truncation (docs/trainer.md, 'The 32-token artefact').",
 ]
@@ -144,14 +147,15 @@ def write_report(run_dir: str) -> str:
                    f"({summary.get('threads')} threads)"), ""]
     lines += ["## Evaluation (greedy, held-out problems)", "",
               "| eval | step | problems | delta among stated answers | Acc@t1 | Acc@t2 | delta(t1,t2) | i->c | "
-              "i->c stated | i->c cut/none | c->i | cut@t1 | cut@t2 | tokens a turn |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "i->c stated | i->c cut/none | c->i | cut@t1 | cut@t2 | tokens a turn | "
+              "i->c stated, right number in y1 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in evals:
         lines.append(f"| {e.get('tag')} | {e.get('step', 0)} | {e.get('num_problems', '')} | {_stated(e)} | "
                      f"{_pct(e.get('acc_t1'))} | {_pct(e.get('acc_t2'))} | {_pct(e.get('delta'))} | "
                      f"{_pct(e.get('delta_i2c'))} | {_count(e, 'n_i2c_stated')} | {_count(e, 'n_i2c_unstated')} | "
                      f"{_pct(e.get('delta_c2i'))} | {_pct(e.get('cut_t1'))} | {_pct(e.get('cut_t2'))} | "
-                     f"{e.get('max_new_tokens', '')} |")
+                     f"{e.get('max_new_tokens', '')} | {_count(e, 'n_i2c_stated_written')} |")
     lines += [""] + EVAL_NOTES + [""]
     for e in evals:
         if e.get("warning"):

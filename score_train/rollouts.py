@@ -48,10 +48,11 @@ def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
 
 
 def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_pos: int, total: int, info,
-            reward_fn, instruction: str, prompt_of, hook=None):
+            reward_fn, instruction: str, prompt_of, hook=None, capture_layer: int = 0):
     """Yields one RolloutBatch per step in [start_step, total). A failure while sampling or scoring on any rank
     raises on every rank (distributed.all_ok). hook(step, info), if given, runs right after sampling (tests inject
-    failures through it)."""
+    failures through it). capture_layer=k > 0 (the trainer's frozen bottom k layers): a rollout that can
+    (the paged engine) returns each sample's residual after them, so the optimisation step does not rerun them."""
     from score_train import distributed as D
     from score_train.prompts import ChatFormat, eos_ids_of
     from score_train.rollout.engine import sample_seed
@@ -74,6 +75,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
             with D.gathered(model):
                 if st.rollout_turns > 2:  # the paged engine only (config checks it)
                     kw["num_turns"] = st.rollout_turns
+                if capture_layer and getattr(rollout, "captures_prefix", False):
+                    kw["capture_layer"] = capture_layer
                 samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
                                            instruction=instruction, **kw)
             if hook is not None:

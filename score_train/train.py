@@ -86,13 +86,15 @@ def instruction_for(cfg: Config, kind: str) -> str:
 
 def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bool, autocast: bool):
     """Policy hidden [N, d] (with grad) and reference hidden [N, d] (no grad, or None).
-    The `cut` frozen bottom layers are identical in both models, so they run once, without a graph."""
+    The `cut` frozen bottom layers are identical in both models, so they run once, without a graph; not at all
+    when the sampler already computed them (batch.prefix_hidden, captured at layer `cut`)."""
     dev = model.device
     ids, pos, cu = (batch.input_ids.to(dev), batch.position_ids.to(dev), batch.cu_seqlens.to(dev))
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if autocast else torch.autocast(dev.type, enabled=False)
+    sampled = batch.prefix_hidden is not None and cut > 0 and batch.prefix_layer == cut
     with ctx:
-        with torch.no_grad():
-            prefix = model(ids, pos, cu, to_layer=cut) if cut else None  # [N, d] residual after layer cut-1
+        with torch.no_grad():  # [N, d] residual after layer cut-1
+            prefix = batch.prefix_hidden.to(dev) if sampled else model(ids, pos, cu, to_layer=cut) if cut else None
         hidden = model(ids, pos, cu, from_layer=cut, hidden=prefix)
         ref_hidden = None
         if need_ref:
@@ -405,7 +407,8 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     rollouts = collect(cfg, rollout, model, tok, train_recs, order, start_step=state["step"],
                        data_pos=state["data_pos"], total=total, info=info, reward_fn=reward_fn or make_reward_fn(cfg),
                        instruction=instruction_for(cfg, (eval_recs or train_recs)[0].kind),
-                       prompt_of=lambda r: prompt_of(cfg, r), hook=rollout_hook)
+                       prompt_of=lambda r: prompt_of(cfg, r), hook=rollout_hook,
+                       capture_layer=cut if cfg.rollout.reuse_prefix else 0)
     try:
         for ro in rollouts:
             upd = optimise(model, ref, optimizer, ro, cfg, cut, info, run_dir)

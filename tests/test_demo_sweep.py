@@ -39,3 +39,23 @@ def test_turns_table_shows_the_third_turn(tmp_path, monkeypatch):
     text = demo_sweep.table(["demo_turns3_seed0"])
     assert "| demo_turns3_seed0 | after | 20.0 | 22.0 | 25.0 | 2.0 | 1.0 (480) | 3.0 | 2.5 (490) | 5.0 / 4.0 / 3.0 |" in text
     assert text.count("| demo_turns3_seed0 | base |") == 1
+
+
+def test_table_counts_corrections_whose_turn1_had_written_the_answer(tmp_path, monkeypatch):
+    """A record's "right number in y1" count comes from its final evaluation, or from its audit (a re-evaluation of
+    an older run's checkpoint), and the pooled line tests what remains after taking them out."""
+    monkeypatch.setattr(demo_sweep, "RESULTS", str(tmp_path))
+    after = {"tag": "after", "acc_t1": 0.26, "acc_t2": 0.295, "delta": 0.035, "delta_stated": 0.035, "n_stated": 511,
+             "n_i2c_stated": 19, "n_i2c_unstated": 0, "n_c2i_stated": 1, "n_c2i_unstated": 0, "cut_t1": 0.002,
+             "cut_t2": 0.0}
+    recs = {"demo_x_seed0": {"evals": [after | {"n_i2c_stated_written": 19}]},
+            "demo_x_seed1": {"evals": [after], "audit": {"metrics": {"n_i2c_stated_written": 17}}}}
+    for name, r in recs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"run": name, "wall_s": 60} | r))
+    text = demo_sweep.table(list(recs))
+    assert "| 19 | 0 | 1 | 19 |" in text and "| 19 | 0 | 1 | 17 |" in text
+    assert "demo_x: pooled i->c among stated 38 vs c->i 2" in text
+    assert "demo_x: without the 36 whose turn 1 had written the right number: 2 vs 2, sign test p = 1" in text
+    (tmp_path / "demo_y_seed0.json").write_text(json.dumps({"run": "demo_y_seed0", "evals": [after]}))
+    text = demo_sweep.table(["demo_y_seed0"])
+    assert "| 19 | 0 | 1 | - |" in text and "without the" not in text  # unknown: no claim either way

@@ -10,6 +10,7 @@ from score_train.data import Record, generate_arithmetic
 from score_train.eval import (
     edit_distance_ratio,
     evaluate,
+    fmt_eval,
     format_table,
     levenshtein,
     main,
@@ -292,6 +293,39 @@ def test_stated_answer_split():
     # among the 3 stated: right at turn 1 {3, 5}, right at turn 2 {0, 5} -> delta 0, not the +50 of all six
     assert m["acc_t1_stated"] == pytest.approx(2 / 3) and m["acc_t2_stated"] == pytest.approx(2 / 3)
     assert m["delta_stated"] == pytest.approx(0.0) and m["delta"] == pytest.approx(0.5)
+
+
+def test_corrections_whose_turn1_had_written_the_right_number_are_counted_apart(tmp_path):
+    """The alpha-1 demo's 19 "corrections" (benchmarks/results/demo_alpha1_seed0.json) were all of this kind: turn 1
+    wrote the right sum, then a sentence ending in an operand, which the last-number rule read as its answer; turn 2
+    dropped the sentence. They are stated i->c by the reward's rule, and counted apart as written."""
+    from score_train.report import write_report
+    from score_train.rewards import wrote_answer
+
+    recs = _recs(4)
+    ss = [_sample(0, "0 + 10 = 10\n\nIn this case, the answer is just 0.", "0 + 10 = 10", "eos"),
+          _sample(1, "1 + 10 = 12.", "Let me check: 1 + 10 = 11.", "eos"),  # a real correction: 11 nowhere in y1
+          _sample(2, "2 + 10 = 12", "Sorry, it is 13.", "eos"),  # right -> wrong
+          _sample(3, "3 + 10 = 13, so 26.", "3 + 10 = 13", "eos")]  # a second, wrong sum read: written too
+    res = evaluate(FixedRollout(ss), recs, max_new_tokens=16, warn=False)
+    m = res["greedy"]["metrics"]
+    assert (m["n_i2c_stated"], m["n_c2i_stated"], m["n_stated"]) == (3, 1, 4)
+    assert m["n_i2c_stated_written"] == 2  # samples 0 and 3
+    assert m["delta_stated"] == pytest.approx((3 - 1) / 4)
+    assert m["delta_stated_new"] == pytest.approx((3 - 2 - 1) / 4)
+    assert [r["written"] for r in res["greedy"]["samples"]] == [True, False, True, True]
+    assert "2 of the 3 stated answers corrected had the right number written in turn 1" in format_table(res)
+    line = fmt_eval(m | {"num_problems": 4})
+    assert "delta among stated answers +50.0% (4/4 stated; +0.0% without the 2 whose turn 1 had written" in line
+    assert wrote_answer("arithmetic", "It is 1,234.", "1234") and not wrote_answer("arithmetic", "12", "21")
+    assert wrote_answer("math", "so x = 7 and then 8", "7") and not wrote_answer("code", "return 7", "7")
+    # the run report's table has the column
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_after.json").write_text(json.dumps(m | {"tag": "after", "step": 1, "num_problems": 4}))
+    assert "i->c stated, right number in y1" in open(write_report(str(run))).read()
+    without = self_correction_metrics([0, 1], [1, 1], stated=[True, True])
+    assert "n_i2c_stated_written" not in without
 
 
 def test_stated_metrics_hand_computed_and_empty():

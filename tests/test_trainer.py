@@ -143,6 +143,91 @@ def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
         model(b.input_ids, b.position_ids, b.cu_seqlens, from_layer=1)
 
 
+def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
+    """generate(..., capture_layer=k) returns each sample's residual after the bottom k layers at every position
+    but the last: the trainer's `to_layer=k` forward of the same tokens within fp32 tolerance (the prompt's rows
+    computed once per group, the instruction's by the extend). forward_pair on it gives the log-probs and the
+    gradients of the recomputing path."""
+    import copy
+
+    from score_train import algos
+    from score_train.model import load_model
+    from score_train.rollout.engine import Engine
+    from score_train.rollout.types import SamplingParams
+
+    model, tok = load_model(tiny_model_dir)
+    T.set_trainable(model, 1, False)  # cut = 1 of 2 layers
+    ref = copy.deepcopy(model).requires_grad_(False)
+    model.eval()
+    samples = Engine(model, tok).generate(["What is 2 + 3?", "What is 10 + 7?"],
+                                          SamplingParams(n=3, temperature=0.7, max_new_tokens=9, seed=5),
+                                          capture_layer=1)
+    assert all(s.prefix_layer == 1 and s.prefix_hidden.shape == (len(s.full_ids()) - 1, model.config.hidden_size)
+               for s in samples)
+    b = algos.pack_samples(samples)
+    last = b.cu_seqlens[1:].long() - 1
+    inner = torch.ones(len(b.input_ids), dtype=torch.bool)
+    inner[last] = False
+    assert b.prefix_layer == 1 and (b.prefix_hidden[last] == 0).all()
+    with torch.no_grad():
+        mid = model(b.input_ids, b.position_ids, b.cu_seqlens, to_layer=1)
+    torch.testing.assert_close(b.prefix_hidden[inner], mid[inner], rtol=1e-5, atol=1e-5)
+
+    def logprob_grads(batch):
+        model.zero_grad(set_to_none=True)
+        hidden, ref_hidden = T.forward_pair(model, ref, batch, 1, need_ref=True, autocast=False)
+        lp, sel = T.policy_logprobs(hidden, model.lm_head_weight, batch, 0.7)
+        lp[sel].sum().backward()
+        return (lp.detach()[sel], ref_hidden[inner],
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    lp_s, ref_s, g_s = logprob_grads(b)
+    b_none = algos.pack_samples(samples)
+    b_none.prefix_hidden = None
+    lp_r, ref_r, g_r = logprob_grads(b_none)
+    torch.testing.assert_close(lp_s, lp_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref_s, ref_r, rtol=1e-5, atol=1e-5)
+    assert g_s.keys() == g_r.keys() and g_s
+    for n in g_s:
+        torch.testing.assert_close(g_s[n], g_r[n], rtol=1e-4, atol=1e-5)
+    assert not any(n.startswith("model.layers.0.") for n in g_s)  # the frozen layer gets no gradient either way
+    # a prefix of another layer, or one of a mismatched length, is not used / refused
+    b.prefix_layer = 2
+    with torch.no_grad():
+        h2, _ = T.forward_pair(model, None, b, 1, need_ref=False, autocast=False)
+        torch.testing.assert_close(h2[inner], T.forward_pair(model, None, b_none, 1, need_ref=False,
+                                                             autocast=False)[0][inner])
+    samples[0].prefix_hidden = samples[0].prefix_hidden[:-1]
+    with pytest.raises(ValueError, match="prefix_hidden"):
+        algos.pack_samples(samples)
+    samples[1].prefix_hidden = None  # one sample without a prefix: the batch recomputes
+    assert algos.pack_samples(samples[1:]).prefix_hidden is None
+
+
+def test_training_skips_the_frozen_layers_the_sampler_ran(tiny_model_dir, tmp_path, monkeypatch):
+    """With the paged engine and frozen bottom layers, the optimisation step never runs them (their output came
+    with the rollouts); --rollout.reuse_prefix=false and the HF rollout recompute them."""
+    from score_train.model import CausalLM
+
+    calls = []
+    orig = CausalLM.forward
+
+    def spy(self, *a, **k):
+        if k.get("to_layer") is not None:
+            calls.append(k["to_layer"])
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(CausalLM, "forward", spy)
+    common = ["--algo.name=score", "--model.train_layers=1", "--eval.before=false"]
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "a", *common))
+    assert calls == []
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", *common, "--rollout.reuse_prefix=false"))
+    assert calls and set(calls) == {1}
+    calls.clear()
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "c", *common, "--rollout.engine=hf"))
+    assert calls and set(calls) == {1}
+
+
 def test_old_logprobs_come_from_the_sampler(tiny_model_dir, tmp_path, monkeypatch):
     """With epochs=2 and clipping, the behaviour log-probs are the sampler's: one forward per micro-batch per
     epoch, no extra no-grad pass (693d5f9 ran one more per micro-batch)."""

@@ -19,10 +19,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 from score_train.rewards.code import ExecResult, check_program, code_reward, extract_code
 from score_train.rewards.math import (arithmetic_answer, arithmetic_reward, extract_answer, is_equivalent,
-                                      math_reward)
+                                      math_reward, numbers_equal, numbers_in)
 
 __all__ = ["ExecResult", "RewardPool", "answer_key", "arithmetic_answer", "check_program", "extract_answer",
-           "extract_code", "is_equivalent", "reward", "stated_answer"]
+           "extract_code", "is_equivalent", "reward", "stated_answer", "wrote_answer"]
 
 
 def _get(record, key):
@@ -61,6 +61,17 @@ def stated_answer(task_kind: str, text: str | None) -> str | None:
         code = extract_code(text)
         return code if code.strip() else None
     raise ValueError(f"task_kind must be 'arithmetic', 'math' or 'code', got {task_kind!r}")
+
+
+def wrote_answer(task_kind: str, text: str | None, answer) -> bool:
+    """Whether the reference answer is written anywhere in the response as a number (arithmetic, and math
+    with a numeric reference), whatever the answer rule then reads as its final answer. A wrong turn 1 that
+    wrote the right number and ended on another (its final number an operand, or a second, wrong sum) is not
+    a wrong computation that turn 2 fixed: evaluation counts such "corrections" apart. Code: always False."""
+    if task_kind == "code" or answer is None:
+        return False
+    gold = str(answer).strip()
+    return any(numbers_equal(x, gold) for x in numbers_in(text))
 
 
 def answer_key(task_kind: str, text: str | None) -> str | None:

@@ -95,6 +95,11 @@ def last_number(text: str | None) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
+def numbers_in(text: str | None) -> list[str]:
+    """Every number written in text, in order (the last_number rule's candidates)."""
+    return [x.replace(",", "") for x in _NUMBER.findall(text or "")]
+
+
 def arithmetic_answer(text: str | None) -> str | None:
     """Lenient reading for the arithmetic task: a \\boxed{} / "Final Answer" answer takes priority
     (its last number when it has text around it), otherwise the last number of the whole response."""

@@ -46,6 +46,7 @@ class Engine:
     """
 
     PHASES = ("prompt_prefill", "turn1_decode", "turn2_extend", "turn2_decode")
+    captures_prefix = True  # generate(..., capture_layer=k) returns the residual after layers [0, k)
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int | None = None, max_num_seqs: int | None = None,
@@ -87,42 +88,43 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, seeds: list[int] | None = None, progress=None,
-                 num_turns: int | None = None) -> list[TwoTurnSample]:
+                 num_turns: int | None = None, capture_layer: int = 0) -> list[TwoTurnSample]:
         """Returns len(prompts) * params.n samples ordered by (prompt_index, sample_index).
         seeds: optional per-sample seeds (len(prompts) * n), else derived from params.seed.
         num_turns: turns per sample (default 2, or 1 with two_turn=False); the instruction follows each
-        turn but the last."""
+        turn but the last. capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after
+        layers [0, k) of its positions (a trainer whose bottom k layers are frozen then skips them)."""
         turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
         suffixes = [self.chat.suffix_ids(p, instruction) for p in prompts] if turns > 1 else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes, seeds=seeds, progress=progress,
-                                 num_turns=turns)
+                                 num_turns=turns, capture_layer=capture_layer)
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None, seeds: list[int] | None = None,
-                     progress=None, num_turns: int | None = None) -> list[TwoTurnSample]:
+                     progress=None, num_turns: int | None = None, capture_layer: int = 0) -> list[TwoTurnSample]:
         """Token-level generate: suffixes[i] are the ids the chat template puts after a turn of prompt i
         (see ChatFormat.suffix_ids); None = one turn only. num_turns defaults to 2 with suffixes."""
         groups = self._groups(prompt_ids, params, suffixes, seeds, num_turns)
         sched = self._start(groups, params)
         t0 = time.perf_counter()
         while not sched.is_finished():
-            drawn = self.step(sched, params)
+            drawn = self.step(sched, params, capture_layer=capture_layer)
             if progress is not None:
                 progress(drawn)
         self.stats["seconds"] = time.perf_counter() - t0
         self.stats["generated"] = sum(len(t) for s in sched.finished for t in s.out_ids)
         self.block_manager.check([])
-        return self._outputs(sched.finished)
+        return self._outputs(sched.finished, capture_layer)
 
-    def step(self, sched: Scheduler, params: SamplingParams) -> int:
+    def step(self, sched: Scheduler, params: SamplingParams, *, capture_layer: int = 0) -> int:
         """One forward of the scheduled batch, then its draws. Returns the number of tokens drawn."""
         t = time.perf_counter()
         seqs, takes = sched.schedule()
         self._count_phases(seqs, takes)
-        out = self.runner.run(seqs, takes, self.block_manager)
+        out = self.runner.run(seqs, takes, self.block_manager, capture_layer=capture_layer)
         tokens, logprobs = self.runner.sample(out, params)
         sched.postprocess(out.ready, tokens, logprobs)
         self.stats["steps"] += 1
@@ -188,7 +190,7 @@ class Engine:
         tail = self.tokenizer.decode(out[-(longest + 4):], skip_special_tokens=False)
         return any(x in tail for x in stop)
 
-    def _outputs(self, done: list[Sequence]) -> list[TwoTurnSample]:
+    def _outputs(self, done: list[Sequence], capture_layer: int = 0) -> list[TwoTurnSample]:
         dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         res = []
         for s in sorted(done, key=lambda s: (s.group.index, s.sample_index)):
@@ -202,4 +204,10 @@ class Engine:
                 turn2_text=dec(ids[1], skip_special_tokens=True) if two else None,
                 extra_turns=[ExtraTurn(instr[t - 1], ids[t], lps[t], dec(ids[t], skip_special_tokens=True))
                              for t in range(2, len(ids))]))
+            if capture_layer:
+                rows = s.captured_rows()
+                if rows is None or rows.shape[0] != len(res[-1].full_ids()) - 1:  # the last drawn token is never run
+                    raise RuntimeError(f"captured {0 if rows is None else rows.shape[0]} prefix rows for a sample of "
+                                       f"{len(res[-1].full_ids())} tokens")
+                res[-1].prefix_hidden, res[-1].prefix_layer = rows, capture_layer
         return res

@@ -69,9 +69,16 @@ class ModelRunner:
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 batch, cu, sum(ctx))
 
-    def run(self, seqs: list[Sequence], takes: list[int], bm: BlockManager) -> StepOutput:
+    def run(self, seqs: list[Sequence], takes: list[int], bm: BlockManager, *, capture_layer: int = 0) -> StepOutput:
+        """capture_layer=k > 0 appends each sequence's rows of the residual after layers [0, k) to its
+        `captured` (the trainer's frozen prefix, kept so that training need not recompute it)."""
         ids, pos, batch, cu, ctx_tokens = self.prepare(seqs, takes, bm)
-        hidden = self.model.forward_paged(ids, pos, self.caches, batch)
+        if capture_layer:
+            hidden, residual = self.model.forward_paged(ids, pos, self.caches, batch, capture_layer=capture_layer)
+            for i, s in enumerate(seqs):
+                s.captured.append(residual[cu[i]:cu[i + 1]])
+        else:
+            hidden = self.model.forward_paged(ids, pos, self.caches, batch)
         last = [cu[i + 1] - 1 for i, s in enumerate(seqs) if s.num_pending == 0]
         ready = [s for s in seqs if s.num_pending == 0]
         logits = None

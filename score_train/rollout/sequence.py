@@ -49,6 +49,12 @@ class Sequence:
     out_logprobs: list[list[float]] = field(default_factory=list)
     instruction_ids: list[list[int]] = field(default_factory=list)  # between turn t and t+1
     finish_reasons: list[str] = field(default_factory=list)
+    captured: list = field(default_factory=list)  # per forward, this sequence's rows of a captured residual
+
+    def captured_rows(self):
+        """[num_computed, d]: the captured residual of every computed position, in order (or None)."""
+        import torch
+        return torch.cat(self.captured) if self.captured else None
 
     @property
     def num_pending(self) -> int:
@@ -59,4 +65,4 @@ class Sequence:
         """A sample of this parent's group, sharing the prompt (and its KV blocks through `table`)."""
         g = self.group
         return Sequence(g, list(self.tokens), self.num_computed, table, Status.RUNNING, sample_index,
-                        g.seeds[sample_index], out_ids=[[]], out_logprobs=[[]])
+                        g.seeds[sample_index], out_ids=[[]], out_logprobs=[[]], captured=list(self.captured))

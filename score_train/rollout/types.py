@@ -44,6 +44,11 @@ class TwoTurnSample:
     turn2_logprobs: list[float] | None = None
     turn2_text: str | None = None
     extra_turns: list[ExtraTurn] = field(default_factory=list)
+    # The engine's residual stream after layers [0, prefix_layer) at every position but the last
+    # ([len(full_ids()) - 1, d], generate(..., capture_layer=k)): the trainer's frozen prefix, already computed
+    # by the sampler with the same frozen weights. None when not captured.
+    prefix_hidden: object = None
+    prefix_layer: int = 0
 
     @property
     def turn_ids(self) -> list[list[int]]:
