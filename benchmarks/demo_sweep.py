@@ -104,13 +104,14 @@ def audit(name: str, out_dir: str) -> dict:
     the result in its record as "audit": the counts added since it ran (n_i2c_stated_written, delta_stated_new),
     whether it reproduces the recorded final evaluation, and the texts of every stated correction and breakage."""
     import torch
-    from safetensors.torch import load_file
 
+    from score_train import checkpoint
     from score_train.config import load_config
     from score_train.eval import evaluate
     from score_train.model import load_model
     from score_train.preflight import load_records
     from score_train.rollout.engine import Engine
+    from score_train.train import set_trainable
 
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path) as f:
@@ -121,11 +122,11 @@ def audit(name: str, out_dir: str) -> dict:
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
     model, tok = load_model(cfg.model.spec, dtype=torch.float32)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    last = sorted(d for d in os.listdir(ckpts) if d.startswith("step_"))[-1]
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(ckpts, last, "model.safetensors")), strict=False)
-    if unexpected:
-        raise RuntimeError(f"{name}: checkpoint has unexpected tensors {unexpected[:3]}")
+    set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)  # what the checkpoint holds
+    last = checkpoint.latest(os.path.join(run_dir, "checkpoints"))
+    if last is None:
+        raise FileNotFoundError(f"{name}: no complete checkpoint under {run_dir}/checkpoints")
+    checkpoint.load(last, model, restore_rng=False)
     model.eval()
     recs = load_records(cfg.data, "eval", cfg.data.eval_size)
     g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -134,7 +135,7 @@ def audit(name: str, out_dir: str) -> dict:
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}
     rec["audit"] = {
-        "commit": commit(), "checkpoint": last, "metrics": m,
+        "commit": commit(), "checkpoint": os.path.basename(last), "metrics": m,
         "reproduces_recorded_eval": all(after.get(k) == m.get(k) for k in keys),
         "stated_i2c_and_c2i_rows": [dict(r, problem=probs.get(r["id"])) for r in g["samples"]
                                     if r["stated"] and r["r1"] != r["r2"]]}

@@ -349,7 +349,7 @@ class CausalLM(nn.Module):
         cos, sin = self._rope(positions, x.dtype)
         residual = None
         for i, (layer, (kc, vc)) in enumerate(zip(self.model.layers, kv_caches)):
-            if i == capture_layer and capture_layer:
+            if i == capture_layer:
                 residual = x
             def attend(q, k, v, kc=kc, vc=vc):
                 store_kv(k, v, kc, vc, batch.slot_mapping)

@@ -204,10 +204,6 @@ class Engine:
                 turn2_text=dec(ids[1], skip_special_tokens=True) if two else None,
                 extra_turns=[ExtraTurn(instr[t - 1], ids[t], lps[t], dec(ids[t], skip_special_tokens=True))
                              for t in range(2, len(ids))]))
-            if capture_layer:
-                rows = s.captured_rows()
-                if rows is None or rows.shape[0] != len(res[-1].full_ids()) - 1:  # the last drawn token is never run
-                    raise RuntimeError(f"captured {0 if rows is None else rows.shape[0]} prefix rows for a sample of "
-                                       f"{len(res[-1].full_ids())} tokens")
-                res[-1].prefix_hidden, res[-1].prefix_layer = rows, capture_layer
+            if capture_layer:  # every position but the last drawn token (never run); algos.pack_samples checks it
+                res[-1].prefix_hidden, res[-1].prefix_layer = torch.cat(s.captured), capture_layer
         return res

@@ -51,11 +51,6 @@ class Sequence:
     finish_reasons: list[str] = field(default_factory=list)
     captured: list = field(default_factory=list)  # per forward, this sequence's rows of a captured residual
 
-    def captured_rows(self):
-        """[num_computed, d]: the captured residual of every computed position, in order (or None)."""
-        import torch
-        return torch.cat(self.captured) if self.captured else None
-
     @property
     def num_pending(self) -> int:
         """Tokens in the sequence whose K/V is not in the cache yet."""
