@@ -9,6 +9,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
     python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --out-dir DIR   # re-evaluate a finished run
+    python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --step step_000020  # ... at the end of Stage I
 
 Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
 
@@ -99,10 +100,12 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
     return rec
 
 
-def audit(name: str, out_dir: str) -> dict:
+def audit(name: str, out_dir: str, step: str = "") -> dict:
     """Re-evaluate a finished run's final checkpoint with today's evaluation (greedy, its own config) and keep
     the result in its record as "audit": the counts added since it ran (n_i2c_stated_written, delta_stated_new),
-    whether it reproduces the recorded final evaluation, and the texts of every stated correction and breakage."""
+    whether it reproduces the recorded final evaluation, and the texts of every stated correction and breakage.
+    step: another checkpoint of the run instead (e.g. step_000020, the end of Stage I), kept as "audit_<step>"
+    (reproduces_recorded_eval is then None: no evaluation of it was recorded)."""
     import torch
 
     from score_train import checkpoint
@@ -124,19 +127,24 @@ def audit(name: str, out_dir: str) -> dict:
     model, tok = load_model(cfg.model.spec, dtype=torch.float32)
     set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)  # what the checkpoint holds
     last = checkpoint.latest(os.path.join(run_dir, "checkpoints"))
+    if step:
+        last = os.path.join(run_dir, "checkpoints", step)
+        if not os.path.isdir(last):
+            raise FileNotFoundError(f"{name}: no checkpoint {step} under {run_dir}/checkpoints")
     if last is None:
         raise FileNotFoundError(f"{name}: no complete checkpoint under {run_dir}/checkpoints")
     checkpoint.load(last, model, restore_rng=False)
     model.eval()
     recs = load_records(cfg.data, "eval", cfg.data.eval_size)
     g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                 style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns)["greedy"]
+                 style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns,
+                 instruction=cfg.rollout.instruction)["greedy"]
     m, after = g["metrics"], (row(rec) or {}).get("after") or {}
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}
-    rec["audit"] = {
+    rec["audit_" + step if step else "audit"] = {
         "commit": commit(), "checkpoint": os.path.basename(last), "metrics": m,
-        "reproduces_recorded_eval": all(after.get(k) == m.get(k) for k in keys),
+        "reproduces_recorded_eval": None if step else all(after.get(k) == m.get(k) for k in keys),
         "stated_i2c_and_c2i_rows": [dict(r, problem=probs.get(r["id"])) for r in g["samples"]
                                     if r["stated"] and r["r1"] != r["r2"]]}
     with open(path, "w") as f:
@@ -224,6 +232,7 @@ def main(argv=None) -> int:
     ap.add_argument("sweep", choices=[*SWEEPS, "one", "table", "audit"])
     ap.add_argument("--name", default="", help="one: the run's name (its record is benchmarks/results/NAME.json)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
+    ap.add_argument("--step", default="", help="audit: a checkpoint other than the last (e.g. step_000020)")
     ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
     args, extra = ap.parse_known_args(argv)
     bad = [x for x in extra if not x.startswith("--")]
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
         if not args.name:
             ap.error("audit: --name NAME is required (comma-separated for several)")
         for name in args.name.split(","):
-            a = audit(name, args.out_dir)["audit"]
+            a = audit(name, args.out_dir, args.step)["audit_" + args.step if args.step else "audit"]
             m = a["metrics"]
             print(f"{name}: reproduces {a['reproduces_recorded_eval']}, stated i->c {m.get('n_i2c_stated')} "
                   f"(right number in y1: {m.get('n_i2c_stated_written')}), c->i {m.get('n_c2i_stated')}, "

@@ -86,7 +86,7 @@ GENERATE_ALIASES = {
     "top-p": Alias(("rollout.top_p",)),
     "top-k": Alias(("generate.top_k",)),
     "two-turn": Alias(("generate.two_turn",), const=True),
-    "instruction": Alias(("generate.instruction",), convert=str),
+    "instruction": Alias(("rollout.instruction",), convert=str),
     "seed": Alias(("run.seed",)),
     "stop": Alias(("generate.stop",), convert=str, append=True),
 }

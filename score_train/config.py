@@ -162,6 +162,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 0  # per turn; 0 = the task's default (TASK_DEFAULTS)
     style: str = "plain"  # prompts (score_train.prompts): plain | paper (the paper's math prompts for arithmetic)
+    # the message after each turn but the last, in training, every evaluation and score-generate;
+    # "" = the task's own (prompts.self_correction_instruction)
+    instruction: str = ""
     # training: the engine keeps each sample's residual after the frozen bottom layers (model.train_layers), so
     # the update skips them; costs B x tokens x d activations held from sampling to the update
     reuse_prefix: bool = True
@@ -275,7 +278,6 @@ class GenerateCommand:
     output: str = ""
     two_turn: bool = False
     kind: str = "math"  # arithmetic | math | code: the default token budget and turn-2 instruction
-    instruction: str = ""  # turn-2 instruction ("" = the kind's self-correction instruction)
     top_k: int = 0  # 0 = off
     stop: list[str] = field(default_factory=list)
 

@@ -274,7 +274,8 @@ def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instr
 
 def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: bool = True,
              max_new_tokens: int = 256, style: str = "plain", seed: int = 0, reward_pool=None,
-             keep_samples: bool = True, log=None, progress=False, warn: bool = True, num_turns: int = 2) -> dict:
+             keep_samples: bool = True, log=None, progress=False, warn: bool = True, num_turns: int = 2,
+             instruction: str = "") -> dict:
     """Two-turn evaluation of any Rollout on records (all of one kind).
 
     greedy: one greedy two-turn sample per problem (the paper's headline numbers).
@@ -285,6 +286,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     warn: print truncation_warning on stderr when it applies (it is kept in result["warnings"] anyway).
     num_turns: attempts in the greedy pass (> 2 needs a rollout whose generate takes num_turns, the engine);
     turn k >= 3 is reported against turn k-1 (later_turn_metrics). The sampled pass stays two-turn.
+    instruction: the message after each turn but the last ("" = the task's own).
     """
     if not records:
         raise ValueError("records is empty")
@@ -300,7 +302,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
         raise ValueError(f"num_turns must be >= 2, got {num_turns}")
     log = log or (lambda msg: None)
     prompts = [turn1_message(r, style) for r in records]
-    instruction = self_correction_instruction(kind, style)
+    instruction = instruction or self_correction_instruction(kind, style)
     out: dict = {"kind": kind, "n_problems": len(records), "style": style, "instruction": instruction,
                  "max_new_tokens": max_new_tokens}
 
@@ -389,7 +391,8 @@ def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: st
         model.eval()
     t0 = time.perf_counter()
     res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
-                   progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns)
+                   progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns,
+                   instruction=cfg.rollout.instruction)
     if model is not None and was_training:
         model.train()
     g = res["greedy"]
@@ -598,7 +601,7 @@ def run_command(cfg, records) -> int:
         result = evaluate(rollout, records, temperature=cfg.rollout.temperature, k=k, greedy=e.greedy,
                           max_new_tokens=cfg.rollout.max_new_tokens, style=cfg.rollout.style, seed=cfg.run.seed,
                           reward_pool=pool, keep_samples=e.samples, log=log, progress=cfg.run.progress,
-                          num_turns=e.num_turns)
+                          num_turns=e.num_turns, instruction=cfg.rollout.instruction)
     finally:
         if pool is not None:
             pool.close()

@@ -79,7 +79,7 @@ def prompt_of(cfg: Config, rec) -> str:
 def instruction_for(cfg: Config, kind: str) -> str:
     from score_train.prompts import self_correction_instruction
 
-    return self_correction_instruction(kind, cfg.rollout.style)
+    return cfg.rollout.instruction or self_correction_instruction(kind, cfg.rollout.style)
 
 
 # ---------------------------------------------------------------------------- forward passes
@@ -354,6 +354,19 @@ def write_summary(run_dir: str, cfg: Config, total: int, t_start: float, state: 
     return summary
 
 
+def seed_process(cfg: Config) -> None:
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    if cfg.run.threads > 0:
+        torch.set_num_threads(cfg.run.threads)
+
+
+def checkpoint_due(cfg: Config, step: int, total: int, stage: str) -> bool:
+    """Every run.save_every steps, at each stage boundary (the model each stage ends with is kept) and at the end."""
+    return bool(cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or \
+        algos.stage_at(cfg.algo, step) != stage
+
+
 def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) -> dict:
     """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
     Test hooks, injected by the tests: fault_hook(step) runs after every step (raise in it to simulate a crash),
@@ -364,10 +377,7 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     # 1. processes (torchrun: one per rank; else a no-op), seeds, the run directory
     t_start = time.perf_counter()
     info = D.init(cfg.dist.timeout_s, cfg.run.device)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
+    seed_process(cfg)
     run = open_run(cfg, main=info.is_main, ranks=info.world_size)  # inputs checked, resume rules; then the dir
     if run.finished is not None:
         return run.finished
@@ -421,8 +431,7 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
                 write_train_samples(run_dir, ro, cfg.eval.sample_rows)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total:
                 run_eval(f"step{step}", step)
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == total or \
-                    algos.stage_at(cfg.algo, step) != ro.stage:
+            if checkpoint_due(cfg, step, total, ro.stage):
                 D.save(ckpt_dir, step, model, optimizer, state, info, keep=cfg.run.keep_checkpoints)
             if fault_hook is not None:
                 fault_hook(step)

@@ -124,6 +124,12 @@ def test_one_temperature_default_and_shared_flags():
                                 "--n", "4", "--stop", "A", "--stop", "B", "--top-k", "5"])
     assert g.generate.two_turn is True and g.rollout.n == 4 and g.generate.stop == ["A", "B"]
     assert g.generate.top_k == 5 and g.generate.input == "p.jsonl"
+    # the turn-2 instruction is one key for all three commands
+    g, _ = parse_generate_args(["--input", "p.jsonl", "--output", "o.jsonl", "--instruction", "Again."])
+    e, _ = parse_eval_args(["--model", "m", "--rollout.instruction=Again."])
+    assert g.rollout.instruction == e.rollout.instruction == "Again."
+    assert load_config(None, ["--rollout.instruction=Again."]).rollout.instruction == "Again."
+    assert Config().rollout.instruction == "" and not hasattr(g.generate, "instruction")
 
 
 def test_adam_betas_do_not_clash_with_the_kl_coefficients(tmp_path, capsys):

