@@ -5,6 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
+    python benchmarks/demo_sweep.py levers          # Stage I alone, a keep-or-fix instruction, three operands
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -33,6 +34,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 SEEDS = (0, 1, 2)
+KEEP_INSTRUCTION = ("Check the answer above. If it is right, repeat it. If it is wrong, give the right answer. "
+                    "Answer with just the number.")
 SWEEPS = {
     "main": [(f"demo_{algo}_seed{s}", [f"--algo.name={algo}", f"--run.seed={s}"])
              for algo in ("score", "multi-turn-rl") for s in SEEDS],
@@ -40,6 +43,14 @@ SWEEPS = {
     "turns": [("demo_turns3_seed0", ["--algo.num_turns=3", "--run.seed=0"])],
     # seeds 1-2 of the one alpha that looked like self-correction at seed 0 (seed 0 is the alpha sweep's run)
     "alpha1": [(f"demo_alpha1_seed{s}", ["--algo.alpha=1.0", f"--run.seed={s}"]) for s in SEEDS],
+    # single levers, seed 0: Stage I alone (does turn 2 already copy turn 1 before the shaping bonus?); the one
+    # turn-2 instruction that helped the base model in the probe; three operands with + and -, and two with + and -
+    # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate
+    "levers": [("demo_stage1only_seed0", ["--algo.stage2_steps=0", "--run.seed=0"]),
+               ("demo_keepinstr_seed0", [f"--rollout.instruction={KEEP_INSTRUCTION}", "--run.seed=0"]),
+               ("demo_3operands_seed0", ["--data.n_operands=3", "--data.ops=+,-", "--run.seed=0"]),
+               ("demo_plusminus_seed0", ["--data.ops=+,-", "--run.seed=0"]),
+               ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")

@@ -90,3 +90,21 @@ def test_audit_reproduces_a_run_and_evaluates_an_earlier_checkpoint(tmp_path, mo
     assert b["metrics"]["n"] == 3 and rec["audit"] == a  # the final audit is kept
     with pytest.raises(FileNotFoundError, match="step_000009"):
         demo_sweep.audit("demo_t", str(tmp_path / "runs"), "step_000009")
+
+
+@pytest.mark.parametrize("sweep", sorted(demo_sweep.SWEEPS))
+def test_every_sweep_run_parses_as_a_score_train_command(sweep):
+    # A mistyped override would otherwise surface only when its 20-minute run starts.
+    from score_train.config import Config, parse_command
+
+    for name, overrides in demo_sweep.SWEEPS[sweep]:
+        cfg = parse_command([f"--run.name={name}", *overrides], Config, default_preset="demo").cfg
+        assert cfg.run.name == name
+        seed = next(o for o in overrides if o.startswith("--run.seed="))
+        assert cfg.run.seed == int(seed.split("=", 1)[1])
+    if sweep == "levers":
+        by_name = {n: parse_command(o, Config, default_preset="demo").cfg for n, o in demo_sweep.SWEEPS[sweep]}
+        assert by_name["demo_stage1only_seed0"].algo.stage2_steps == 0
+        assert by_name["demo_keepinstr_seed0"].rollout.instruction == demo_sweep.KEEP_INSTRUCTION
+        assert by_name["demo_3operands_seed0"].data.n_operands == 3
+        assert by_name["demo_plusminus_seed0"].data.ops == ["+", "-"]

@@ -351,6 +351,22 @@ def _command(mode: SandboxMode, role: str, folder: str, uid: int | None, cfg: di
     return cmd, cwd, {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8"}
 
 
+def _stage_dirs(dirs: dict, program: str, base: str | None, uids) -> None:
+    """One private directory per role, filled with its files (and solution.py for the candidate), owned by the
+    role's uid when users are dropped. Fills dirs as it goes, so the caller's cleanup sees every one made."""
+    for role in ("candidate", "runner"):
+        # nobody must be able to reach the directory: a caller's TMPDIR may sit under a private home.
+        d = dirs[role] = tempfile.mkdtemp(prefix="score_sbx_", dir=base)
+        for name in _FILES[role]:
+            shutil.copyfile(os.path.join(_HERE, name), os.path.join(d, name))
+    with open(os.path.join(dirs["candidate"], "solution.py"), "w", encoding="utf-8") as f:
+        f.write(program)
+    if uids is not None:
+        for role, uid in zip(("candidate", "runner"), uids):
+            for p in (dirs[role], *(os.path.join(dirs[role], n) for n in os.listdir(dirs[role]))):
+                os.chown(p, uid, uid)
+
+
 def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 1024,
                   max_procs: int = 32, isolation: str | None = None) -> ExecResult:
     """Run program, then tests against it, in the sandbox. passed is True only when every test ran.
@@ -370,17 +386,7 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
         base = "/tmp" if mode.drop_user and os.path.isdir("/tmp") else None
         dirs, procs, outs, fds = {}, {}, {}, []
         try:
-            for role in ("candidate", "runner"):
-                # nobody must be able to reach the directory: a caller's TMPDIR may sit under a private home.
-                d = dirs[role] = tempfile.mkdtemp(prefix="score_sbx_", dir=base)
-                for name in _FILES[role]:
-                    shutil.copyfile(os.path.join(_HERE, name), os.path.join(d, name))
-            with open(os.path.join(dirs["candidate"], "solution.py"), "w", encoding="utf-8") as f:
-                f.write(program)
-            if uids is not None:
-                for role, uid in zip(("candidate", "runner"), uids):
-                    for p in (dirs[role], *(os.path.join(dirs[role], n) for n in os.listdir(dirs[role]))):
-                        os.chown(p, uid, uid)
+            _stage_dirs(dirs, program, base, uids)
             req_r, req_w = os.pipe()  # runner -> candidate
             resp_r, resp_w = os.pipe()  # candidate -> runner
             fds += [req_r, req_w, resp_r, resp_w]
