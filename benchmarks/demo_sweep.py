@@ -45,12 +45,14 @@ SWEEPS = {
     "alpha1": [(f"demo_alpha1_seed{s}", ["--algo.alpha=1.0", f"--run.seed={s}"]) for s in SEEDS],
     # single levers, seed 0: Stage I alone (does turn 2 already copy turn 1 before the shaping bonus?); the one
     # turn-2 instruction that helped the base model in the probe; three operands with + and -, and two with + and -
-    # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate
+    # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate; a Stage I
+    # twice as long (40 + 20 steps, still inside the 30-minute budget)
     "levers": [("demo_stage1only_seed0", ["--algo.stage2_steps=0", "--run.seed=0"]),
                ("demo_keepinstr_seed0", [f"--rollout.instruction={KEEP_INSTRUCTION}", "--run.seed=0"]),
                ("demo_3operands_seed0", ["--data.n_operands=3", "--data.ops=+,-", "--run.seed=0"]),
                ("demo_plusminus_seed0", ["--data.ops=+,-", "--run.seed=0"]),
-               ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"])],
+               ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"]),
+               ("demo_stage1x2_seed0", ["--algo.stage1_steps=40", "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")

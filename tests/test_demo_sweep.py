@@ -108,3 +108,5 @@ def test_every_sweep_run_parses_as_a_score_train_command(sweep):
         assert by_name["demo_keepinstr_seed0"].rollout.instruction == demo_sweep.KEEP_INSTRUCTION
         assert by_name["demo_3operands_seed0"].data.n_operands == 3
         assert by_name["demo_plusminus_seed0"].data.ops == ["+", "-"]
+        assert by_name["demo_lr1e-4_alpha1_seed0"].optim.lr == 1e-4
+        assert by_name["demo_stage1x2_seed0"].algo.stage1_steps == 40
