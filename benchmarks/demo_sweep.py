@@ -5,7 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # Stage I alone, a keep-or-fix instruction, three operands
+    python benchmarks/demo_sweep.py levers          # six single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -46,7 +46,7 @@ SWEEPS = {
     # single levers, seed 0: Stage I alone (does turn 2 already copy turn 1 before the shaping bonus?); the one
     # turn-2 instruction that helped the base model in the probe; three operands with + and -, and two with + and -
     # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate; a Stage I
-    # twice as long (40 + 20 steps, still inside the 30-minute budget)
+    # twice as long (40 + 20 steps: 33 minutes, over the demo's 30)
     "levers": [("demo_stage1only_seed0", ["--algo.stage2_steps=0", "--run.seed=0"]),
                ("demo_keepinstr_seed0", [f"--rollout.instruction={KEEP_INSTRUCTION}", "--run.seed=0"]),
                ("demo_3operands_seed0", ["--data.n_operands=3", "--data.ops=+,-", "--run.seed=0"]),
@@ -113,6 +113,10 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
     return rec
 
 
+def audit_key(step: str = "") -> str:
+    return f"audit_{step}" if step else "audit"
+
+
 def audit(name: str, out_dir: str, step: str = "") -> dict:
     """Re-evaluate a finished run's final checkpoint with today's evaluation (greedy, its own config) and keep
     the result in its record as "audit": the counts added since it ran (n_i2c_stated_written, delta_stated_new),
@@ -139,13 +143,10 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
     model, tok = load_model(cfg.model.spec, dtype=torch.float32)
     set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)  # what the checkpoint holds
-    last = checkpoint.latest(os.path.join(run_dir, "checkpoints"))
-    if step:
-        last = os.path.join(run_dir, "checkpoints", step)
-        if not os.path.isdir(last):
-            raise FileNotFoundError(f"{name}: no checkpoint {step} under {run_dir}/checkpoints")
-    if last is None:
-        raise FileNotFoundError(f"{name}: no complete checkpoint under {run_dir}/checkpoints")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    last = os.path.join(ckpts, step) if step else checkpoint.latest(ckpts)
+    if last is None or not os.path.isdir(last):
+        raise FileNotFoundError(f"{name}: no {'checkpoint ' + step if step else 'complete checkpoint'} under {ckpts}")
     checkpoint.load(last, model, restore_rng=False)
     model.eval()
     recs = load_records(cfg.data, "eval", cfg.data.eval_size)
@@ -155,7 +156,7 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     m, after = g["metrics"], (row(rec) or {}).get("after") or {}
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}
-    rec["audit_" + step if step else "audit"] = {
+    rec[audit_key(step)] = {
         "commit": commit(), "checkpoint": os.path.basename(last), "metrics": m,
         "reproduces_recorded_eval": None if step else all(after.get(k) == m.get(k) for k in keys),
         "stated_i2c_and_c2i_rows": [dict(r, problem=probs.get(r["id"])) for r in g["samples"]
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
         if not args.name:
             ap.error("audit: --name NAME is required (comma-separated for several)")
         for name in args.name.split(","):
-            a = audit(name, args.out_dir, args.step)["audit_" + args.step if args.step else "audit"]
+            a = audit(name, args.out_dir, args.step)[audit_key(args.step)]
             m = a["metrics"]
             print(f"{name}: reproduces {a['reproduces_recorded_eval']}, stated i->c {m.get('n_i2c_stated')} "
                   f"(right number in y1: {m.get('n_i2c_stated_written')}), c->i {m.get('n_c2i_stated')}, "

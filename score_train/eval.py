@@ -302,7 +302,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
         raise ValueError(f"num_turns must be >= 2, got {num_turns}")
     log = log or (lambda msg: None)
     prompts = [turn1_message(r, style) for r in records]
-    instruction = instruction or self_correction_instruction(kind, style)
+    instruction = self_correction_instruction(kind, style, instruction)
     out: dict = {"kind": kind, "n_problems": len(records), "style": style, "instruction": instruction,
                  "max_new_tokens": max_new_tokens}
 

@@ -55,7 +55,10 @@ def turn1_message(record, style: str = "plain") -> str:
     raise ValueError(f"unknown record kind {kind!r}")
 
 
-def self_correction_instruction(kind: str, style: str = "plain") -> str:
+def self_correction_instruction(kind: str, style: str = "plain", given: str = "") -> str:
+    """The message after each turn but the last: given (rollout.instruction) when set, else the task's own."""
+    if given:
+        return given
     if kind == "code":
         return CODE_SELF_CORRECT
     if kind == "math" or (kind == "arithmetic" and style == "paper"):

@@ -79,7 +79,7 @@ def prompt_of(cfg: Config, rec) -> str:
 def instruction_for(cfg: Config, kind: str) -> str:
     from score_train.prompts import self_correction_instruction
 
-    return cfg.rollout.instruction or self_correction_instruction(kind, cfg.rollout.style)
+    return self_correction_instruction(kind, cfg.rollout.style, cfg.rollout.instruction)
 
 
 # ---------------------------------------------------------------------------- forward passes

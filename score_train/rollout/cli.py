@@ -73,7 +73,7 @@ def run_command(cfg, prompts: list[str]) -> int:
     engine = Engine(model, tok)
     params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=g.top_k,
                             max_new_tokens=r.max_new_tokens, stop=tuple(g.stop), seed=cfg.run.seed)
-    instruction = r.instruction or self_correction_instruction(g.kind, r.style)
+    instruction = self_correction_instruction(g.kind, r.style, r.instruction)
     print(f"score-generate: {len(prompts)} prompts x {r.n}, T={r.temperature:g}, top_p={r.top_p:g}, "
           f"{r.max_new_tokens} new tokens per turn{', two turns' if g.two_turn else ''}", file=sys.stderr)
     bar = tqdm(total=len(prompts) * r.n * r.max_new_tokens * (2 if g.two_turn else 1), unit="tok",
