@@ -131,7 +131,7 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     from score_train.model import load_model
     from score_train.preflight import load_records
     from score_train.rollout.engine import Engine
-    from score_train.train import set_trainable
+    from score_train.train import prepare_policy
 
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path) as f:
@@ -142,7 +142,7 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
     model, tok = load_model(cfg.model.spec, dtype=torch.float32)
-    set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)  # what the checkpoint holds
+    prepare_policy(model, cfg.model)  # what the checkpoint holds (the trained layers, or LoRA adapters)
     ckpts = os.path.join(run_dir, "checkpoints")
     last = os.path.join(ckpts, step) if step else checkpoint.latest(ckpts)
     if last is None or not os.path.isdir(last):

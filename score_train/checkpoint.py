@@ -134,7 +134,7 @@ def load(path: str, model: torch.nn.Module, optimizer=None, *, restore_rng: bool
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     if missing:
         raise ValueError(f"checkpoint {path} lacks trainable parameters {missing[:4]} (was it made "
-                         "with another model or model.train_layers?)")
+                         "with another model, model.train_layers or model.lora_rank?)")
     with torch.no_grad():
         for n, t in tensors.items():
             if n not in params:

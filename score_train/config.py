@@ -78,13 +78,22 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype: float32 | bfloat16 (float16: score-eval / score-generate only)
     autocast_bf16: bool = False  # bf16 autocast for the training forward (CPU or GPU)
     train_layers: int = 0  # 0 = all; k > 0 trains only the top k decoder layers (+ final norm)
-    train_embeddings: bool = True  # the (often tied) embedding / lm_head matrix
+    train_embeddings: bool = True  # the (often tied) embedding / lm_head matrix (never with LoRA)
+    # > 0: train peft LoRA adapters of this rank on every linear projection of the trained layers instead of
+    # their weights (all weights frozen, embeddings and norms included); the KL reference is the model with its
+    # adapters off. The export merges them (final_model) and also writes the peft adapter (final_adapter).
+    lora_rank: int = 0
+    lora_alpha: float = 32.0  # LoRA scale = lora_alpha / lora_rank
 
     def check(self, *, training: bool):
         _need(bool(self.spec), "model.spec is empty: give a local HF directory, a .gguf file or 'embedded'")
         _one_of(self.dtype, ("float32", "bfloat16") if training else ("float32", "bfloat16", "float16"),
                 "model.dtype")
         _need(self.train_layers >= 0, f"model.train_layers must be >= 0 (0 = all); got {self.train_layers}")
+        _need(self.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = no LoRA); got {self.lora_rank}")
+        _need(self.lora_alpha > 0, f"model.lora_alpha must be > 0; got {self.lora_alpha}")
+        _need(training or self.lora_rank == 0, "model.lora_rank is a training setting: evaluate or generate with "
+              "the run's merged final_model (or a checkpoint through benchmarks/demo_sweep.py audit)")
 
 
 @dataclass

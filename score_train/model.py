@@ -7,9 +7,12 @@ One set of plain `nn.Parameter`s serves both training and generation:
 - `model.forward_paged(...)` is the engine's forward over a paged KV cache.
 
 Parameter names equal Hugging Face's, so loading and exporting is a plain state-dict copy.
+`model.add_lora(...)` trains peft LoRA adapters instead of the weights; `adapters_off()` is then the base model
+(the KL reference, no copy), and the export merges the adapters (`plain_state_dict`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import math
@@ -21,6 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+# every linear projection of a decoder layer: what LoRA adapts (the embedding / lm_head and the norms stay frozen)
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 try:  # optional: the fastest packed attention on GPUs
@@ -361,6 +367,80 @@ class CausalLM(nn.Module):
         hidden = self.model.norm(x)
         return (hidden, residual) if capture_layer else hidden
 
+    # -- LoRA adapters (peft) ------------------------------------------------------------------
+    def add_lora(self, rank: int, alpha: float, from_layer: int = 0) -> int:
+        """Inject peft LoRA adapters of `rank` (scale alpha / rank) into every linear projection of layers
+        [from_layer:] and freeze everything else. Returns the number of adapter parameters. No dropout: the
+        sampler and the trainer must compute the same distribution. B starts at zero, so the model starts as
+        the base; layers below from_layer stay the base's, so a frozen prefix is still shared with the reference."""
+        if importlib.util.find_spec("peft") is None:
+            raise ImportError("model.lora_rank > 0 needs peft: pip install 'score-rl[lora]'")
+        from peft import LoraConfig, inject_adapter_in_model
+
+        if self.has_lora:
+            raise ValueError("add_lora: this model already has LoRA adapters")
+        if rank <= 0 or not alpha > 0:
+            raise ValueError(f"add_lora: need rank > 0 and alpha > 0, got rank={rank}, alpha={alpha}")
+        if not 0 <= from_layer < self.num_layers:
+            raise ValueError(f"add_lora: from_layer must be in [0, {self.num_layers}), got {from_layer}")
+        self.requires_grad_(False)
+        targets = [f"model.layers.{i}.{t}" for i in range(from_layer, self.num_layers) for t in LORA_TARGETS]
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
+        inject_adapter_in_model(self.lora_config, self)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def has_lora(self) -> bool:
+        return getattr(self, "lora_config", None) is not None
+
+    def _lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, LoraLayer)]
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """The base model for the duration (a no-op without adapters). peft's enable_adapters also clears and
+        restores the adapters' requires_grad; use it under no_grad, between a forward and its backward at most."""
+        layers = [m for _, m in self._lora_layers()] if self.has_lora else []
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield self
+        finally:
+            for m in layers:
+                m.enable_adapters(True)
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """The parameters under Hugging Face's names: the model's own tensors, or with LoRA the base weights with
+        the adapters merged in (new tensors: W + B A * alpha / rank) and no adapter entries."""
+        sd = dict(self.state_dict())
+        if not self.has_lora:
+            return sd
+        out = {k: v for k, v in sd.items() if ".lora_" not in k and ".base_layer." not in k}
+        with torch.no_grad():
+            for name, m in self._lora_layers():
+                base = m.get_base_layer()
+                out[f"{name}.weight"] = base.weight + m.get_delta_weight("default").to(base.weight.dtype)
+                if base.bias is not None:
+                    out[f"{name}.bias"] = base.bias
+        return out
+
+    def save_lora_adapter(self, path: str) -> None:
+        """Write the adapters as a peft adapter directory (adapter_config.json + adapter_model.safetensors) that
+        `peft.PeftModel.from_pretrained(<the base as a transformers model>, path)` loads: the module names are
+        Hugging Face's."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        if not self.has_lora:
+            raise ValueError("save_lora_adapter: the model has no LoRA adapters")
+        os.makedirs(path, exist_ok=True)
+        sd = get_peft_model_state_dict(self)
+        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in sd.items()},
+                  os.path.join(path, "adapter_model.safetensors"))
+        self.lora_config.save_pretrained(path)
+
     # -- export -------------------------------------------------------------------------------
     def plain_config(self):
         """A copy of the config for a plain model in the parameters' dtype: a model loaded from GGUF
@@ -376,11 +456,11 @@ class CausalLM(nn.Module):
 
     def to_hf(self):
         """A plain transformers *ForCausalLM (clean config, see plain_config) that shares this
-        model's parameters (no copy)."""
+        model's parameters (no copy; with LoRA, merged copies of the adapted weights)."""
         from transformers import AutoModelForCausalLM
         with torch.device("meta"):
             hf = AutoModelForCausalLM.from_config(self.plain_config())
-        sd = dict(self.state_dict())
+        sd = self.plain_state_dict()
         if self.tied:
             sd.pop("lm_head.weight", None)
         hf.load_state_dict(sd, strict=False, assign=True)
@@ -405,6 +485,24 @@ class CausalLM(nn.Module):
         self.to_hf().save_pretrained(path, safe_serialization=safe_serialization)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
+
+
+class BaseView:
+    """The base model inside a LoRA model, as the trainer's frozen reference: each call runs the policy's own
+    modules with the adapters switched off (no copy of the weights; the lm_head is never adapted)."""
+
+    def __init__(self, model: CausalLM):
+        if not model.has_lora:
+            raise ValueError("BaseView needs a model with LoRA adapters (else the reference is a frozen copy)")
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with self.model.adapters_off():
+            return self.model(*args, **kwargs)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.lm_head_weight
 
 
 def _positions_from_cu(cu_seqlens, n):

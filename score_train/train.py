@@ -53,6 +53,16 @@ def set_trainable(model, train_layers: int, train_embeddings: bool) -> int:
     return cut
 
 
+def prepare_policy(model, mc) -> int:
+    """What trains, per model config `mc`: the top mc.train_layers layers' weights, or (mc.lora_rank > 0) LoRA
+    adapters on those layers' projections with every weight frozen. Returns the first trained layer (the
+    frozen prefix below it is shared with the reference). Checkpoints hold exactly these parameters."""
+    cut = set_trainable(model, mc.train_layers, mc.train_embeddings)
+    if mc.lora_rank > 0:
+        model.add_lora(mc.lora_rank, mc.lora_alpha, from_layer=cut)
+    return cut
+
+
 def make_reward_fn(cfg: Config):
     """reward(record, text) -> 0/1 by the record's kind (tests pass train(reward_fn=...) instead)."""
     from score_train.rewards import reward as task_reward
@@ -222,18 +232,24 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
 # ---------------------------------------------------------------------------- the run, in pieces
 
 def build_models(cfg: Config, info, total: int):
-    """-> (policy, tokenizer, frozen reference or None, first trainable layer). The reference is a frozen copy,
-    made only when some stage has a KL term; under torchrun both are sharded (distributed.prepare)."""
+    """-> (policy, tokenizer, frozen reference or None, first trainable layer). The reference is a frozen copy
+    (with LoRA: the policy with its adapters off), made only when some stage has a KL term; under torchrun both
+    are sharded (distributed.prepare)."""
     from score_train import distributed as D
-    from score_train.model import load_model
+    from score_train.model import BaseView, load_model
 
+    if info.enabled and cfg.model.lora_rank > 0:
+        raise ValueError("model.lora_rank > 0 runs in one process for now (LoRA under FSDP2 is not tested); "
+                         "drop torchrun or set model.lora_rank=0")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model, tok = load_model(cfg.model.spec, dtype=dtype, device=info.device)
-    cut = set_trainable(model, cfg.model.train_layers, cfg.model.train_embeddings)
+    cut = prepare_policy(model, cfg.model)
     a = cfg.algo
     needs_ref = a.name != "self-refine" and total > 0 and any(
         c > 0 for s, _ in algos.schedule(a) for c in algos.stage_settings(a, s).kl_coef)
-    ref = copy.deepcopy(model).requires_grad_(False).eval() if needs_ref else None
+    ref = None
+    if needs_ref:
+        ref = BaseView(model) if model.has_lora else copy.deepcopy(model).requires_grad_(False).eval()
     cut = D.prepare(model, ref, info, cut, engine=cfg.rollout.engine, shard_ref=cfg.dist.shard_ref,
                     activation_checkpointing=cfg.dist.activation_checkpointing)
     return model, tok, ref, cut
@@ -442,7 +458,9 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     # 5. the final evaluation, the export, the summary
     run_eval("after" if total else "base", total)
     if cfg.run.export and total > 0:
-        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)
+        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)  # LoRA: merged into the weights
+        if model.has_lora and info.is_main:
+            model.save_lora_adapter(os.path.join(run_dir, "final_adapter"))
     if not info.is_main:
         return {"run_dir": run_dir, "rank": info.rank}
     return write_summary(run_dir, cfg, total, t_start, state, info)
