@@ -79,7 +79,7 @@ def prepare(model: torch.nn.Module, ref: torch.nn.Module | None, info: DistInfo,
     if engine != "engine":
         raise ValueError("distributed training needs rollout.engine=engine")
     shard(model, activation_checkpointing=activation_checkpointing)
-    if ref is not None and shard_ref:
+    if isinstance(ref, torch.nn.Module) and shard_ref:  # not a model.BaseView: that is the policy itself
         shard(ref)
     return 0
 
@@ -308,11 +308,14 @@ def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.T
     return sd if info.is_main else {}
 
 
-def export_hf(model: torch.nn.Module, path: str, tokenizer, info: DistInfo) -> None:
-    """Gathers the full state on rank 0 and writes a Hugging Face directory from an unsharded CPU copy."""
+def export_hf(model: torch.nn.Module, path: str, tokenizer, info: DistInfo, *, adapter_path: str | None = None) -> None:
+    """Gathers the full state on rank 0 and writes a Hugging Face directory from an unsharded CPU copy (LoRA
+    adapters merged in); `adapter_path`: also the peft adapter directory (model.save_lora_adapter)."""
     if not is_sharded(model):
         if info.is_main:
             model.save_pretrained(path, tokenizer=tokenizer)
+            if adapter_path:
+                model.save_lora_adapter(adapter_path)
         return
     sd = full_state_dict(model, info)
     if info.is_main:
@@ -320,7 +323,13 @@ def export_hf(model: torch.nn.Module, path: str, tokenizer, info: DistInfo) -> N
 
         with torch.device("meta"):
             plain = CausalLM(model.config)
-        plain.load_state_dict(sd, strict=False, assign=True)
+            if model.has_lora:  # the same adapters, so the gathered names and shapes land
+                plain.add_lora(model.lora_config.r, model.lora_config.lora_alpha, model.lora_from_layer)
+        missing, _ = plain.load_state_dict(sd, strict=False, assign=True)
+        if missing:
+            raise RuntimeError(f"export_hf: the gathered state lacks {missing[:4]}")
         plain.inv_freq = model.inv_freq.detach().cpu()
         plain.save_pretrained(path, tokenizer=tokenizer)
+        if adapter_path:
+            plain.save_lora_adapter(adapter_path)
     barrier(info)

@@ -238,9 +238,6 @@ def build_models(cfg: Config, info, total: int):
     from score_train import distributed as D
     from score_train.model import BaseView, load_model
 
-    if info.enabled and cfg.model.lora_rank > 0:
-        raise ValueError("model.lora_rank > 0 runs in one process for now (LoRA under FSDP2 is not tested); "
-                         "drop torchrun or set model.lora_rank=0")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model, tok = load_model(cfg.model.spec, dtype=dtype, device=info.device)
     cut = prepare_policy(model, cfg.model)
@@ -458,9 +455,8 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     # 5. the final evaluation, the export, the summary
     run_eval("after" if total else "base", total)
     if cfg.run.export and total > 0:
-        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info)  # LoRA: merged into the weights
-        if model.has_lora and info.is_main:
-            model.save_lora_adapter(os.path.join(run_dir, "final_adapter"))
+        D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info,  # LoRA: merged into the weights
+                    adapter_path=os.path.join(run_dir, "final_adapter") if model.has_lora else None)
     if not info.is_main:
         return {"run_dir": run_dir, "rank": info.rank}
     return write_summary(run_dir, cfg, total, t_start, state, info)

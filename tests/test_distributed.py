@@ -102,6 +102,27 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     assert any(not torch.equal(base[k], w[k]) for k in base if k in w)
 
 
+def test_lora_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    """LoRA under FSDP2: the reference is the sharded policy with its adapters off (not a second sharded model),
+    and the export gathers the adapters, merges them and writes the peft adapter as one process does."""
+    from safetensors.torch import load_file
+
+    lora = ["--model.lora_rank=4", "--model.lora_alpha=8"]
+    one = _run(0, _args(tiny_model_dir, tmp_path, "one", *lora))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(2, _args(tiny_model_dir, tmp_path, "two", *lora))
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same(os.path.join(tmp_path, "one"), os.path.join(tmp_path, "two"), steps=1)
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    w = _weights(os.path.join(tmp_path, "two"))
+    moved = [k for k in base if k in w and not torch.equal(base[k], w[k])]
+    assert moved and all(k.endswith("proj.weight") for k in moved)  # only the adapted projections, merged
+    ad = [load_file(os.path.join(tmp_path, r, "final_adapter", "adapter_model.safetensors")) for r in ("one", "two")]
+    assert ad[0].keys() == ad[1].keys() and ad[0] and all("lora_" in k for k in ad[0])
+    for k in ad[0]:
+        torch.testing.assert_close(ad[0][k], ad[1][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
 def test_save_on_two_ranks_resume_on_one(tiny_model_dir, tmp_path):
     args = ["--algo.steps=2", "--run.save_every=1", "--run.keep_checkpoints=3"]
     full = _run(2, _args(tiny_model_dir, tmp_path, "full", *args))

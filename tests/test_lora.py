@@ -1,6 +1,7 @@
 """LoRA adapters (model.lora_rank): the model starts as the base, `adapters_off()` is the base exactly, the sampler
 and the trainer agree through the adapters, the export merges them (and the peft adapter loads in peft), and a
-LoRA run trains only the adapters, keeps its KL reference at the base and resumes like any run."""
+LoRA run trains only the adapters, keeps its KL reference at the base and resumes like any run (2 ranks:
+tests/test_distributed.py)."""
 import importlib.util
 import os
 
@@ -215,8 +216,7 @@ def test_lora_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path, mo
         checkpoint.load(checkpoint.latest(os.path.join(b["run_dir"], "checkpoints")), plain, restore_rng=False)
 
 
-def test_lora_settings_are_checked(tmp_path, monkeypatch):
-    from score_train import distributed as D
+def test_lora_settings_are_checked():
     from score_train.config import EvalCommandConfig, UsageError, load_config, preset_path
 
     for bad, msg in (("--model.lora_rank=-1", "lora_rank"), ("--model.lora_alpha=0", "lora_alpha")):
@@ -226,7 +226,45 @@ def test_lora_settings_are_checked(tmp_path, monkeypatch):
     ev.model.lora_rank = 8
     with pytest.raises(UsageError, match="final_model"):
         ev.model.check(training=False)
-    cfg = load_config(preset_path("demo"), ["--model.lora_rank=8"])
-    monkeypatch.setattr(D.DistInfo, "enabled", property(lambda self: True))  # as under torchrun
-    with pytest.raises(ValueError, match="one process"):
-        T.build_models(cfg, D.DistInfo(world_size=2), total=1)
+
+
+def test_generation_with_merged_adapters_restores_the_base_exactly():
+    """Engine.generate folds the adapters in while sampling (adapters_merged); afterwards the base weights are
+    the same bits (restored from a copy, not by subtraction) and the forward is the unmerged one again."""
+    _, m = _tiny()
+    m.add_lora(4, 8.0, from_layer=0)
+    _perturb_adapters(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        unmerged = m.logits(m(IDS))
+    with torch.inference_mode(), m.adapters_merged():
+        merged = m.logits(m(IDS))
+        assert not torch.equal(m.model.layers[0].mlp.up_proj.base_layer.weight, before[
+            "model.layers.0.mlp.up_proj.base_layer.weight"])  # really merged
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    after = m.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    with torch.no_grad():
+        torch.testing.assert_close(m.logits(m(IDS)), unmerged, rtol=0, atol=0)
+
+
+@needs_tokenizer
+def test_hf_rollout_follows_the_adapters(tiny_model_dir):
+    """rollout.engine=hf wraps the model through to_hf(), whose adapted weights are merged copies: it must take
+    the adapters as they are at each call, not as they were when it was built."""
+    from score_train.model import load_model
+    from score_train.rollout.hf_baseline import HFRollout
+    from score_train.rollout.types import SamplingParams
+
+    model, tok = load_model(tiny_model_dir)
+    model.add_lora(4, 8.0)
+    model.eval()
+    ro = HFRollout(model, tok)
+    p = SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0)
+    first = ro.generate(["What is 2 + 3?"], p, two_turn=False)[0].turn1_ids
+    _perturb_adapters(model, std=1.0)
+    second = ro.generate(["What is 2 + 3?"], p, two_turn=False)[0].turn1_ids
+    with torch.no_grad():
+        h = model(torch.tensor(ro.chat.prompt_ids("What is 2 + 3?")))
+    assert second[0] == int(model.logits(h[-1]).argmax())  # the perturbed adapters' greedy first token
+    assert first != second

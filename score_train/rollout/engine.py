@@ -110,10 +110,11 @@ class Engine:
         groups = self._groups(prompt_ids, params, suffixes, seeds, num_turns)
         sched = self._start(groups, params)
         t0 = time.perf_counter()
-        while not sched.is_finished():
-            drawn = self.step(sched, params, capture_layer=capture_layer)
-            if progress is not None:
-                progress(drawn)
+        with self.model.adapters_merged():  # LoRA: one matmul per projection while sampling
+            while not sched.is_finished():
+                drawn = self.step(sched, params, capture_layer=capture_layer)
+                if progress is not None:
+                    progress(drawn)
         self.stats["seconds"] = time.perf_counter() - t0
         self.stats["generated"] = sum(len(t) for s in sched.finished for t in s.out_ids)
         self.block_manager.check([])

@@ -19,7 +19,8 @@ class HFRollout:
     transformers causal LM. batch_size: sequences per `generate` call."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, eos_token_ids=None):
-        self.hf = model.to_hf() if hasattr(model, "forward_paged") else model
+        self.source = model if hasattr(model, "forward_paged") else None
+        self.hf = model.to_hf() if self.source is not None else model
         self.tokenizer = tokenizer  # may be None for generate_ids
         self.chat = ChatFormat(tokenizer) if tokenizer is not None else None
         self.batch_size = batch_size
@@ -39,6 +40,8 @@ class HFRollout:
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None) -> list[TwoTurnSample]:
         t0 = time.perf_counter()
+        if self.source is not None and self.source.has_lora:  # to_hf merged copies: take the current adapters
+            self.hf = self.source.to_hf()
         self._forward_tokens = 0
         torch.manual_seed(params.seed)
         n = params.n
