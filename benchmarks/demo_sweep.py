@@ -5,7 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # six single levers, seed 0 (SWEEPS['levers'])
+    python benchmarks/demo_sweep.py levers          # seven single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -46,13 +46,17 @@ SWEEPS = {
     # single levers, seed 0: Stage I alone (does turn 2 already copy turn 1 before the shaping bonus?); the one
     # turn-2 instruction that helped the base model in the probe; three operands with + and -, and two with + and -
     # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate; a Stage I
-    # twice as long (40 + 20 steps: 33 minutes, over the demo's 30)
+    # twice as long (40 + 20 steps: 33 minutes, over the demo's 30); LoRA rank 16 on the same top 8 layers instead
+    # of their weights (its lr 1e-4: Adam moves B by about lr a step, and alpha / r * B A with A at peft's init then
+    # moves each weight by about a fifth of that, 2e-5 a step, near the preset's 3e-5 full-weight steps)
     "levers": [("demo_stage1only_seed0", ["--algo.stage2_steps=0", "--run.seed=0"]),
                ("demo_keepinstr_seed0", [f"--rollout.instruction={KEEP_INSTRUCTION}", "--run.seed=0"]),
                ("demo_3operands_seed0", ["--data.n_operands=3", "--data.ops=+,-", "--run.seed=0"]),
                ("demo_plusminus_seed0", ["--data.ops=+,-", "--run.seed=0"]),
                ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"]),
-               ("demo_stage1x2_seed0", ["--algo.stage1_steps=40", "--run.seed=0"])],
+               ("demo_stage1x2_seed0", ["--algo.stage1_steps=40", "--run.seed=0"]),
+               ("demo_lora16_lr1e-4_seed0", ["--model.lora_rank=16", "--model.lora_alpha=32", "--optim.lr=1e-4",
+                                             "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")

@@ -415,9 +415,10 @@ class CausalLM(nn.Module):
     @contextlib.contextmanager
     def adapters_merged(self):
         """The adapters folded into their base weights for the duration (a no-op without adapters): generation
-        then runs one matmul per projection instead of three (peft's unmerged forward made the demo's rollouts
-        about 1.6x slower on CPU). The base weights are restored bit for bit afterwards, not by subtraction, so
-        the reference (adapters off) never drifts."""
+        then runs one matmul per projection instead of three. On the 2-core CPU at rank 16 this measured the same
+        speed as peft's unmerged forward (benchmarks/results/lora_rollout_speed.json: 1.01x vs 1.00x of the plain
+        model); it is there for larger batches and GPUs, where the two small matmuls are separate launches. The
+        base weights are restored bit for bit afterwards, not by subtraction, so the reference never drifts."""
         layers = [m for _, m in self._lora_layers()] if self.has_lora else []
         with torch.inference_mode(False), torch.no_grad():
             saved = [m.get_base_layer().weight.clone() for m in layers]
