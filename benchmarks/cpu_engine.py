@@ -1,13 +1,16 @@
 """CPU throughput: the paged two-turn engine vs Hugging Face `generate` on the same work.
 
     python benchmarks/cpu_engine.py [--prompts 32] [--n 4] [--max-new-tokens 96] [--hf-batch 64] [--rounds 3]
+    python benchmarks/cpu_engine.py --compute-dtype bfloat16 [--hf-dtype bfloat16] --out .../cpu_engine_bf16.json
 
 SmolLM2-135M-Instruct (the embedded GGUF, fp32), arithmetic prompts x n samples, two turns,
 temperature 1.0. HF does turn 1 for all samples (left-padded batches of --hf-batch sequences), then
 turn 2 on the concatenated ids. Each round runs the engine then HF in this one process (a shared,
 loaded machine drifts between runs, so only ratios measured side by side mean something); reports
 generated tokens per second of each, the per-round ratios and their median, and writes
-benchmarks/results/cpu_engine.json (rewritten after every round).
+benchmarks/results/cpu_engine.json (rewritten after every round). --compute-dtype bfloat16 runs the engine as the
+trainer's rollout.dtype=bfloat16 does (bf16 copies of the fp32 weights per call); --hf-dtype loads a separate
+model in that dtype for HF, so that the ratio can be read against HF in the same precision.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from benchmarks.demo_sweep import machine
 from score_train.model import load_model
 from score_train.rollout.engine import Engine
 from score_train.rollout.hf_baseline import HFRollout
@@ -57,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="engine-then-HF rounds; the median ratio is reported")
+    p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the engine's sampling dtype over the fp32 model (the trainer's rollout.dtype)")
+    p.add_argument("--hf-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="HF generate's model dtype (bfloat16: a second model, loaded in bf16)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 wins on an oversubscribed machine: OpenMP barriers stall)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -72,11 +80,12 @@ def main(argv=None) -> int:
     params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=1)
     warm = SamplingParams(n=2, temperature=1.0, max_new_tokens=4)
 
-    eng = Engine(model, tok)
+    eng = Engine(model, tok, compute_dtype=getattr(torch, args.compute_dtype))
     eng.generate(prompts[:2], warm)
     hf = None
     if not args.skip_hf:
-        hf = HFRollout(model, tok, batch_size=args.hf_batch)
+        hf_model = model if args.hf_dtype == "float32" else load_model("embedded", dtype=getattr(torch, args.hf_dtype))[0]
+        hf = HFRollout(hf_model, tok, batch_size=args.hf_batch)
         hf.generate(prompts[:2], warm)
     res = {"rounds": []}
     for r in range(args.rounds):
@@ -102,11 +111,12 @@ def main(argv=None) -> int:
 
 
 def _write(args, res) -> None:
-    res["config"] = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "prompts": args.prompts, "n": args.n,
+    res["config"] = {"model": "SmolLM2-135M-Instruct (embedded GGUF, fp32)", "engine_compute_dtype": args.compute_dtype,
+                     "hf_dtype": args.hf_dtype, "prompts": args.prompts, "n": args.n,
                      "max_new_tokens_per_turn": args.max_new_tokens, "temperature": 1.0, "two_turn": True,
                      "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                      "time": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
-                     "machine": f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end"}
+                     "machine": f"{machine()}, {os.getloadavg()[0]:.1f} at the end"}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -5,7 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # seven single levers, seed 0 (SWEEPS['levers'])
+    python benchmarks/demo_sweep.py levers          # eight single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -56,7 +56,10 @@ SWEEPS = {
                ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"]),
                ("demo_stage1x2_seed0", ["--algo.stage1_steps=40", "--run.seed=0"]),
                ("demo_lora16_lr1e-4_seed0", ["--model.lora_rank=16", "--model.lora_alpha=32", "--optim.lr=1e-4",
-                                             "--run.seed=0"])],
+                                             "--run.seed=0"]),
+               # twice the steps in the budget: bf16 rollouts and update (fast only on a CPU with AMX-BF16)
+               ("demo_bf16_steps40x40_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
+                                               "--algo.stage1_steps=40", "--algo.stage2_steps=40", "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
@@ -71,13 +74,18 @@ def commit() -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
+    """Cores, CPU model, its bf16 matmul units (bf16 speed depends on them: AMX-BF16 or AVX512-BF16, else none)
+    and the load average."""
+    cpu, flags = platform.processor() or "cpu", set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+        flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
     except (OSError, StopIteration):
         pass
-    return f"{os.cpu_count()} cores ({cpu}), load average at start {os.getloadavg()[0]:.1f}"
+    bf16 = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
+    return f"{os.cpu_count()} cores ({cpu}; {bf16}), load average at start {os.getloadavg()[0]:.1f}"
 
 
 def sign_test_p(wins: int, losses: int) -> float:

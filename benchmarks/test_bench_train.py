@@ -129,11 +129,13 @@ def with_sampled_prefix(model, samples, cut: int):
     return out
 
 
-def case_train_step_demo(machine: str, B: int = 8) -> dict:
+def case_train_step_demo(machine: str, B: int = 8, autocast: bool = False) -> dict:
     """The demo's optimisation step (issue 14): SmolLM2-135M's shape (random weights), the top 8 of 30 layers
     trained, SCoRe Stage II with the k3 KL, T=0.7, on the same samples: today's `train_step` (given the samples
     as the engine returns them, with the frozen prefix it already ran: rollout.reuse_prefix) vs the frozen copy
-    of the step at commit 693d5f9 (benchmarks/train_step_693d5f9.py), which reruns the frozen 22 layers."""
+    of the step at commit 693d5f9 (benchmarks/train_step_693d5f9.py), which reruns the frozen 22 layers.
+    autocast=True adds "ours_autocast": today's step under model.autocast_bf16 (fast only where the CPU has bf16
+    matmul units: AMX or AVX512-BF16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks import train_step_693d5f9 as old
@@ -160,9 +162,15 @@ def case_train_step_demo(machine: str, B: int = 8) -> dict:
     samples, values = demo_samples(B, g), torch.randn(B, 2, generator=g)
     (m1, r1, o1, cut), (m2, r2, o2, _) = models(), models()
     sampled = with_sampled_prefix(m1, samples, cut)
-    return {"shape": f"SmolLM2-135M shape, top 8/30 layers, B={B} x {len(samples[0].full_ids())} tokens, fp32",
-            "ours": lambda: train_step(m1, r1, o1, StepInputs(sampled, values, st), cfg, cut),
-            "baseline": lambda: old.train_step(m2, r2, o2, samples, values, st, cfg, cut), "rounds": 3}
+    out = {"shape": f"SmolLM2-135M shape, top 8/30 layers, B={B} x {len(samples[0].full_ids())} tokens, fp32",
+           "ours": lambda: train_step(m1, r1, o1, StepInputs(sampled, values, st), cfg, cut),
+           "baseline": lambda: old.train_step(m2, r2, o2, samples, values, st, cfg, cut), "rounds": 3}
+    if autocast:  # the same step with model.autocast_bf16 (fp32 weights, bf16 matmuls in the layers)
+        m3, r3, o3, _ = models()
+        cfg_bf = copy.deepcopy(cfg)
+        cfg_bf.model.autocast_bf16 = True
+        out["ours_autocast"] = lambda: train_step(m3, r3, o3, StepInputs(sampled, values, st), cfg_bf, cut)
+    return out
 
 
 CASES = {"train_step": case_train_step, "train_step_demo": case_train_step_demo}

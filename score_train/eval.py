@@ -25,6 +25,7 @@ Metrics, as fractions of all n (problem, sample) pairs unless said otherwise:
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -390,9 +391,10 @@ def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: st
     if model is not None:
         model.eval()
     t0 = time.perf_counter()
-    res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
-                   progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns,
-                   instruction=cfg.rollout.instruction)
+    with rollout.own_dtype() if hasattr(rollout, "own_dtype") else contextlib.nullcontext():  # fp32 evals
+        res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
+                       progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns,
+                       instruction=cfg.rollout.instruction)
     if model is not None and was_training:
         model.train()
     g = res["greedy"]

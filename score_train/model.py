@@ -432,6 +432,26 @@ class CausalLM(nn.Module):
                     m.unmerge()  # peft's bookkeeping; the weight itself comes from the copy
                     m.get_base_layer().weight.copy_(w)
 
+    @contextlib.contextmanager
+    def weights_as(self, dtype: torch.dtype | None):
+        """Every floating parameter and buffer as a `dtype` copy for the duration (a no-op for None or the model's
+        own dtype): a bf16 sampler over fp32 master weights. The copies cost one cast per call, not per step, and
+        the original tensors (not re-cast values) come back afterwards, so the trained weights never lose bits."""
+        if dtype is None or dtype == self.dtype:
+            yield self
+            return
+        held = [t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()]
+        with torch.inference_mode(False), torch.no_grad():
+            saved = [t.data for t in held]
+            for t in held:
+                t.data = t.data.to(dtype)
+        try:
+            yield self
+        finally:
+            with torch.inference_mode(False), torch.no_grad():
+                for t, d in zip(held, saved):
+                    t.data = d
+
     def plain_state_dict(self) -> dict[str, torch.Tensor]:
         """The parameters under Hugging Face's names: the model's own tensors, or with LoRA the base weights with
         the adapters merged in (new tensors: W + B A * alpha / rank) and no adapter entries."""

@@ -29,7 +29,7 @@ import torch
 from score_train import algos, checkpoint, losses
 from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
 from score_train.cli import train_main as main
-from score_train.config import Config
+from score_train.config import Config, UsageError
 from score_train.eval import evaluate_run, fmt_eval, headline, write_samples
 from score_train.preflight import load_records
 from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
@@ -71,10 +71,15 @@ def make_reward_fn(cfg: Config):
 
 
 def make_rollout(cfg: Config, model, tokenizer):
+    from score_train import distributed as D
+
+    if cfg.rollout.dtype != "float32" and D.is_sharded(model):
+        raise UsageError(f"rollout.dtype={cfg.rollout.dtype} is single-process only: under torchrun the sampler "
+                         f"runs FSDP2's gathered weights, which it cannot swap for copies")
     if cfg.rollout.engine == "engine":
         from score_train.rollout.engine import Engine
 
-        return Engine(model, tokenizer)
+        return Engine(model, tokenizer, compute_dtype=getattr(torch, cfg.rollout.dtype))
     from score_train.rollout.hf_baseline import HFRollout
 
     return HFRollout(model, tokenizer)

@@ -15,6 +15,7 @@ computed, so tests can prove a later turn recomputes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -42,7 +43,8 @@ class Engine:
     num_blocks: KV-cache blocks per layer; None sizes the pool to each call's worst case, capped by
     kv_cache_gb (default 2 GB on CPU, 40% of free memory on a GPU). max_batch_tokens caps the
     tokens of one forward (prompts longer than that are prefilled in chunks); max_num_seqs caps the
-    live sequences.
+    live sequences. compute_dtype: sample with the weights (and the KV cache) in this dtype, e.g. bfloat16 over
+    an fp32 policy (CausalLM.weights_as: cast once per call, the policy's tensors untouched); None = the model's.
     """
 
     PHASES = ("prompt_prefill", "turn1_decode", "turn2_extend", "turn2_decode")
@@ -50,8 +52,9 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int | None = None, max_num_seqs: int | None = None,
-                 kv_cache_gb: float | None = None, eos_token_ids=None):
+                 kv_cache_gb: float | None = None, eos_token_ids=None, compute_dtype: torch.dtype | None = None):
         self.model, self.tokenizer = model, tokenizer  # tokenizer may be None for generate_ids
+        self.compute_dtype = compute_dtype
         self.chat = ChatFormat(tokenizer) if tokenizer is not None else None
         self.block_size, self.fixed_blocks = block_size, num_blocks
         cpu = model.device.type == "cpu"
@@ -64,13 +67,27 @@ class Engine:
         self.stats: dict[str, float] = {}
 
     @property
+    def _dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.model.dtype
+
+    @contextlib.contextmanager
+    def own_dtype(self):
+        """Sample in the model's own dtype for the duration, whatever compute_dtype says: the trainer's
+        evaluations, so that before/after accuracies do not depend on the training rollouts' dtype."""
+        saved, self.compute_dtype = self.compute_dtype, None
+        try:
+            yield self
+        finally:
+            self.compute_dtype = saved
+
+    @property
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
     # -- KV budget ------------------------------------------------------------------------------
     def _budget_blocks(self) -> int:
         m = self.model
-        per_block = 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * m.dtype.itemsize
+        per_block = 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self._dtype.itemsize
         if self.kv_cache_gb is not None:
             budget = self.kv_cache_gb * 1e9
         elif m.device.type == "cuda":
@@ -110,7 +127,8 @@ class Engine:
         groups = self._groups(prompt_ids, params, suffixes, seeds, num_turns)
         sched = self._start(groups, params)
         t0 = time.perf_counter()
-        with self.model.adapters_merged():  # LoRA: one matmul per projection while sampling
+        # LoRA: one matmul per projection while sampling; then the sampling dtype (merged first, in fp32)
+        with self.model.adapters_merged(), self.model.weights_as(self.compute_dtype):
             while not sched.is_finished():
                 drawn = self.step(sched, params, capture_layer=capture_layer)
                 if progress is not None:
@@ -160,7 +178,7 @@ class Engine:
         if worst > pool:
             raise ValueError(f"one prompt group needs up to {worst} KV blocks but the pool has {pool}: "
                              f"raise kv_cache_gb / num_blocks or lower max_new_tokens / n")
-        self.runner.ensure_pool(max(pool, 1))
+        self.runner.ensure_pool(max(pool, 1), self._dtype)
         self.block_manager.reset(self.runner.num_blocks)
         self.stats = {k: 0 for k in self.PHASES} | {"steps": 0, "generated": 0, "seconds": 0.0,
                                                      "decode_steps": 0, "decode_seconds": 0.0, "decode_ctx_tokens": 0}
@@ -206,5 +224,5 @@ class Engine:
                 extra_turns=[ExtraTurn(instr[t - 1], ids[t], lps[t], dec(ids[t], skip_special_tokens=True))
                              for t in range(2, len(ids))]))
             if capture_layer:  # every position but the last drawn token (never run); algos.pack_samples checks it
-                res[-1].prefix_hidden, res[-1].prefix_layer = torch.cat(s.captured), capture_layer
+                res[-1].prefix_hidden, res[-1].prefix_layer = torch.cat(s.captured).to(self.model.dtype), capture_layer
         return res

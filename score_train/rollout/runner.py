@@ -28,15 +28,15 @@ class ModelRunner:
         self.caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
 
-    def ensure_pool(self, blocks: int) -> None:
-        """A KV pool of at least `blocks` blocks per layer (kept between calls when large enough)."""
-        if self.caches and self.num_blocks >= blocks:
+    def ensure_pool(self, blocks: int, dtype: torch.dtype) -> None:
+        """A KV pool of at least `blocks` blocks per layer in `dtype` (kept between calls when it fits)."""
+        if self.caches and self.num_blocks >= blocks and self.caches[0][0].dtype == dtype:
             return
         m = self.model
         self.caches = []  # release the old pool before allocating the new one
         shape = (blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.caches = [(torch.zeros(shape, dtype=m.dtype, device=m.device),
-                        torch.zeros(shape, dtype=m.dtype, device=m.device)) for _ in range(m.num_layers)]
+        self.caches = [(torch.zeros(shape, dtype=dtype, device=m.device),
+                        torch.zeros(shape, dtype=dtype, device=m.device)) for _ in range(m.num_layers)]
         self.num_blocks = blocks
 
     def prepare(self, seqs: list[Sequence], takes: list[int], bm: BlockManager):
