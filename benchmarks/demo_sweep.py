@@ -5,7 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # eight single levers, seed 0 (SWEEPS['levers'])
+    python benchmarks/demo_sweep.py levers          # nine single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -59,7 +59,10 @@ SWEEPS = {
                                              "--run.seed=0"]),
                # twice the steps in the budget: bf16 rollouts and update (fast only on a CPU with AMX-BF16)
                ("demo_bf16_steps40x40_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
-                                               "--algo.stage1_steps=40", "--algo.stage2_steps=40", "--run.seed=0"])],
+                                               "--algo.stage1_steps=40", "--algo.stage2_steps=40", "--run.seed=0"]),
+               # twice the samples per prompt (n = 8) in the same budget, the same way
+               ("demo_bf16_n8_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true", "--rollout.n=8",
+                                       "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")

@@ -98,8 +98,11 @@ def read_rollout_summary(path: str, data: dict) -> list[dict]:
     e, h, c = data["engine"], data["hf_generate"], data.get("config", {})
     shp = (f"{c.get('model', '')}: {c.get('prompts')} prompts x n={c.get('n')}, {c.get('max_new_tokens_per_turn')}"
            f"+{c.get('max_new_tokens_per_turn')} new, per generated token")
+    if "engine_compute_dtype" in c:  # records since the bf16 option: fp32 and bf16 pairs are separate rows
+        shp += f"; engine {c['engine_compute_dtype']} vs HF {c.get('hf_dtype', 'float32')}"
     kind = "gpu" if "cuda" in str(c.get("torch", "")) or c.get("device") else "cpu"
-    machine = c.get("device") or f"{c.get('cpus', '?')} cores, {c.get('threads', '?')} thread(s)"
+    where = str(c.get("machine", "")).split(", load average")[0]  # "2 cores (CPU model; bf16 units)"
+    machine = c.get("device") or f"{where or str(c.get('cpus', '?')) + ' cores'}, {c.get('threads', '?')} thread(s)"
     o, b = 1 / e["tokens_per_s"], 1 / h["tokens_per_s"]
     return [{"op": "engine (two-turn rollout)", "shape": shp, "machine": machine, "kind": kind,
              "when": str(c.get("time", "")), "source": os.path.basename(path), "ours_s": o, "baseline_s": b,
@@ -114,6 +117,11 @@ def read_gpu(path: str) -> list[dict]:
         return read_summary(path, data)
     if "engine" in data and "hf_generate" in data:
         return read_rollout_summary(path, data)
+    rounds = [r for r in data.get("rounds", [])
+              if "engine" in r and "hf_generate" in r] if isinstance(data, dict) else []
+    if rounds:  # benchmarks/cpu_engine.py's per-round records: the round of median speed-up
+        mid = sorted(rounds, key=lambda r: r["engine"]["tokens_per_s"] / r["hf_generate"]["tokens_per_s"])
+        return read_rollout_summary(path, dict(mid[(len(mid) - 1) // 2], config=data.get("config", {})))
     if "rows" not in data:
         return []
     by_shape: dict[tuple, list] = {}

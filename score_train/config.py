@@ -204,6 +204,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     adam_beta1: float = 0.9  # AdamW's betas (formerly optim.beta1 / beta2; algo.beta1 / beta2 are KL coefficients)
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8  # AdamW's eps (torch's default): its first step is lr * g / (|g| + eps) per element
     grad_clip: float = 1.0  # 0 = off
     epochs: int = 1  # optimisation passes over each step's rollouts
     micro_batch_tokens: int = 4096  # packed tokens per forward/backward
@@ -214,6 +215,7 @@ class OptimConfig:
         _need(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
         for k in ("adam_beta1", "adam_beta2"):
             _need(0 <= getattr(self, k) < 1, f"optim.{k} must be in [0, 1); got {getattr(self, k)}")
+        _need(self.adam_eps > 0, f"optim.adam_eps must be > 0; got {self.adam_eps}")
         _need(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off); got {self.grad_clip}")
         _need(self.epochs >= 1, "optim.epochs and algo.interleave must be >= 1")
         _need(self.micro_batch_tokens >= 1, f"optim.micro_batch_tokens must be >= 1; got {self.micro_batch_tokens}")

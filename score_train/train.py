@@ -260,7 +260,7 @@ def build_models(cfg: Config, info, total: int):
 def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-                             weight_decay=cfg.optim.weight_decay)
+                             eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay)
 
 
 def resume_state(cfg: Config, ckpt_dir: str, model, optimizer) -> dict:
