@@ -177,16 +177,16 @@ class RolloutConfig:
     # training: the engine keeps each sample's residual after the frozen bottom layers (model.train_layers), so
     # the update skips them; costs B x tokens x d activations held from sampling to the update
     reuse_prefix: bool = True
-    # training rollouts only: the engine samples with a bfloat16 copy of the weights (cast once per step; the
-    # policy, the update and every evaluation stay in the model's dtype). About 2x faster rollouts on a CPU with
-    # AMX (benchmarks/results/cpu_engine_bf16.json); the sampler's log-probs then differ from the fp32 trainer's
-    # by bf16 rounding, which the REINFORCE update (one epoch, no clipping) never reads
-    dtype: str = "float32"  # float32 | bfloat16
+    # training rollouts only: "bfloat16" samples with a bf16 copy of the weights (cast once per step; the policy,
+    # the update and every evaluation stay in the model's dtype). About 2x faster rollouts on a CPU with AMX-BF16
+    # (benchmarks/results/cpu_engine_bf16_2026-12-03.json); the sampler's log-probs then differ from the fp32
+    # trainer's by bf16 rounding, which the REINFORCE update (one epoch, no clipping) never reads
+    dtype: str = "model"  # model (sample in the policy's own dtype) | bfloat16
 
     def check(self):
         _one_of(self.engine, ("engine", "hf"), "rollout.engine")
-        _one_of(self.dtype, ("float32", "bfloat16"), "rollout.dtype")
-        _need(self.dtype == "float32" or self.engine == "engine",
+        _one_of(self.dtype, ("model", "bfloat16"), "rollout.dtype")
+        _need(self.dtype == "model" or self.engine == "engine",
               f"rollout.dtype={self.dtype} needs rollout.engine=engine (the HF baseline samples the model as it is)")
         _one_of(self.style, ("plain", "paper"), "rollout.style")
         for k in ("prompts_per_step", "n"):
@@ -363,7 +363,7 @@ class EvalCommandConfig:
         self.model.check(training=False)
         self.data.check()
         self.rollout.check()
-        _need(self.rollout.dtype == "float32", _ROLLOUT_DTYPE_TRAINING)
+        _need(self.rollout.dtype == "model", _ROLLOUT_DTYPE_TRAINING)
         self.run.check()
         self.evaluate.check()
         _need(self.evaluate.num_turns == 2 or self.rollout.engine == "engine",
@@ -385,7 +385,7 @@ class GenerateCommandConfig:
     def validate(self) -> GenerateCommandConfig:
         self.model.check(training=False)
         self.rollout.check()
-        _need(self.rollout.dtype == "float32", _ROLLOUT_DTYPE_TRAINING)
+        _need(self.rollout.dtype == "model", _ROLLOUT_DTYPE_TRAINING)
         self.run.check()
         self.generate.check()
         return self

@@ -73,13 +73,13 @@ def make_reward_fn(cfg: Config):
 def make_rollout(cfg: Config, model, tokenizer):
     from score_train import distributed as D
 
-    if cfg.rollout.dtype != "float32" and D.is_sharded(model):
+    if cfg.rollout.dtype != "model" and D.is_sharded(model):
         raise UsageError(f"rollout.dtype={cfg.rollout.dtype} is single-process only: under torchrun the sampler "
                          f"runs FSDP2's gathered weights, which it cannot swap for copies")
     if cfg.rollout.engine == "engine":
         from score_train.rollout.engine import Engine
 
-        return Engine(model, tokenizer, compute_dtype=getattr(torch, cfg.rollout.dtype))
+        return Engine(model, tokenizer, compute_dtype=None if cfg.rollout.dtype == "model" else torch.bfloat16)
     from score_train.rollout.hf_baseline import HFRollout
 
     return HFRollout(model, tokenizer)

@@ -122,9 +122,21 @@ def test_a_bf16_rollout_run_trains_and_evaluates_in_fp32(tiny_model_dir, tmp_pat
     assert [x["stage"] for x in m] == ["stage1", "stage2"] and all(x["policy_tokens"] > 0 for x in m)
 
 
-def test_rollout_dtype_is_checked(tiny_model_dir, tmp_path):
-    with pytest.raises(UsageError, match="rollout.dtype"):
-        tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=float16")
+def test_rollout_dtype_is_checked(tiny_model_dir, tmp_path, monkeypatch):
+    from score_train import distributed as D
+    from score_train.model import load_model
+
+    for bad in ("float16", "float32"):  # "model" (the default) or bfloat16
+        with pytest.raises(UsageError, match="rollout.dtype"):
+            tiny_cfg(tiny_model_dir, tmp_path, f"--rollout.dtype={bad}")
+    # the default samples in the policy's own dtype, a bf16 policy included (no up-cast copies)
+    model, tok = load_model(tiny_model_dir, dtype=torch.bfloat16)
+    assert T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--model.dtype=bfloat16"), model, tok).compute_dtype is None
+    assert T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model,
+                          tok).compute_dtype == torch.bfloat16
+    monkeypatch.setattr(D, "is_sharded", lambda m: True)  # under torchrun: refused, it cannot swap FSDP2's weights
+    with pytest.raises(UsageError, match="single-process"):
+        T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model, tok)
     with pytest.raises(UsageError, match="rollout.engine=engine"):
         tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16", "--rollout.engine=hf")
     from score_train.config import EvalCommandConfig, GenerateCommandConfig, build
