@@ -62,7 +62,11 @@ SWEEPS = {
                                                "--algo.stage1_steps=40", "--algo.stage2_steps=40", "--run.seed=0"]),
                # twice the samples per prompt (n = 8) in the same budget, the same way
                ("demo_bf16_n8_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true", "--rollout.n=8",
-                                       "--run.seed=0"])],
+                                       "--run.seed=0"]),
+               # the same turn-2 samples a step as n = 8, as 2 turn-2 branches of each of 4 turns 1: turn 2's
+               # baseline is then its sibling after the same y1 (did this turn 2 do better from that y1?)
+               ("demo_bf16_turn2x2_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
+                                            "--rollout.turn2_n=2", "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")

@@ -115,11 +115,13 @@ class PackedBatch:
 
 def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) -> PackedBatch:
     """Concatenate the samples' token layouts (prompt + y1 [+ instruction + y2 [+ instruction + y3 ...]])
-    without padding. rows[i] is sample i's row index in the step's tables (default: i)."""
+    without padding. rows[i] is sample i's row index in the step's tables (default: i). A turn-2 branch other
+    than the first (branch_index > 0) repeats its sibling's y1: there y1 is context, not policy tokens, so each
+    distinct y1 is trained (and KL-penalised) once."""
     rows = list(range(len(samples))) if rows is None else rows
     ids, pos, tgt, tid, sid, olp, cu = [], [], [], [], [], [], [0]
     for s, row in zip(samples, rows):
-        parts = [(s.prompt_ids, -1, None), (s.turn1_ids, 0, s.turn1_logprobs)]
+        parts = [(s.prompt_ids, -1, None), (s.turn1_ids, 0 if s.branch_index == 0 else -1, s.turn1_logprobs)]
         if s.turn2_ids is not None:
             parts += [(s.instruction_ids, -1, None), (s.turn2_ids, 1, s.turn2_logprobs)]
         for k, t in enumerate(s.extra_turns, start=2):
@@ -207,6 +209,26 @@ def turn_values(settings: StageSettings, rewards: torch.Tensor, groups: torch.Te
                           shaping_alpha=settings.shaping_alpha, std_normalize=std_normalize)
     mask = torch.tensor(settings.pg_turns[: adv.shape[1]], dtype=adv.dtype)
     return adv * mask
+
+
+def branched_turn_values(settings: StageSettings, rewards: torch.Tensor, samples: list[TwoTurnSample], *,
+                         estimator: str = "rloo", std_normalize: bool = False) -> torch.Tensor:
+    """[B, 2] advantages of two-turn rollouts with turn-2 branches (SamplingParams.turn2_n > 1: each y1 followed by
+    m turn-2 samples). Turn 2's baseline is its siblings, the other turns 2 after the same y1, so its advantage
+    says whether this turn 2 did better than the others did from that very y1 (r1 is shared, so Stage II's
+    shaping only scales it by 1 + alpha). Turn 1's baseline is the prompt's other distinct y1s; it is set on
+    branch 0 only, the one row whose y1 tokens are trained (pack_samples)."""
+    if rewards.shape[1] != 2:
+        raise ValueError(f"turn-2 branches need two turns, got rewards of {rewards.shape[1]}")
+    first = torch.tensor([s.branch_index == 0 for s in samples])
+    rows = first.nonzero().flatten()
+    y1 = torch.tensor([s.prompt_index * (1 << 20) + s.sample_index for s in samples], dtype=torch.long)
+    out = torch.zeros(len(samples), 2)
+    out[:, 1] = turn_values(settings, rewards, y1, estimator=estimator, std_normalize=std_normalize)[:, 1]
+    t1 = turn_values(settings, rewards[rows], group_ids([samples[i] for i in rows.tolist()]), estimator=estimator,
+                     std_normalize=std_normalize)[:, 0]
+    out[rows, 0] = t1
+    return out
 
 
 def token_values(values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

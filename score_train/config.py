@@ -182,6 +182,10 @@ class RolloutConfig:
     # (benchmarks/results/cpu_engine_bf16_2026-12-03.json); the sampler's log-probs then differ from the fp32
     # trainer's by bf16 rounding, which the REINFORCE update (one epoch, no clipping) never reads
     dtype: str = "model"  # model (sample in the policy's own dtype) | bfloat16
+    # training rollouts only: turn-2 samples per turn 1 (score, multi-turn-rl; the paged engine). m > 1 forks each
+    # sampled turn 1 into m turn-2 branches over its cached KV; turn 2's advantage baseline is then its siblings
+    # (same y1), turn 1 is trained once per distinct y1 against the prompt's other y1s
+    turn2_n: int = 1
 
     def check(self):
         _one_of(self.engine, ("engine", "hf"), "rollout.engine")
@@ -189,7 +193,7 @@ class RolloutConfig:
         _need(self.dtype == "model" or self.engine == "engine",
               f"rollout.dtype={self.dtype} needs rollout.engine=engine (the HF baseline samples the model as it is)")
         _one_of(self.style, ("plain", "paper"), "rollout.style")
-        for k in ("prompts_per_step", "n"):
+        for k in ("prompts_per_step", "n", "turn2_n"):
             if getattr(self, k) < 1:
                 raise UsageError(f"rollout.{k} must be >= 1")
         _need(self.max_new_tokens >= 0, f"rollout.max_new_tokens must be >= 0 (0 = the task's default); "
@@ -334,6 +338,12 @@ class Config:
         self.rollout.check()
         _need(self.algo.num_turns == 2 or self.rollout.engine == "engine",
               f"algo.num_turns={self.algo.num_turns} needs rollout.engine=engine (the HF baseline samples two turns)")
+        if self.rollout.turn2_n > 1:
+            _need(self.algo.name in MULTI_TURN_ALGOS and self.algo.num_turns == 2,
+                  f"rollout.turn2_n={self.rollout.turn2_n} (turn-2 branches) applies to two-turn "
+                  f"{' and '.join(MULTI_TURN_ALGOS)}; got algo.name={self.algo.name}, algo.num_turns={self.algo.num_turns}")
+            _need(self.rollout.engine == "engine",
+                  f"rollout.turn2_n={self.rollout.turn2_n} needs rollout.engine=engine (forks over the paged KV cache)")
         self.model.check(training=True)
         self.optim.check()
         self.data.check()
@@ -348,6 +358,7 @@ class Config:
 
 _ROLLOUT_DTYPE_TRAINING = ("rollout.dtype is a training setting (bf16 copies for the trainer's rollouts); evaluate or "
                            "generate in bf16 with --model.dtype=bfloat16")
+_TURN2_N_TRAINING = "rollout.turn2_n is a training setting (turn-2 branches of the trainer's rollouts)"
 
 
 @dataclass
@@ -364,6 +375,7 @@ class EvalCommandConfig:
         self.data.check()
         self.rollout.check()
         _need(self.rollout.dtype == "model", _ROLLOUT_DTYPE_TRAINING)
+        _need(self.rollout.turn2_n == 1, _TURN2_N_TRAINING)
         self.run.check()
         self.evaluate.check()
         _need(self.evaluate.num_turns == 2 or self.rollout.engine == "engine",
@@ -386,6 +398,7 @@ class GenerateCommandConfig:
         self.model.check(training=False)
         self.rollout.check()
         _need(self.rollout.dtype == "model", _ROLLOUT_DTYPE_TRAINING)
+        _need(self.rollout.turn2_n == 1, _TURN2_N_TRAINING)
         self.run.check()
         self.generate.check()
         return self

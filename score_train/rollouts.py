@@ -21,7 +21,7 @@ class RolloutBatch:
     stage: str
     settings: algos.StageSettings
     records: list  # this rank's prompts; sample.prompt_index indexes them
-    samples: list[TwoTurnSample]  # B = prompts x n, a prompt's n samples consecutive
+    samples: list[TwoTurnSample]  # B = prompts x n (x turn2_n), a prompt's samples consecutive
     rewards: torch.Tensor  # [B, K] per-turn rewards
     train_samples: list[TwoTurnSample]  # what the loss sees (the SFT baselines select or build them)
     values: torch.Tensor  # [B', K] per-turn advantages of train_samples (1 on SFT turns)
@@ -38,6 +38,9 @@ def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
     STaR keeps the corrected traces; pair-SFT builds (wrong y1, right y) traces with suffix_of(sample) the
     instruction ids after that sample's y1. SFT values are 1 on the trained turns."""
     if not st.sft:
+        if any(s.branch_index for s in samples):  # rollout.turn2_n > 1
+            return samples, algos.branched_turn_values(st, rewards, samples, estimator=algo.estimator,
+                                                       std_normalize=algo.std_normalize)
         return samples, algos.turn_values(st, rewards, algos.group_ids(samples), estimator=algo.estimator,
                                           std_normalize=algo.std_normalize)
     if algo.name == "star":
@@ -65,7 +68,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         st = algos.stage_settings(a, stage)
         recs = [records[order[(data_pos + i) % len(order)]] for i in mine]
         params = SamplingParams(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg.run.seed, step))
+                                max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg.run.seed, step),
+                                turn2_n=cfg.rollout.turn2_n if st.rollout_turns == 2 else 1)
         # seeds by global prompt index, so the samples are the same whatever the rank count (rank 0's are the defaults)
         kw = {"seeds": [sample_seed(params.seed, i, j) for i in mine for j in range(n)]} if mine.start else {}
         t0 = time.perf_counter()

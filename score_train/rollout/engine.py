@@ -10,7 +10,8 @@
 Per prompt: the prompt is prefilled once (a parent sequence); n samples fork from it, sharing its
 blocks, each drawing its first token from the parent's logits; turn 1 decodes; a finished turn
 appends [the instruction ids] (see `prompts.ChatFormat`), computed by one extend pass (the prompt
-and earlier turns are already cached); the next turn decodes. `stats` counts the tokens each phase
+and earlier turns are already cached); the next turn decodes. SamplingParams.turn2_n = m > 1 forks each
+sample again after its instruction: m turn-2 branches over one cached turn 1. `stats` counts the tokens each phase
 computed, so tests can prove a later turn recomputes nothing.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from score_train.rollout.scheduler import Scheduler
 from score_train.rollout.sequence import PromptGroup, Sequence, Status
 from score_train.rollout.types import ExtraTurn, SamplingParams, TwoTurnSample
 
-__all__ = ["Engine", "sample_seed"]
+__all__ = ["Engine", "branch_seed", "sample_seed"]
 
 _M63 = (1 << 63) - 1
 
@@ -35,6 +36,12 @@ _M63 = (1 << 63) - 1
 def sample_seed(base: int, prompt_index: int, sample_index: int) -> int:
     """The seed of one sample; its draws depend only on this and the token position."""
     return ((base * 1000003 + prompt_index) * 1000003 + sample_index) & _M63
+
+
+def branch_seed(seed: int, branch_index: int) -> int:
+    """The seed of turn-2 branch j >= 1 of the sample with this seed (branch 0 keeps the sample's own, so it draws
+    exactly as the unbranched sample would)."""
+    return ((seed * 1000003 + 0x5EED) * 1000003 + branch_index) & _M63
 
 
 class Engine:
@@ -97,16 +104,23 @@ class Engine:
         return max(1, int(budget // per_block))
 
     def _worst_blocks(self, g: PromptGroup, max_new_tokens: int) -> int:
-        """The most blocks a group can hold: its prompt once, then each sample's own turns and instructions."""
-        turns = g.num_turns
-        per_child = len(g.prompt_ids) + turns * max_new_tokens + (turns - 1) * len(g.suffix) + 2 * self.block_size
-        return -(-len(g.prompt_ids) // self.block_size) + g.n * -(-per_child // self.block_size)
+        """The most blocks a group can hold: its prompt once, then each sample's own turns and instructions
+        (with turn-2 branches: a sample's turn 1 and instruction once, then each branch's turn 2)."""
+        bs, turns = self.block_size, g.num_turns
+        blocks = lambda t: -(-t // bs)  # noqa: E731
+        if g.branch_seeds:  # two turns
+            m = len(g.branch_seeds[0])
+            per_child = blocks(len(g.prompt_ids) + max_new_tokens + len(g.suffix) + 2 * bs) + m * blocks(max_new_tokens + 2 * bs)
+        else:
+            per_child = blocks(len(g.prompt_ids) + turns * max_new_tokens + (turns - 1) * len(g.suffix) + 2 * bs)
+        return blocks(len(g.prompt_ids)) + g.n * per_child
 
     # -- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, seeds: list[int] | None = None, progress=None,
                  num_turns: int | None = None, capture_layer: int = 0) -> list[TwoTurnSample]:
-        """Returns len(prompts) * params.n samples ordered by (prompt_index, sample_index).
+        """Returns len(prompts) * params.n * params.turn2_n samples ordered by (prompt_index, sample_index,
+        branch_index).
         seeds: optional per-sample seeds (len(prompts) * n), else derived from params.seed.
         num_turns: turns per sample (default 2, or 1 with two_turn=False); the instruction follows each
         turn but the last. capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after
@@ -163,10 +177,14 @@ class Engine:
             raise ValueError(f"seeds must have len(prompts) * n = {len(prompt_ids) * n} entries")
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("empty prompt")
+        m = params.turn2_n
+        if m < 1 or (m > 1 and turns != 2):
+            raise ValueError(f"turn2_n={m}: turn-2 branches need turn2_n >= 1 and two-turn rollouts (num_turns={turns})")
         groups = []
         for i, p in enumerate(prompt_ids):
             s = seeds[i * n:(i + 1) * n] if seeds is not None else [sample_seed(params.seed, i, j) for j in range(n)]
-            groups.append(PromptGroup(i, list(p), list(suffixes[i]) if turns > 1 else [], list(s), turns))
+            branches = [[x] + [branch_seed(x, j) for j in range(1, m)] for x in s] if m > 1 else []
+            groups.append(PromptGroup(i, list(p), list(suffixes[i]) if turns > 1 else [], list(s), turns, branches))
         return groups
 
     def _start(self, groups: list[PromptGroup], params: SamplingParams) -> Scheduler:
@@ -212,7 +230,7 @@ class Engine:
     def _outputs(self, done: list[Sequence], capture_layer: int = 0) -> list[TwoTurnSample]:
         dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         res = []
-        for s in sorted(done, key=lambda s: (s.group.index, s.sample_index)):
+        for s in sorted(done, key=lambda s: (s.group.index, s.sample_index, s.branch_index)):
             ids, lps, instr = s.out_ids, s.out_logprobs, s.instruction_ids
             two = len(ids) > 1
             res.append(TwoTurnSample(
@@ -222,7 +240,7 @@ class Engine:
                 turn2_ids=ids[1] if two else None, turn2_logprobs=lps[1] if two else None,
                 turn2_text=dec(ids[1], skip_special_tokens=True) if two else None,
                 extra_turns=[ExtraTurn(instr[t - 1], ids[t], lps[t], dec(ids[t], skip_special_tokens=True))
-                             for t in range(2, len(ids))]))
+                             for t in range(2, len(ids))], branch_index=s.branch_index))
             if capture_layer:  # every position but the last drawn token (never run); algos.pack_samples checks it
                 res[-1].prefix_hidden, res[-1].prefix_layer = torch.cat(s.captured).to(self.model.dtype), capture_layer
         return res

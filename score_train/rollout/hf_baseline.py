@@ -39,6 +39,8 @@ class HFRollout:
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None) -> list[TwoTurnSample]:
+        if params.turn2_n != 1:
+            raise ValueError(f"turn2_n={params.turn2_n}: turn-2 branches need the paged engine (rollout.engine=engine)")
         t0 = time.perf_counter()
         if self.source is not None and self.source.has_lora:  # to_hf merged copies: take the current adapters
             self.hf = self.source.to_hf()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from score_train.rollout.block_manager import BlockManager
-from score_train.rollout.sequence import Sequence, Status
+from score_train.rollout.sequence import Sequence
 from score_train.rollout.types import SamplingParams
 
 
@@ -89,22 +89,18 @@ class ModelRunner:
 
     @staticmethod
     def sample(out: StepOutput, params: SamplingParams) -> tuple[list[int], list[float]]:
-        """One draw per ready sample, n per ready parent (its samples' first tokens, from one logits row).
+        """One draw per ready sample, n per ready parent (its samples' first tokens, from one logits row), m per
+        sample at its turn-2 branch point.
         Each draw depends only on (seed, position, logits): the same alone or in any batch."""
         from score_kernels import sample
         if out.logits is None:
             return [], []
         rows, seeds, positions = [], [], []
         for r, s in enumerate(out.ready):
-            pos = len(s.tokens)
-            if s.status is Status.PREFILL:
-                rows += [r] * s.group.n
-                seeds += s.group.seeds
-                positions += [pos] * s.group.n
-            else:
-                rows.append(r)
-                seeds.append(s.seed)
-                positions.append(pos)
+            sd = s.draw_seeds()  # a parent's n samples, a turn-2 branch point's m branches, or its own
+            rows += [r] * len(sd)
+            seeds += sd
+            positions += [len(s.tokens)] * len(sd)
         logits, dev, b = out.logits, out.logits.device, len(rows)
         if rows != list(range(logits.shape[0])):
             logits = logits[torch.tensor(rows, device=dev)]

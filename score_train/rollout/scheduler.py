@@ -60,33 +60,40 @@ class Scheduler:
         return seqs, takes
 
     def postprocess(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float]) -> None:
-        """Append the drawn tokens (a parent's n draws go to its n new samples), end the turns that stop
-        and retire the samples whose last turn ended."""
+        """Append the drawn tokens (a parent's n draws go to its n new samples, a branch point's m draws to its
+        m turn-2 branches), end the turns that stop and retire the samples whose last turn ended."""
         k = 0
         for s in seqs:
-            if s.status is Status.PREFILL:
-                g = s.group
-                for j, table in enumerate(self.bm.fork(s.table, g.n)):
-                    child = s.fork(j, table)
-                    self.running.append(child)
-                    self._append(child, tokens[k], logprobs[k])
-                    k += 1
-                self.bm.free(s.table)
-                g.live += g.n
-                s.status = Status.FINISHED  # the parent leaves; its samples hold the prompt's blocks
-            else:
-                self._append(s, tokens[k], logprobs[k])
+            for c in self._forks(s):
+                self._append(c, tokens[k], logprobs[k])
                 k += 1
         keep = []
         for s in self.running:
-            if s.status is not Status.FINISHED:
-                keep.append(s)
-            elif s.sample_index >= 0:
+            if s.status is Status.FINISHED:
                 g = s.group
                 g.live -= 1
                 if g.live == 0:
                     self.reserved -= g.reserved_blocks
+            elif s.status is not Status.FORKED:
+                keep.append(s)
         self.running = keep
+
+    def _forks(self, s: Sequence) -> list[Sequence]:
+        """The sequences that take the draws of s's logits row: s itself, or the forks that replace it (sharing
+        its blocks; s leaves as FORKED)."""
+        g = s.group
+        if s.status is Status.PREFILL:
+            kids = [s.fork(j, t) for j, t in enumerate(self.bm.fork(s.table, g.n))]
+            g.live += g.n
+        elif s.at_branch_point:
+            kids = [s.branch(j, t) for j, t in enumerate(self.bm.fork(s.table, len(g.branch_seeds[s.sample_index])))]
+            g.live += len(kids) - 1  # s, counted live since its group's prefill, is replaced by its branches
+        else:
+            return [s]
+        self.bm.free(s.table)
+        s.status = Status.FORKED
+        self.running += kids
+        return kids
 
     def _append(self, s: Sequence, tok: int, lp: float) -> None:
         s.tokens.append(tok)

@@ -44,6 +44,9 @@ class TwoTurnSample:
     turn2_logprobs: list[float] | None = None
     turn2_text: str | None = None
     extra_turns: list[ExtraTurn] = field(default_factory=list)
+    # SamplingParams.turn2_n > 1: the index of this turn-2 branch among the samples that share this turn 1
+    # (same prompt_index and sample_index, the same turn1_ids; branch 0 draws exactly as an unbranched sample)
+    branch_index: int = 0
     # The engine's residual stream after layers [0, prefix_layer) at every position but the last
     # ([len(full_ids()) - 1, d], generate(..., capture_layer=k)): the trainer's frozen prefix, already computed
     # by the sampler with the same frozen weights. None when not captured.
@@ -85,6 +88,9 @@ class SamplingParams:
     max_new_tokens: int = 256  # per turn
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # two-turn rollouts of the paged engine: each turn 1 is followed by this many turn-2 samples, forked after
+    # the instruction (they share its KV blocks) -> n * turn2_n samples per prompt, n distinct turns 1
+    turn2_n: int = 1
 
 
 class Rollout(Protocol):
