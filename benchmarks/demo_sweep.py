@@ -5,7 +5,7 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # nine single levers, seed 0 (SWEEPS['levers'])
+    python benchmarks/demo_sweep.py levers          # ten single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
@@ -125,11 +125,28 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
         rec["evals"] = summary["evals"]
         rec["train_metrics"] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))
                                 if line.strip()]
+        rec.update(changes(os.path.join(run_dir, "eval_after_rows.jsonl")))
     except (OSError, KeyError, json.JSONDecodeError) as e:
         rec["error"] = f"no summary: {e}"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     return rec
+
+
+def changes(rows_path: str) -> dict:
+    """What turn 2 did in an evaluation's rows: how often it repeated turn 1 word for word, and the text of every
+    stated correction (wrong -> right) and breakage (right -> wrong), each with whether turn 1 had already written
+    the right number (a reading fix, not a correction)."""
+    with open(rows_path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+
+    def pick(r1: float, r2: float) -> list[dict]:
+        return [{"problem": r["problem"], "y1": r["y1"], "y2": r["y2"], "right_number_in_y1": bool(r.get("written"))}
+                for r in rows if r.get("stated") and r["r1"] == r1 and r["r2"] == r2]
+
+    same = sum(r["y1"] == r["y2"] for r in rows)
+    return {"verbatim_turn2_copies": f"{same} of {len(rows)} (eval_after rows: y2 == y1)",
+            "stated_corrections": pick(0.0, 1.0), "stated_breakages": pick(1.0, 0.0)}
 
 
 def audit_key(step: str = "") -> str:

@@ -110,3 +110,17 @@ def test_every_sweep_run_parses_as_a_score_train_command(sweep):
         assert by_name["demo_plusminus_seed0"].data.ops == ["+", "-"]
         assert by_name["demo_lr1e-4_alpha1_seed0"].optim.lr == 1e-4
         assert by_name["demo_stage1x2_seed0"].algo.stage1_steps == 40
+
+
+def test_changes_lists_corrections_breakages_and_copies(tmp_path):
+    rows = [{"problem": "a", "y1": "1 + 1 = 3", "y2": "1 + 1 = 2", "r1": 0.0, "r2": 1.0, "stated": True, "written": False},
+            {"problem": "b", "y1": "2 + 2 = 4", "y2": "2 + 2 = 5", "r1": 1.0, "r2": 0.0, "stated": True, "written": True},
+            {"problem": "c", "y1": "cut", "y2": "3", "r1": 0.0, "r2": 1.0, "stated": False, "written": False},
+            {"problem": "d", "y1": "7", "y2": "7", "r1": 1.0, "r2": 1.0, "stated": True, "written": True}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = demo_sweep.changes(str(path))
+    assert got["verbatim_turn2_copies"].startswith("1 of 4")
+    assert [c["problem"] for c in got["stated_corrections"]] == ["a"]  # c is unstated: not a correction
+    assert got["stated_corrections"][0]["right_number_in_y1"] is False
+    assert [c["problem"] for c in got["stated_breakages"]] == ["b"]

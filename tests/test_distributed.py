@@ -106,6 +106,19 @@ def test_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
     assert any(not torch.equal(base[k], w[k]) for k in base if k in w)
 
 
+def test_turn2_branches_on_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
+    """rollout.turn2_n: the branches' seeds follow from the samples' (global prompt index), each rank's per-y1
+    advantages need only its own prompts' samples, and the losses share the global token count."""
+    br = ["--rollout.turn2_n=2"]
+    one = _run(0, _args(tiny_model_dir, tmp_path, "one", *br))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(2, _args(tiny_model_dir, tmp_path, "two", *br))
+    assert two.returncode == 0, two.stderr[-3000:]
+    _assert_same(os.path.join(tmp_path, "one"), os.path.join(tmp_path, "two"), steps=1)
+    m = _metrics(os.path.join(tmp_path, "one"))[-1]
+    assert m["kept_samples"] == 8 * 2 * 2  # prompts x n x turn2_n
+
+
 def test_lora_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
     """LoRA under FSDP2: the reference is the sharded policy with its adapters off (not a second sharded model),
     and the export gathers the adapters, merges them and writes the peft adapter as one process does."""

@@ -106,11 +106,11 @@ class Engine:
     def _worst_blocks(self, g: PromptGroup, max_new_tokens: int) -> int:
         """The most blocks a group can hold: its prompt once, then each sample's own turns and instructions
         (with turn-2 branches: a sample's turn 1 and instruction once, then each branch's turn 2)."""
-        bs, turns = self.block_size, g.num_turns
-        blocks = lambda t: -(-t // bs)  # noqa: E731
-        if g.branch_seeds:  # two turns
+        bs, turns, blocks = self.block_size, g.num_turns, self.block_manager.blocks_needed
+        if g.branch_seeds:  # two turns; each branch's turn 2 may copy the shared tail block, then grow
             m = len(g.branch_seeds[0])
-            per_child = blocks(len(g.prompt_ids) + max_new_tokens + len(g.suffix) + 2 * bs) + m * blocks(max_new_tokens + 2 * bs)
+            shared = len(g.prompt_ids) + max_new_tokens + len(g.suffix) + 2 * bs
+            per_child = blocks(shared) + m * blocks(max_new_tokens + 2 * bs)
         else:
             per_child = blocks(len(g.prompt_ids) + turns * max_new_tokens + (turns - 1) * len(g.suffix) + 2 * bs)
         return blocks(len(g.prompt_ids)) + g.n * per_child
