@@ -85,6 +85,27 @@ def test_branch_reservation_fits_the_worst_case(tok):
         eng.generate_ids(prompts, params, suffixes=[suffix] * 2, num_turns=3)
 
 
+def test_admission_counts_every_branch(tok, monkeypatch):
+    """max_num_seqs caps live sequences: a group of n samples x m branches counts n * m of them."""
+    from score_train.rollout.scheduler import Scheduler
+
+    live = []
+    orig = Scheduler.schedule
+
+    def spy(self):
+        out = orig(self)
+        live.append(len(self.running))
+        return out
+
+    monkeypatch.setattr(Scheduler, "schedule", spy)
+    _, m = tiny("llama")
+    suffix = ChatFormat(tok).suffix_ids("x", "Again.")
+    eng = Engine(m, tok, block_size=4, max_num_seqs=6, eos_token_ids=[])
+    out = eng.generate_ids(rand_prompts([5, 7], seed=4), _params(n=3, max_new_tokens=3, turn2_n=2),
+                           suffixes=[suffix] * 2)
+    assert len(out) == 12 and max(live) <= 6  # without the branch count the second group would join at once
+
+
 def test_branch_logprobs_equal_the_trainers(tok):
     """The sampler's log-probs of every branch's tokens are the trainer's recomputed ones at the sampling
     temperature, and a repeated y1 (branch > 0) is context, not policy tokens."""
@@ -140,16 +161,20 @@ def test_training_with_turn2_branches(tiny_model_dir, tmp_path, monkeypatch):  #
 
     def spy(model, ref, optimizer, inp, cfg, cut, **kw):
         seen.append((inp.settings.name, [(s.prompt_index, s.sample_index, s.branch_index) for s in inp.samples],
-                     inp.values.clone()))
+                     inp.values.clone(), all(s.prefix_hidden is not None and s.prefix_layer == cut
+                                             for s in inp.samples)))
         return orig(model, ref, optimizer, inp, cfg, cut, **kw)
 
     monkeypatch.setattr(T, "train_step", spy)
-    cfg = tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=score", "--rollout.turn2_n=2", "--eval.before=false")
+    # one trained layer: the sampler's frozen-prefix residuals (copied into each branch) feed the update
+    cfg = tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=score", "--rollout.turn2_n=2", "--eval.before=false",
+                   "--model.train_layers=1")
     s = T.train(cfg)
     assert [x[0] for x in seen] == ["stage1", "stage2"]
-    for _name, keys, values in seen:  # 2 prompts x 2 y1s x 2 branches, turn 1 valued on branch 0 only
+    for _name, keys, values, prefixed in seen:  # 2 prompts x 2 y1s x 2 branches, turn 1 valued on branch 0 only
         assert keys == [(p, i, j) for p in range(2) for i in range(2) for j in range(2)]
         assert (values[1::2, 0] == 0).all()
+        assert prefixed  # every branch carries its full captured prefix (pack_samples checks the rows)
     rows = [r for r in metrics(s["run_dir"]) if "reward_t1" in r]
     assert [r["stage"] for r in rows] == ["stage1", "stage2"]
     # the evaluation stays one greedy turn 2 per problem

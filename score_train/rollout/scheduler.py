@@ -35,7 +35,7 @@ class Scheduler:
         while self.waiting:
             g = self.waiting[0].group
             fits = self.reserved + g.reserved_blocks <= self.bm.num_blocks
-            room = len(self.running) + g.n <= max(self.max_num_seqs, g.n)
+            room = len(self.running) + g.max_live <= max(self.max_num_seqs, g.max_live)
             if not (fits and room):
                 return
             parent = self.waiting.popleft()

@@ -39,6 +39,11 @@ class PromptGroup:
     def n(self) -> int:
         return len(self.seeds)
 
+    @property
+    def max_live(self) -> int:
+        """The most sequences the group holds at once: n samples, each of which may become m turn-2 branches."""
+        return self.n * (len(self.branch_seeds[0]) if self.branch_seeds else 1)
+
 
 @dataclass(eq=False)
 class Sequence:
