@@ -5,12 +5,13 @@ each recorded under benchmarks/results/, then one table with the pooled sign tes
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # ten single levers, seed 0 (SWEEPS['levers'])
+    python benchmarks/demo_sweep.py levers          # eleven single levers, seed 0 (SWEEPS['levers'])
     python benchmarks/demo_sweep.py table           # re-tabulate the records already written
     python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
     python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
     python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --out-dir DIR   # re-evaluate a finished run
     python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --step step_000020  # ... at the end of Stage I
+    python benchmarks/demo_sweep.py export --name demo_bf16_pairsft40_seed0 --to DIR   # its model, for --model.spec=DIR
 
 Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
 
@@ -66,7 +67,12 @@ SWEEPS = {
                # the same turn-2 samples a step as n = 8, as 2 turn-2 branches of each of 4 turns 1: turn 2's
                # baseline is then its sibling after the same y1 (did this turn 2 do better from that y1?)
                ("demo_bf16_turn2x2_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
-                                            "--rollout.turn2_n=2", "--run.seed=0"])],
+                                            "--rollout.turn2_n=2", "--run.seed=0"]),
+               # Pair-SFT (the paper's baseline) on the demo budget: does an SFT'd turn 2 stop copying? Its export
+               # (`export --name demo_bf16_pairsft40_seed0 --to DIR`) then starts demo_bf16_pairsft40_then_score_seed0:
+               # the preset's SCoRe with --model.spec=DIR and the same bf16 settings
+               ("demo_bf16_pairsft40_seed0", ["--algo.name=pair-sft", "--algo.steps=40", "--rollout.dtype=bfloat16",
+                                              "--model.autocast_bf16=true", "--run.seed=0"])],
 }
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
@@ -134,9 +140,10 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
 
 
 def changes(rows_path: str) -> dict:
-    """What turn 2 did in an evaluation's rows: how often it repeated turn 1 word for word, and the text of every
-    stated correction (wrong -> right) and breakage (right -> wrong), each with whether turn 1 had already written
-    the right number (a reading fix, not a correction)."""
+    """What turn 2 did in an evaluation's rows: how often it repeated turn 1 word for word, how often it changed
+    the answer of a stated wrong / right turn 1, and the text of every stated correction (wrong -> right) and
+    breakage (right -> wrong), each with whether turn 1 had already written the right number (a reading fix,
+    not a correction)."""
     with open(rows_path) as f:
         rows = [json.loads(x) for x in f if x.strip()]
 
@@ -144,9 +151,42 @@ def changes(rows_path: str) -> dict:
         return [{"problem": r["problem"], "y1": r["y1"], "y2": r["y2"], "right_number_in_y1": bool(r.get("written"))}
                 for r in rows if r.get("stated") and r["r1"] == r1 and r["r2"] == r2]
 
+    def changed(r1: float) -> str:  # how often turn 2 changed the answer of a stated turn 1 of this reward
+        rs = [r for r in rows if r.get("stated") and r["r1"] == r1]
+        return f"{sum(r.get('a1') != r.get('a2') for r in rs)} of {len(rs)}"
+
     same = sum(r["y1"] == r["y2"] for r in rows)
+    # a turn 2 that detects errors changes wrong answers more often than right ones; a blind one as often
     return {"verbatim_turn2_copies": f"{same} of {len(rows)} (eval_after rows: y2 == y1)",
+            "changed_after_wrong_t1": changed(0.0), "changed_after_right_t1": changed(1.0),
             "stated_corrections": pick(0.0, 1.0), "stated_breakages": pick(1.0, 0.0)}
+
+
+def run_model(name: str, out_dir: str, step: str = "", rec: dict | None = None):
+    """-> (config, model, tokenizer, checkpoint dir): a finished run's model at its last complete checkpoint (or
+    `step`): the run's base model with the checkpoint's trained layers (or LoRA adapters) loaded."""
+    import torch
+
+    from score_train import checkpoint
+    from score_train.config import load_config
+    from score_train.model import load_model
+    from score_train.train import prepare_policy
+
+    if rec is None:
+        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+            rec = json.load(f)
+    # the run's directory, from the recorded command (a record may keep an earlier run name)
+    flags = dict(x.split("=", 1) for x in rec.get("command", "").split(" --")[1:] if "=" in x)
+    run_dir = os.path.join(out_dir, flags.get("run.name", name))
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    model, tok = load_model(cfg.model.spec, dtype=torch.float32)
+    prepare_policy(model, cfg.model)  # what the checkpoint holds (the trained layers, or LoRA adapters)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    last = os.path.join(ckpts, step) if step else checkpoint.latest(ckpts)
+    if last is None or not os.path.isdir(last):
+        raise FileNotFoundError(f"{name}: no {'checkpoint ' + step if step else 'complete checkpoint'} under {ckpts}")
+    checkpoint.load(last, model, restore_rng=False)
+    return cfg, model, tok, last
 
 
 def audit_key(step: str = "") -> str:
@@ -161,29 +201,15 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     (reproduces_recorded_eval is then None: no evaluation of it was recorded)."""
     import torch
 
-    from score_train import checkpoint
-    from score_train.config import load_config
     from score_train.eval import evaluate
-    from score_train.model import load_model
     from score_train.preflight import load_records
     from score_train.rollout.engine import Engine
-    from score_train.train import prepare_policy
 
     path = os.path.join(RESULTS, f"{name}.json")
     with open(path) as f:
         rec = json.load(f)
-    # the run's directory, from the recorded command (a record may keep an earlier run name)
-    flags = dict(x.split("=", 1) for x in rec.get("command", "").split(" --")[1:] if "=" in x)
-    run_dir = os.path.join(out_dir, flags.get("run.name", name))
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
     torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
-    model, tok = load_model(cfg.model.spec, dtype=torch.float32)
-    prepare_policy(model, cfg.model)  # what the checkpoint holds (the trained layers, or LoRA adapters)
-    ckpts = os.path.join(run_dir, "checkpoints")
-    last = os.path.join(ckpts, step) if step else checkpoint.latest(ckpts)
-    if last is None or not os.path.isdir(last):
-        raise FileNotFoundError(f"{name}: no {'checkpoint ' + step if step else 'complete checkpoint'} under {ckpts}")
-    checkpoint.load(last, model, restore_rng=False)
+    cfg, model, tok, last = run_model(name, out_dir, step, rec)
     model.eval()
     recs = load_records(cfg.data, "eval", cfg.data.eval_size)
     g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -279,10 +305,11 @@ def turns_table(names: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", choices=[*SWEEPS, "one", "table", "audit"])
+    ap.add_argument("sweep", choices=[*SWEEPS, "one", "table", "audit", "export"])
     ap.add_argument("--name", default="", help="one: the run's name (its record is benchmarks/results/NAME.json)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
     ap.add_argument("--step", default="", help="audit: a checkpoint other than the last (e.g. step_000020)")
+    ap.add_argument("--to", default="", help="export: the directory to write the run's model to (a plain HF model)")
     ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
     args, extra = ap.parse_known_args(argv)
     bad = [x for x in extra if not x.startswith("--")]
@@ -297,6 +324,13 @@ def main(argv=None) -> int:
             print(f"{name}: reproduces {a['reproduces_recorded_eval']}, stated i->c {m.get('n_i2c_stated')} "
                   f"(right number in y1: {m.get('n_i2c_stated_written')}), c->i {m.get('n_c2i_stated')}, "
                   f"delta stated {m.get('delta_stated')}, without them {m.get('delta_stated_new')}", flush=True)
+        return 0
+    if args.sweep == "export":  # a finished run's model as the start of another (--model.spec=DIR)
+        if not (args.name and args.to):
+            ap.error("export: --name NAME and --to DIR are required")
+        _, model, tok, _ = run_model(args.name, args.out_dir, args.step)
+        model.save_pretrained(args.to, tokenizer=tok)
+        print(f"{args.name} -> {args.to}", flush=True)
         return 0
     if args.sweep == "one":
         if not args.name:

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import os
 
 import pytest
 
@@ -90,6 +91,19 @@ def test_audit_reproduces_a_run_and_evaluates_an_earlier_checkpoint(tmp_path, mo
     assert b["metrics"]["n"] == 3 and rec["audit"] == a  # the final audit is kept
     with pytest.raises(FileNotFoundError, match="step_000009"):
         demo_sweep.audit("demo_t", str(tmp_path / "runs"), "step_000009")
+    # export: the run's model as a plain directory another run can start from (--model.spec=DIR)
+    import torch
+
+    from score_train.model import load_model
+
+    assert demo_sweep.main(["export", "--name", "demo_t", "--out-dir", str(tmp_path / "runs"),
+                            "--to", str(tmp_path / "exp")]) == 0
+    _, trained, _, ckpt = demo_sweep.run_model("demo_t", str(tmp_path / "runs"))
+    assert os.path.basename(ckpt) == "step_000002"
+    exported, _ = load_model(str(tmp_path / "exp"), dtype=torch.float32)
+    ids = torch.arange(5, 25)
+    with torch.no_grad():  # the model audit evaluates (it reproduced the run's own evaluation above), bit for bit
+        torch.testing.assert_close(exported.logits(exported(ids)), trained.logits(trained(ids)), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sweep", sorted(demo_sweep.SWEEPS))
@@ -113,14 +127,21 @@ def test_every_sweep_run_parses_as_a_score_train_command(sweep):
 
 
 def test_changes_lists_corrections_breakages_and_copies(tmp_path):
-    rows = [{"problem": "a", "y1": "1 + 1 = 3", "y2": "1 + 1 = 2", "r1": 0.0, "r2": 1.0, "stated": True, "written": False},
-            {"problem": "b", "y1": "2 + 2 = 4", "y2": "2 + 2 = 5", "r1": 1.0, "r2": 0.0, "stated": True, "written": True},
-            {"problem": "c", "y1": "cut", "y2": "3", "r1": 0.0, "r2": 1.0, "stated": False, "written": False},
-            {"problem": "d", "y1": "7", "y2": "7", "r1": 1.0, "r2": 1.0, "stated": True, "written": True}]
+    rows = [{"problem": "a", "y1": "1 + 1 = 3", "y2": "1 + 1 = 2", "r1": 0.0, "r2": 1.0, "stated": True,
+             "written": False, "a1": "3", "a2": "2"},
+            {"problem": "b", "y1": "2 + 2 = 4", "y2": "2 + 2 = 5", "r1": 1.0, "r2": 0.0, "stated": True,
+             "written": True, "a1": "4", "a2": "5"},
+            {"problem": "c", "y1": "cut", "y2": "3", "r1": 0.0, "r2": 1.0, "stated": False, "written": False,
+             "a1": None, "a2": "3"},
+            {"problem": "d", "y1": "7", "y2": "7", "r1": 1.0, "r2": 1.0, "stated": True, "written": True,
+             "a1": "7", "a2": "7"},
+            {"problem": "e", "y1": "4 + 4 = 9", "y2": "9", "r1": 0.0, "r2": 0.0, "stated": True, "written": False,
+             "a1": "9", "a2": "9"}]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     got = demo_sweep.changes(str(path))
-    assert got["verbatim_turn2_copies"].startswith("1 of 4")
+    assert got["verbatim_turn2_copies"].startswith("1 of 5")
+    assert got["changed_after_wrong_t1"] == "1 of 2" and got["changed_after_right_t1"] == "1 of 2"  # c: unstated
     assert [c["problem"] for c in got["stated_corrections"]] == ["a"]  # c is unstated: not a correction
     assert got["stated_corrections"][0]["right_number_in_y1"] is False
     assert [c["problem"] for c in got["stated_breakages"]] == ["b"]

@@ -182,18 +182,21 @@ def test_training_with_turn2_branches(tiny_model_dir, tmp_path, monkeypatch):  #
         assert len(f.readlines()) == cfg.data.eval_size
 
 
-def test_turn2_branches_config_refusals(tiny_model_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("args, match", [
+    (["--algo.name=star", "--rollout.turn2_n=2"], "turn2_n=2"),
+    (["--algo.num_turns=3", "--rollout.turn2_n=2"], "turn2_n=2"),
+    (["--rollout.engine=hf", "--rollout.turn2_n=2"], "rollout.engine=engine"),
+    (["--rollout.turn2_n=0"], "rollout.turn2_n must be >= 1"),
+])
+def test_turn2_branches_config_refusals(tiny_model_dir, tmp_path, args, match):  # noqa: F811
+    with pytest.raises(UsageError, match=match):
+        tiny_cfg(tiny_model_dir, tmp_path, *args)
+
+
+def test_turn2_branches_are_training_only():
     from score_train.config import EvalCommandConfig
     from score_train.rollout.hf_baseline import HFRollout
 
-    with pytest.raises(UsageError, match="turn2_n=2"):
-        tiny_cfg(tiny_model_dir, tmp_path, "--algo.name=star", "--rollout.turn2_n=2")
-    with pytest.raises(UsageError, match="turn2_n=2"):
-        tiny_cfg(tiny_model_dir, tmp_path, "--algo.num_turns=3", "--rollout.turn2_n=2")
-    with pytest.raises(UsageError, match="rollout.engine=engine"):
-        tiny_cfg(tiny_model_dir, tmp_path, "--rollout.engine=hf", "--rollout.turn2_n=2")
-    with pytest.raises(UsageError, match="rollout.turn2_n must be >= 1"):
-        tiny_cfg(tiny_model_dir, tmp_path, "--rollout.turn2_n=0")
     ec = EvalCommandConfig()
     ec.rollout.turn2_n = 2
     with pytest.raises(UsageError, match="training setting"):
