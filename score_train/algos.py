@@ -220,14 +220,12 @@ def branched_turn_values(settings: StageSettings, rewards: torch.Tensor, samples
     branch 0 only, the one row whose y1 tokens are trained (pack_samples)."""
     if rewards.shape[1] != 2:
         raise ValueError(f"turn-2 branches need two turns, got rewards of {rewards.shape[1]}")
-    first = torch.tensor([s.branch_index == 0 for s in samples])
-    rows = first.nonzero().flatten()
+    rows = [i for i, s in enumerate(samples) if s.branch_index == 0]  # one row per distinct y1
     y1 = torch.tensor([s.prompt_index * (1 << 20) + s.sample_index for s in samples], dtype=torch.long)
     out = torch.zeros(len(samples), 2)
     out[:, 1] = turn_values(settings, rewards, y1, estimator=estimator, std_normalize=std_normalize)[:, 1]
-    t1 = turn_values(settings, rewards[rows], group_ids([samples[i] for i in rows.tolist()]), estimator=estimator,
-                     std_normalize=std_normalize)[:, 0]
-    out[rows, 0] = t1
+    out[rows, 0] = turn_values(settings, rewards[rows], group_ids([samples[i] for i in rows]), estimator=estimator,
+                               std_normalize=std_normalize)[:, 0]
     return out
 
 
