@@ -145,6 +145,11 @@ def probe_task(model, tok, eng, overrides: dict, n: int, orders: bool = True) ->
            "own_margin_wrong": sum(wrong) / max(1, len(wrong)),
            "p_yes_own": sum(m > 0 for m in own) / len(own),
            "true_vs_off_auc": auc(true_m, false_m),
+           # the model's confidence in its own turn 1 (greedy rows carry log_softmax(logits)[token]): a signal a
+           # turn 2 could in principle read even where the yes/no answer carries none
+           **{f"confidence_{k}_auc": auc([f(s.turn1_logprobs) for s, x in zip(ss, r1) if x == 1],
+                                         [f(s.turn1_logprobs) for s, x in zip(ss, r1) if x == 0])
+              for k, f in (("mean", lambda v: sum(v) / max(1, len(v))), ("min", lambda v: min(v, default=0.0)))},
            "samples": [{"problem": r.problem, "answer": r.answer, "y1": s.turn1_text, "right": x, "margin": round(m, 3)}
                        for s, r, x, m in list(zip(ss, recs, r1, own))[:12]]}
     if orders and overrides.get("n_operands", 2) == 2 and overrides.get("ops", ["+"]) == ["+"]:

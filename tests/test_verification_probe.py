@@ -54,6 +54,9 @@ def test_probe_task_runs_end_to_end_and_reports_the_order_effect(tiny):
     model, tok = tiny
     out = vp.probe_task(model, tok, Engine(model, tok), {}, 6)
     assert out["n"] == 6 and 0.0 <= out["acc_t1"] <= 1.0 and 0.0 <= out["p_yes_own"] <= 1.0
+    for k in ("own_answer_auc", "true_vs_off_auc", "confidence_mean_auc", "confidence_min_auc"):
+        assert math.isnan(out[k]) or 0.0 <= out[k] <= 1.0  # nan: the random model got none (or all) right
+    assert not math.isnan(out["true_vs_off_auc"])  # both sides asked of every problem
     assert set(out["orders"]) == set(vp.ORDERS)
     for name, o in out["orders"].items():  # flips against the question's order add up to the accuracy change
         if name != "question's order":
