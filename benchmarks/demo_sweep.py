@@ -74,6 +74,11 @@ SWEEPS = {
                ("demo_bf16_pairsft40_seed0", ["--algo.name=pair-sft", "--algo.steps=40", "--rollout.dtype=bfloat16",
                                               "--model.autocast_bf16=true", "--run.seed=0"])],
 }
+# The preset since the turn-2 opening (its instruction and reply prefix spelled out, so that the records mean the
+# same whatever the preset later says): 3 seeds x {score, multi-turn-rl}
+RECOMPUTE = ["--rollout.instruction=Please solve the problem again.", "--rollout.reply_prefix=Let me recompute: "]
+SWEEPS["recompute"] = [(f"demo_recompute_{algo}_seed{s}", [*RECOMPUTE, f"--algo.name={algo}", f"--run.seed={s}"])
+                       for algo in ("score", "multi-turn-rl") for s in SEEDS]
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
 
@@ -214,7 +219,7 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     recs = load_records(cfg.data, "eval", cfg.data.eval_size)
     g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                  style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns,
-                 instruction=cfg.rollout.instruction)["greedy"]
+                 instruction=cfg.rollout.instruction, reply_prefix=cfg.rollout.reply_prefix)["greedy"]
     m, after = g["metrics"], (row(rec) or {}).get("after") or {}
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}

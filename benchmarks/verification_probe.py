@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import os
-import re
 import sys
 import time
 
@@ -89,8 +88,9 @@ def yes_no_margins(model, tok, conversations: list[list[dict]], yes: list[int], 
     return out
 
 
-def expression(problem: str) -> str:
-    return problem.split("What is ", 1)[1].split("?", 1)[0]
+def expression(record) -> str:
+    """The arithmetic record's expression ("37 + 45"), as the data module stored it."""
+    return record.meta["expr"]
 
 
 def off_by(answer: int, key: str) -> int:
@@ -105,19 +105,14 @@ def flips(a: list[float], b: list[float]) -> dict:
 
 
 def eval_split_size(data) -> int:
-    """Distinct problems in an arithmetic eval split (the three-operand one-digit task has 421); spaces too big
-    to list are never close to full."""
+    """Distinct problems in an arithmetic eval split (the three-operand one-digit task has 421); a space too big to
+    list counts as unlimited."""
     from score_train.data import ArithmeticConfig
-    from score_train.data.records import split_of
+    from score_train.data.arithmetic import split_expressions
 
-    cfg = ArithmeticConfig(digits=data.digits, n_operands=data.n_operands, ops=tuple(data.ops))
-    if cfg.space_size() > 100_000:
-        return 10**9
-    lo, hi = (0 if cfg.digits == 1 else 10 ** (cfg.digits - 1)), 10**cfg.digits - 1
-    exprs = [str(a) for a in range(lo, hi + 1)]
-    for _ in range(cfg.n_operands - 1):
-        exprs = [f"{e} {op} {b}" for e in exprs for op in cfg.ops for b in range(lo, hi + 1)]
-    return sum(split_of("arith:" + e, cfg.eval_fraction) == "eval" for e in exprs)
+    exprs = split_expressions("eval", ArithmeticConfig(digits=data.digits, n_operands=data.n_operands,
+                                                       ops=tuple(data.ops)))
+    return 10**9 if exprs is None else len(exprs)
 
 
 def probe_task(model, tok, eng, overrides: dict, n: int, orders: bool = True) -> dict:
@@ -137,8 +132,8 @@ def probe_task(model, tok, eng, overrides: dict, n: int, orders: bool = True) ->
                                        {"role": "user", "content": QUESTION}] for s, r in zip(ss, recs)], yes, no)
     right, wrong = [m for m, x in zip(own, r1) if x == 1], [m for m, x in zip(own, r1) if x == 0]
     ask = lambda e, v: [{"role": "user", "content": f"Is {e} = {v}? Answer yes or no."}]
-    true_m = yes_no_margins(model, tok, [ask(expression(r.problem), int(r.answer)) for r in recs], yes, no)
-    false_m = yes_no_margins(model, tok, [ask(expression(r.problem), off_by(int(r.answer), expression(r.problem)))
+    true_m = yes_no_margins(model, tok, [ask(expression(r), int(r.answer)) for r in recs], yes, no)
+    false_m = yes_no_margins(model, tok, [ask(expression(r), off_by(int(r.answer), expression(r)))
                                           for r in recs], yes, no)
     out = {"n": len(recs), "acc_t1": sum(r1) / len(recs), "cut_t1": sum(s.finish_reasons[0] == "length" for s in ss) / len(ss),
            "own_answer_auc": auc(right, wrong), "own_margin_right": sum(right) / max(1, len(right)),
@@ -163,7 +158,7 @@ def order_effect(eng, tok, recs) -> dict:
 
     got = {}
     for name, fmt in ORDERS.items():
-        pre = [fmt(*map(int, re.findall(r"\d+", r.problem)[:2])) for r in recs]
+        pre = [fmt(*map(int, expression(r).split(" + "))) for r in recs]
         ids = [eng.chat.prompt_ids(r.problem) + tok.encode(p, add_special_tokens=False) for r, p in zip(recs, pre)]
         ss = eng.generate_ids(ids, SamplingParams(n=1, temperature=0.0, max_new_tokens=16))
         # the first line: the equation's result, not whatever the model writes after it
@@ -187,16 +182,15 @@ def explore(eng, n: int, instructions: dict[str, str], temperature: float = 0.7,
     for name, instr in instructions.items():
         ss = eng.generate([r.problem for r in recs], SamplingParams(n=samples, temperature=temperature,
                                                                     max_new_tokens=128, seed=1), instruction=instr)
+        r1 = [reward("arithmetic", s.turn1_text, recs[i // samples]) for i, s in enumerate(ss)]
+        r2 = [reward("arithmetic", s.turn2_text, recs[i // samples]) for i, s in enumerate(ss)]
         swapped = []
         for i, s in enumerate(ss):
-            r = recs[i // samples]
-            a, b = re.findall(r"\d+", r.problem)[:2]
+            a, b = expression(recs[i // samples]).split(" + ")
             if a != b and f"{b} + {a}" in s.turn2_text:
-                swapped.append(reward("arithmetic", s.turn2_text, r))
+                swapped.append(r2[i])
         out[name] = {"instruction": instr, "samples": len(ss), "other_order": len(swapped),
-                     "other_order_right": int(sum(swapped)),
-                     "r1": sum(reward("arithmetic", s.turn1_text, recs[i // samples]) for i, s in enumerate(ss)) / len(ss),
-                     "r2": sum(reward("arithmetic", s.turn2_text, recs[i // samples]) for i, s in enumerate(ss)) / len(ss)}
+                     "other_order_right": int(sum(swapped)), "r1": sum(r1) / len(ss), "r2": sum(r2) / len(ss)}
     return out
 
 

@@ -87,6 +87,7 @@ GENERATE_ALIASES = {
     "top-k": Alias(("generate.top_k",)),
     "two-turn": Alias(("generate.two_turn",), const=True),
     "instruction": Alias(("rollout.instruction",), convert=str),
+    "reply-prefix": Alias(("rollout.reply_prefix",), convert=str),
     "seed": Alias(("run.seed",)),
     "stop": Alias(("generate.stop",), convert=str, append=True),
 }

@@ -174,6 +174,11 @@ class RolloutConfig:
     # the message after each turn but the last, in training, every evaluation and score-generate;
     # "" = the task's own (prompts.self_correction_instruction)
     instruction: str = ""
+    # fixed text that every reply after the instruction starts with, in training, every evaluation and
+    # score-generate: context like the instruction (never trained; the turn's text, its reward and its answer
+    # are what the model writes after it). "" = none. The demo's "Let me recompute: " makes the base model re-derive
+    # the sum in turn 2 instead of restating turn 1 (docs/trainer.md, "The demo's turn-2 opening")
+    reply_prefix: str = ""
     # training: the engine keeps each sample's residual after the frozen bottom layers (model.train_layers), so
     # the update skips them; costs B x tokens x d activations held from sampling to the update
     reuse_prefix: bool = True
@@ -570,7 +575,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not item.startswith("--") or "=" not in item:
             raise UsageError(f"override {item!r} must look like --section.key=value")
         key, raw = item[2:].split("=", 1)
-        pairs.append((key, _scalar(raw)))
+        pairs.append((key, raw if _field_type(Config, key) is str else _scalar(raw)))
     return build(Config, read_yaml(path) if path else None, pairs).validate()
 
 
@@ -694,8 +699,8 @@ def parse_command(argv, cls, aliases: dict[str, Alias] | None = None, *, default
                                  + "; settings look like --section.key=value")
             if tp is bool and not eq:
                 v = True
-            else:
-                v = _scalar(value())
+            else:  # a text setting is taken as written ("Let me see: x" is not a YAML mapping)
+                v = value() if tp is str else _scalar(value())
             overrides.append((name, v))
     if path and preset:
         raise UsageError("give --config or --preset, not both")

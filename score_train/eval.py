@@ -242,12 +242,14 @@ def _sample_rows(samples, records, kind, rewards: list) -> list[dict]:
 
 
 def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instruction: str | None,
-              progress, desc: str, num_turns: int = 2):
+              progress, desc: str, num_turns: int = 2, reply_prefix: str = ""):
     """rollout.generate with a token progress bar on stderr (progress=True), or progress(desc, total)
     returning a callable(tokens) and a close() (tests). The engine reports the tokens of every step; other
     rollouts move the bar once, at the end. total is the budget's worst case, so an answer that stops at
     EOS finishes early and the bar jumps to the end."""
     turns_kw = {"num_turns": num_turns} if two_turn and num_turns > 2 else {}
+    if two_turn and reply_prefix:  # only when set: a Rollout of another library need not know the keyword
+        turns_kw["reply_prefix"] = reply_prefix
     if not progress:
         return rollout.generate(prompts, params, two_turn=two_turn, instruction=instruction, **turns_kw)
     total = len(prompts) * params.n * (num_turns if two_turn else 1) * params.max_new_tokens
@@ -276,7 +278,7 @@ def _generate(rollout, prompts, params: SamplingParams, *, two_turn: bool, instr
 def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: bool = True,
              max_new_tokens: int = 256, style: str = "plain", seed: int = 0, reward_pool=None,
              keep_samples: bool = True, log=None, progress=False, warn: bool = True, num_turns: int = 2,
-             instruction: str = "") -> dict:
+             instruction: str = "", reply_prefix: str = "") -> dict:
     """Two-turn evaluation of any Rollout on records (all of one kind).
 
     greedy: one greedy two-turn sample per problem (the paper's headline numbers).
@@ -288,6 +290,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     num_turns: attempts in the greedy pass (> 2 needs a rollout whose generate takes num_turns, the engine);
     turn k >= 3 is reported against turn k-1 (later_turn_metrics). The sampled pass stays two-turn.
     instruction: the message after each turn but the last ("" = the task's own).
+    reply_prefix: fixed text each reply after the instruction starts with (context, not the turn's text).
     """
     if not records:
         raise ValueError("records is empty")
@@ -305,13 +308,13 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
     prompts = [turn1_message(r, style) for r in records]
     instruction = self_correction_instruction(kind, style, instruction)
     out: dict = {"kind": kind, "n_problems": len(records), "style": style, "instruction": instruction,
-                 "max_new_tokens": max_new_tokens}
+                 "reply_prefix": reply_prefix, "max_new_tokens": max_new_tokens}
 
     if greedy:
         t0 = time.perf_counter()
         ss = _generate(rollout, prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens, seed=seed),
                        two_turn=True, instruction=instruction, progress=progress, desc="eval greedy",
-                       num_turns=num_turns)
+                       num_turns=num_turns, reply_prefix=reply_prefix)
         gen_s = time.perf_counter() - t0
         _check(ss, len(records), 1, two_turn=True, num_turns=num_turns)
         rs = _score(ss, records, kind, reward_pool, num_turns)
@@ -324,7 +327,7 @@ def evaluate(rollout, records, *, temperature: float = 0.7, k: int = 0, greedy: 
         t0 = time.perf_counter()
         p = SamplingParams(n=k, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + 1)
         ss = _generate(rollout, prompts, p, two_turn=True, instruction=instruction, progress=progress,
-                       desc=f"eval T={temperature:g} k={k}")
+                       desc=f"eval T={temperature:g} k={k}", reply_prefix=reply_prefix)
         _check(ss, len(records), k, two_turn=True)
         r1, r2 = _score(ss, records, kind, reward_pool)
         sampled = _summarise(ss, records, kind, [r1, r2], max_new_tokens)
@@ -394,13 +397,13 @@ def evaluate_run(rollout, records, cfg: Config, tag: str, step: int, run_dir: st
     with rollout.own_dtype() if hasattr(rollout, "own_dtype") else contextlib.nullcontext():  # fp32 evals
         res = evaluate(rollout, records, max_new_tokens=max_new, style=cfg.rollout.style, seed=cfg.run.seed,
                        progress=bool(cfg.run.progress), warn=False, num_turns=cfg.algo.num_turns,
-                       instruction=cfg.rollout.instruction)
+                       instruction=cfg.rollout.instruction, reply_prefix=cfg.rollout.reply_prefix)
     if model is not None and was_training:
         model.train()
     g = res["greedy"]
     rows = g.get("samples", [])
     out = dict(g["metrics"], tag=tag, step=step, num_problems=len(records), eval_s=time.perf_counter() - t0,
-               edit_distance=g["edit_distance"], finish_reasons=g.get("finish_reasons"),
+               instruction=res["instruction"], reply_prefix=res["reply_prefix"], edit_distance=g["edit_distance"], finish_reasons=g.get("finish_reasons"),
                finish_reasons_per_turn=g.get("finish_reasons_per_turn"),
                edit_distance_ratios=[round(edit_distance_ratio(r["y1"] or "", r["y2"] or ""), 4) for r in rows])
     w = truncation_warning(out) if tag in ("before", "base") else None
@@ -603,7 +606,8 @@ def run_command(cfg, records) -> int:
         result = evaluate(rollout, records, temperature=cfg.rollout.temperature, k=k, greedy=e.greedy,
                           max_new_tokens=cfg.rollout.max_new_tokens, style=cfg.rollout.style, seed=cfg.run.seed,
                           reward_pool=pool, keep_samples=e.samples, log=log, progress=cfg.run.progress,
-                          num_turns=e.num_turns, instruction=cfg.rollout.instruction)
+                          num_turns=e.num_turns, instruction=cfg.rollout.instruction,
+                          reply_prefix=cfg.rollout.reply_prefix)
     finally:
         if pool is not None:
             pool.close()

@@ -93,7 +93,7 @@ class ChatFormat:
     def __init__(self, tokenizer):
         self.tok = tokenizer
         self._ph = _ids(tokenizer.encode(_PLACEHOLDER, add_special_tokens=False))
-        self._suffix_cache: dict[tuple[str, str], list[int]] = {}
+        self._suffix_cache: dict[tuple[str, str, str], list[int]] = {}
 
     def _template(self, messages, gen: bool) -> list[int]:
         return _ids(self.tok.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True))
@@ -101,9 +101,11 @@ class ChatFormat:
     def prompt_ids(self, prompt: str) -> list[int]:
         return self._template([{"role": "user", "content": prompt}], True)
 
-    def suffix_ids(self, prompt: str, instruction: str) -> list[int]:
-        """Everything the template puts after a turn's content, up to and including the next assistant header."""
-        key = (prompt, instruction)
+    def suffix_ids(self, prompt: str, instruction: str, reply_prefix: str = "") -> list[int]:
+        """Everything the template puts after a turn's content, up to and including the next assistant header,
+        then reply_prefix: fixed text the next reply starts with (the model continues it; it is context like the
+        instruction, never trained, and not part of the turn's text)."""
+        key = (prompt, instruction, reply_prefix)
         if key not in self._suffix_cache:
             head = self.prompt_ids(prompt)
             full = self._template([{"role": "user", "content": prompt},
@@ -113,7 +115,8 @@ class ChatFormat:
             if full[:len(head)] != head or full[len(head):len(head) + len(ph)] != ph:
                 raise ValueError("the chat template does not render [user, assistant, user] as the prompt "
                                  "followed by the assistant's content; cannot build turn-2 ids")
-            self._suffix_cache[key] = full[len(head) + len(ph):]
+            pre = _ids(self.tok.encode(reply_prefix, add_special_tokens=False)) if reply_prefix else []
+            self._suffix_cache[key] = full[len(head) + len(ph):] + pre
         return self._suffix_cache[key]
 
     @staticmethod

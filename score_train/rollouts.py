@@ -81,6 +81,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
                     kw["num_turns"] = st.rollout_turns
                 if capture_layer and getattr(rollout, "captures_prefix", False):
                     kw["capture_layer"] = capture_layer
+                if st.two_turn and cfg.rollout.reply_prefix:
+                    kw["reply_prefix"] = cfg.rollout.reply_prefix
                 samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
                                            instruction=instruction, **kw)
             if hook is not None:
@@ -90,7 +92,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
             err = e
         D.all_ok(err, info)
         t_roll = time.perf_counter() - t0
-        suffix = [chat.suffix_ids(prompt_of(r), instruction) for r in recs] if a.name == "pair-sft" else None
+        suffix = ([chat.suffix_ids(prompt_of(r), instruction, cfg.rollout.reply_prefix) for r in recs]
+                  if a.name == "pair-sft" else None)
         train_samples, values = advantages(
             a, st, samples, rewards,
             lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))

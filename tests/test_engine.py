@@ -120,6 +120,25 @@ def test_instruction_ids_match_chat_template(tok):
         assert ids == full
 
 
+def test_reply_prefix_is_context_after_the_instruction(tok):
+    """rollout.reply_prefix: the ids after the instruction are the template's then the prefix's own; both rollouts
+    continue it, and the turn's text is what the model wrote after it."""
+    chat = ChatFormat(tok)
+    x, instr, pre = "What is 2 + 3?", "Check it.", "Let me recompute: "
+    plain, with_pre = chat.suffix_ids(x, instr), chat.suffix_ids(x, instr, pre)
+    assert with_pre == plain + tok.encode(pre, add_special_tokens=False) and chat.suffix_ids(x, instr) == plain
+    hf, m = tiny("qwen3")
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=6)
+    out = Engine(m, tok).generate([x], params, instruction=instr, reply_prefix=pre)
+    ref = HFRollout(hf, tok, batch_size=1).generate([x], params, instruction=instr, reply_prefix=pre)
+    assert_same(out, ref)
+    s = out[0]
+    assert s.instruction_ids[-len(with_pre) + 1:] == with_pre[1:]  # the end-of-turn token may be y1's own
+    by_ids = Engine(m, tok).generate_ids([s.prompt_ids], params, suffixes=[with_pre])[0]
+    assert by_ids.turn2_ids == s.turn2_ids and s.turn2_text == tok.decode(s.turn2_ids, skip_special_tokens=True)
+    assert Engine(m, tok).generate([x], params, instruction=instr)[0].turn2_ids != s.turn2_ids
+
+
 def test_sharing_and_batch_invariance(tok):
     _, m = tiny("llama")
     eng = Engine(m, tok, block_size=4)

@@ -76,10 +76,12 @@ def test_one_step_of_every_algorithm(tiny_model_dir, tmp_path, algo, extra):
     assert os.path.exists(os.path.join(run, "reward_per_turn.png"))
 
 
-def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_model_dir):
+@pytest.mark.parametrize("reply_prefix", ["", "Let me see: "])
+def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_model_dir, reply_prefix):
     """The engine's log-probs of the tokens it drew (turn1/turn2_logprobs) are the trainer's recomputed
     ones (same weights, same temperature): what makes the sampler's log-probs usable as the on-policy old
-    log-probs, and what catches a trainer that scores at T=1 after sampling at T=0.7."""
+    log-probs, and what catches a trainer that scores at T=1 after sampling at T=0.7. With a reply prefix the
+    trainer's packed context carries it before turn 2 (the sampler's instruction ids)."""
     from score_train import algos
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
@@ -89,8 +91,12 @@ def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_mo
     model.eval()
     T_ = 0.7
     samples = Engine(model, tok).generate(["What is 2 + 3?", "What is 10 + 7?"],
-                                          SamplingParams(n=2, temperature=T_, max_new_tokens=12, seed=3))
+                                          SamplingParams(n=2, temperature=T_, max_new_tokens=12, seed=3),
+                                          reply_prefix=reply_prefix)
     assert all(s.turn2_ids for s in samples)
+    if reply_prefix:
+        pre = tok.encode(reply_prefix, add_special_tokens=False)
+        assert all(s.instruction_ids[-len(pre):] == pre for s in samples)
     batch = algos.pack_samples(samples)
     with torch.no_grad():
         hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens)
@@ -399,3 +405,31 @@ def test_one_instruction_for_training_and_its_evaluations(tiny_model_dir, tmp_pa
     seen.clear()
     T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", "--algo.name=score"))
     assert seen and all(i == ARITHMETIC_SELF_CORRECT for _, i in seen)
+
+
+def test_one_reply_prefix_for_training_and_its_evaluations(tiny_model_dir, tmp_path, monkeypatch):
+    """rollout.reply_prefix reaches the training rollouts and every evaluation of the run, the evaluation records
+    name it, and each training sample's context before turn 2 ends with it (the trainer packs those ids:
+    test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature checks the log-probs after it)."""
+    from transformers import AutoTokenizer
+
+    from score_train.rollout.engine import Engine
+
+    seen, samples = [], []
+    orig = Engine.generate
+
+    def spy(self, prompts, params, **kw):
+        seen.append((params.temperature, kw.get("reply_prefix", "")))
+        out = orig(self, prompts, params, **kw)
+        if params.temperature > 0:
+            samples.extend(out)
+        return out
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "a", "--algo.name=score", "--rollout.reply_prefix=Let me see: ")
+    run = T.train(cfg)["run_dir"]
+    assert {t for t, _ in seen} == {0.0, 0.7} and all(p == "Let me see: " for _, p in seen), seen
+    with open(os.path.join(run, "eval_before.json")) as f:
+        assert json.load(f)["reply_prefix"] == "Let me see: "
+    pre = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Let me see: ", add_special_tokens=False)
+    assert samples and all(s.instruction_ids[-len(pre):] == pre for s in samples)

@@ -88,14 +88,22 @@ def _record(expr: str, cfg: ArithmeticConfig) -> Record:
                   answer=str(_value(expr)), source="arithmetic", meta={"expr": expr})
 
 
-def _drawn_from_split(n: int, split: str, rng: random.Random, cfg: ArithmeticConfig) -> list[Record]:
+def split_expressions(split: str, cfg: ArithmeticConfig) -> list[str] | None:
+    """Every expression of the split, in a fixed order; None when the space is too big to list (such a split is
+    never close to full at a sane n)."""
     if cfg.space_size() > _ENUMERATE_LIMIT:
-        raise ValueError(f"n={n} is too many to draw from this config's {split} split; raise digits or n_operands")
+        return None
     lo, hi = cfg._range()
     exprs = [str(a) for a in range(lo, hi + 1)]
     for _ in range(cfg.n_operands - 1):
         exprs = [f"{e} {op} {b}" for e in exprs for op in cfg.ops for b in range(lo, hi + 1)]
-    exprs = [e for e in exprs if split_of("arith:" + e, cfg.eval_fraction) == split]
+    return [e for e in exprs if split_of("arith:" + e, cfg.eval_fraction) == split]
+
+
+def _drawn_from_split(n: int, split: str, rng: random.Random, cfg: ArithmeticConfig) -> list[Record]:
+    exprs = split_expressions(split, cfg)
+    if exprs is None:
+        raise ValueError(f"n={n} is too many to draw from this config's {split} split; raise digits or n_operands")
     if n > len(exprs):
         raise ValueError(f"n={n} is too many for this config's {split} split ({len(exprs)} distinct problems); "
                          "raise digits or n_operands")

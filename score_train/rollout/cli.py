@@ -78,7 +78,8 @@ def run_command(cfg, prompts: list[str]) -> int:
           f"{r.max_new_tokens} new tokens per turn{', two turns' if g.two_turn else ''}", file=sys.stderr)
     bar = tqdm(total=len(prompts) * r.n * r.max_new_tokens * (2 if g.two_turn else 1), unit="tok",
                desc="generating", file=sys.stderr, dynamic_ncols=True, disable=not cfg.run.progress)
-    samples = engine.generate(prompts, params, two_turn=g.two_turn, instruction=instruction, progress=bar.update)
+    samples = engine.generate(prompts, params, two_turn=g.two_turn, instruction=instruction, progress=bar.update,
+                              reply_prefix=r.reply_prefix)
     bar.close()
     write_atomic(g.output, ({"prompt_index": s.prompt_index, "sample_index": s.sample_index,
                              "turn1": s.turn1_text, "turn2": s.turn2_text if g.two_turn else None,

@@ -118,17 +118,18 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, seeds: list[int] | None = None, progress=None,
-                 num_turns: int | None = None, capture_layer: int = 0) -> list[TwoTurnSample]:
+                 num_turns: int | None = None, capture_layer: int = 0, reply_prefix: str = "") -> list[TwoTurnSample]:
         """Returns len(prompts) * params.n * params.turn2_n samples ordered by (prompt_index, sample_index,
         branch_index).
         seeds: optional per-sample seeds (len(prompts) * n), else derived from params.seed.
         num_turns: turns per sample (default 2, or 1 with two_turn=False); the instruction follows each
-        turn but the last. capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after
+        turn but the last, and each later reply starts with reply_prefix (context, not the turn's text).
+        capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after
         layers [0, k) of its positions (a trainer whose bottom k layers are frozen then skips them)."""
         turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
-        suffixes = [self.chat.suffix_ids(p, instruction) for p in prompts] if turns > 1 else None
+        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if turns > 1 else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes, seeds=seeds, progress=progress,
                                  num_turns=turns, capture_layer=capture_layer)
 

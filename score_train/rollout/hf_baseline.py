@@ -30,10 +30,10 @@ class HFRollout:
         self.stats: dict[str, float] = {}
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None) -> list[TwoTurnSample]:
+                 instruction: str | None = None, reply_prefix: str = "") -> list[TwoTurnSample]:
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
-        suffixes = [self.chat.suffix_ids(p, instruction) for p in prompts] if two_turn else None
+        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if two_turn else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes)
 
     @torch.inference_mode()
