@@ -387,7 +387,8 @@ def test_three_turns_need_a_multi_turn_algorithm_and_the_engine(tiny_model_dir, 
 
 def test_one_instruction_for_training_and_its_evaluations(tiny_model_dir, tmp_path, monkeypatch):
     """rollout.instruction replaces the task's turn-2 message in the training rollouts and in every evaluation
-    of the run (a model trained on one instruction is measured on it); "" keeps the task's own."""
+    of the run (a model trained on one instruction is measured on it); "" keeps the task's own (the demo preset
+    sets one)."""
     from score_train.prompts import ARITHMETIC_SELF_CORRECT
     from score_train.rollout.engine import Engine
 
@@ -403,7 +404,7 @@ def test_one_instruction_for_training_and_its_evaluations(tiny_model_dir, tmp_pa
     assert {t for t, _ in seen} == {0.0, 0.7}  # evaluations (greedy) and training rollouts both went through it
     assert all(i == "Say it again." for _, i in seen)
     seen.clear()
-    T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", "--algo.name=score"))
+    T.train(tiny_cfg(tiny_model_dir, tmp_path / "b", "--algo.name=score", "--rollout.instruction="))
     assert seen and all(i == ARITHMETIC_SELF_CORRECT for _, i in seen)
 
 
