@@ -59,6 +59,8 @@ _SHARED = {
     "max-new-tokens": Alias(("rollout.max_new_tokens",), help="per turn (0 = the task's default)"),
     "device": Alias(("run.device",)),
     "dtype": Alias(("model.dtype",)),
+    "instruction": Alias(("rollout.instruction",), convert=str),
+    "reply-prefix": Alias(("rollout.reply_prefix",), convert=str),
 }
 
 EVAL_ALIASES = {
@@ -86,8 +88,6 @@ GENERATE_ALIASES = {
     "top-p": Alias(("rollout.top_p",)),
     "top-k": Alias(("generate.top_k",)),
     "two-turn": Alias(("generate.two_turn",), const=True),
-    "instruction": Alias(("rollout.instruction",), convert=str),
-    "reply-prefix": Alias(("rollout.reply_prefix",), convert=str),
     "seed": Alias(("run.seed",)),
     "stop": Alias(("generate.stop",), convert=str, append=True),
 }

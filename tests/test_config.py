@@ -132,7 +132,7 @@ def test_one_temperature_default_and_shared_flags():
     assert Config().rollout.instruction == "" and not hasattr(g.generate, "instruction")
     # text settings are taken as written: "a: b" is not a YAML mapping, "1" is not a number, on every path
     g, _ = parse_generate_args(["--input", "p.jsonl", "--output", "o.jsonl", "--reply-prefix", "Let me see: "])
-    e, _ = parse_eval_args(["--model", "m", "--rollout.reply_prefix=Let me see: ", "--rollout.instruction", "1"])
+    e, _ = parse_eval_args(["--model", "m", "--reply-prefix", "Let me see: ", "--instruction", "1"])
     c = load_config(None, ["--rollout.reply_prefix=Let me see: ", "--rollout.instruction=Check: it."])
     assert g.rollout.reply_prefix == e.rollout.reply_prefix == c.rollout.reply_prefix == "Let me see: "
     assert e.rollout.instruction == "1" and c.rollout.instruction == "Check: it."
