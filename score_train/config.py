@@ -177,7 +177,7 @@ class RolloutConfig:
     # fixed text that every reply after the instruction starts with, in training, every evaluation and
     # score-generate: context like the instruction (never trained; the turn's text, its reward and its answer
     # are what the model writes after it). "" = none. The demo's "Let me recompute: " makes the base model re-derive
-    # the sum in turn 2 instead of restating turn 1 (docs/trainer.md, "The demo's turn-2 opening")
+    # the sum in turn 2 instead of restating turn 1 (docs/trainer.md, "The turn-2 opening")
     reply_prefix: str = ""
     # training: the engine keeps each sample's residual after the frozen bottom layers (model.train_layers), so
     # the update skips them; costs B x tokens x d activations held from sampling to the update
