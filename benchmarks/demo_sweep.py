@@ -2,6 +2,9 @@
 each recorded under benchmarks/results/, then one table with the pooled sign test.
 
     python benchmarks/demo_sweep.py main            # 3 seeds x {score, multi-turn-rl}, the shipped demo preset
+    python benchmarks/demo_sweep.py recompute_s30x2 # 3 seeds of score, the preset's settings spelled out
+    python benchmarks/demo_sweep.py recompute_s30   # 3 seeds of score, 30 + 10 steps without interleaving
+    python benchmarks/demo_sweep.py recompute       # 3 seeds x {score, multi-turn-rl}, 20 + 20 steps
     python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
     python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
     python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
@@ -79,6 +82,22 @@ SWEEPS = {
 RECOMPUTE = ["--rollout.instruction=Please solve the problem again.", "--rollout.reply_prefix=Let me recompute: "]
 SWEEPS["recompute"] = [(f"demo_recompute_{algo}_seed{s}", [*RECOMPUTE, f"--algo.name={algo}", f"--run.seed={s}"])
                        for algo in ("score", "multi-turn-rl") for s in SEEDS]
+# The same preset with a longer Stage I and a shorter Stage II (30 + 10, the same 40 steps): at the end of Stage I
+# (step 20) seed 0 corrected 32 stated answers and broke 6 (+5.3); 20 steps of Stage II then taught turn 1 the
+# recomputation (26.2 -> 35.5) and left +1.8. Stage II's turn-1 reward r1 is what moves turn 1, so fewer of its steps
+# keep more of Stage I's correction while still shaping turn 2 with alpha (r2 - r1).
+SWEEPS["recompute_s30"] = [(f"demo_recompute_s30_score_seed{s}", [*RECOMPUTE, "--algo.name=score",
+                                                                  "--algo.stage1_steps=30", "--algo.stage2_steps=10",
+                                                                  f"--run.seed={s}"]) for s in SEEDS]
+# At the end of Stage I (the step-30 checkpoints) seeds 1 and 2 corrected 30 vs 8 and 28 vs 11 (+4.4, +3.4); their
+# 10 Stage II steps left +1.8 and +0.4 (turn 1 up 9.2 and 10.5 points). The paper's v1 schedule runs the stages twice
+# ("two applications each of Stage I and II"): 15 + 5 + 15 + 5 steps. The second Stage I pulls turn 1 back towards
+# the base (beta2 KL, no turn-1 reward) while turn 2 trains on, and the last Stage II is 5 steps, not 10.
+SWEEPS["recompute_s30x2"] = [(f"demo_recompute_s30x2_score_seed{s}", [*RECOMPUTE, "--algo.name=score",
+                                                                      "--algo.stage1_steps=30",
+                                                                      "--algo.stage2_steps=10",
+                                                                      "--algo.interleave=2", f"--run.seed={s}"])
+                             for s in SEEDS]
 # Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
 EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
 

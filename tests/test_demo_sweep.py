@@ -124,6 +124,29 @@ def test_every_sweep_run_parses_as_a_score_train_command(sweep):
         assert by_name["demo_plusminus_seed0"].data.ops == ["+", "-"]
         assert by_name["demo_lr1e-4_alpha1_seed0"].optim.lr == 1e-4
         assert by_name["demo_stage1x2_seed0"].algo.stage1_steps == 40
+    if sweep == "recompute_s30":
+        for name, overrides in demo_sweep.SWEEPS[sweep]:
+            cfg = parse_command(overrides, Config, default_preset="demo").cfg
+            assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps) == (30, 10)
+            assert cfg.rollout.reply_prefix == "Let me recompute: "
+    if sweep == "recompute_s30x2":
+        for name, overrides in demo_sweep.SWEEPS[sweep]:
+            cfg = parse_command(overrides, Config, default_preset="demo").cfg
+            assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
+
+
+def test_readme_headline_runs_are_the_shipped_preset():
+    # README and docs/trainer.md tabulate demo_recompute_s30x2_* as what `score-train` with no arguments does: each
+    # run's settings must be the preset's (a preset change then needs new records, not a stale table).
+    from dataclasses import asdict
+
+    from score_train.config import Config, parse_command
+
+    for name, overrides in demo_sweep.SWEEPS["recompute_s30x2"]:
+        seed = next(o for o in overrides if o.startswith("--run.seed="))
+        swept = asdict(parse_command(overrides, Config, default_preset="demo").cfg)
+        preset = asdict(parse_command([seed], Config, default_preset="demo").cfg)
+        assert swept == preset, name
 
 
 def test_changes_lists_corrections_breakages_and_copies(tmp_path):
