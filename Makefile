@@ -8,11 +8,11 @@ demo: setup
 	.venv/bin/score-train
 
 test: setup
-	.venv/bin/python -m pytest tests -q
+	.venv/bin/python -m pytest tests experiments -q
 	.venv/bin/python -m pytest benchmarks -q --perf-gate
 
 test-fast: setup
-	.venv/bin/python -m pytest tests -q -m "not slow"
+	.venv/bin/python -m pytest tests experiments -q -m "not slow"
 
 compile-check: setup
 	.venv/bin/python -m score_kernels.compile_check --arch sm_80,sm_90 --max-spill 0

@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from benchmarks.demo_sweep import machine
+from benchmarks.provenance import machine
 from score_train.model import load_model
 from score_train.rollout.engine import Engine
 from score_train.rollout.hf_baseline import HFRollout

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from benchmarks.demo_sweep import commit, machine
+from benchmarks.provenance import commit, machine
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu_floor.json")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm", "aten::addmm_")

@@ -4,7 +4,7 @@ LoRA unmerged (peft's forward: three matmuls per projection), as a record.
     python benchmarks/lora_rollout_speed.py [--prompts 8] [--n 4] [--tokens 64] [--rounds 4]
 
 SmolLM2-135M-Instruct (embedded), rank-16 adapters on the top 8 of 30 layers (the LoRA lever of
-benchmarks/demo_sweep.py), B = 0 as at the start of training, so all three variants draw the same tokens and do
+experiments/self-correction/sweeps.yaml), B = 0 as at the start of training, so all three variants draw the same tokens and do
 the same work; the variants alternate in one process on one torch thread. Round 0 is a warm-up; ratios are
 medians over the other rounds. Writes benchmarks/results/lora_rollout_speed.json.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from benchmarks.demo_sweep import commit, machine
+from benchmarks.provenance import commit, machine
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lora_rollout_speed.json")
 

@@ -133,12 +133,12 @@ def case_train_step_demo(machine: str, B: int = 8, autocast: bool = False) -> di
     """The demo's optimisation step (issue 14): SmolLM2-135M's shape (random weights), the top 8 of 30 layers
     trained, SCoRe Stage II with the k3 KL, T=0.7, on the same samples: today's `train_step` (given the samples
     as the engine returns them, with the frozen prefix it already ran: rollout.reuse_prefix) vs the frozen copy
-    of the step at commit 693d5f9 (benchmarks/train_step_693d5f9.py), which reruns the frozen 22 layers.
+    of the step at commit 693d5f9 (benchmarks/baseline_train_step.py), which reruns the frozen 22 layers.
     autocast=True adds "ours_autocast": today's step under model.autocast_bf16 (fast only where the CPU has bf16
     matmul units: AMX or AVX512-BF16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from benchmarks import train_step_693d5f9 as old
+    from benchmarks import baseline_train_step as old
     from score_train import algos
     from score_train.config import Config
     from score_train.model import from_hf

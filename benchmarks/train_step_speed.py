@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from benchmarks.demo_sweep import commit, machine
+from benchmarks.provenance import commit, machine
 from benchmarks.test_bench_train import case_train_step_demo
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "train_step_speed.json")
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             old = json.load(f)
     history = old.pop("history", [])
     rec = {"what": "issue 14: the demo's optimisation step, today's train_step (samples with the engine's frozen-prefix "
-                   "residuals, rollout.reuse_prefix) vs the step at 693d5f9 (benchmarks/train_step_693d5f9.py), "
+                   "residuals, rollout.reuse_prefix) vs the step at 693d5f9 (benchmarks/baseline_train_step.py), "
                    "same samples, alternating in one process, 1 torch thread",
            "shape": case["shape"], "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
            "machine": machine(), "load_average_start": load0, "load_average_end": os.getloadavg()[0],

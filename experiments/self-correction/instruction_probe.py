@@ -1,26 +1,26 @@
-"""Base-model probe of turn-1 prompts and turn-2 instructions (issue 13, levers): greedy two-turn answers of the
+"""Base-model probe of turn-1 prompts and turn-2 instructions (the levers): greedy two-turn answers of the
 embedded SmolLM2-135M on N held-out additions per variant, with the stated-answer split.
 
-    python benchmarks/instruction_probe.py N THREADS VARIANTS.json > OUT.jsonl
+    python experiments/self-correction/instruction_probe.py N THREADS VARIANTS.json > OUT.jsonl
 
 VARIANTS.json: [{"name": ..., "instr": turn-2 instruction, "fmt": data.prompt_format (default: the bare "What is {expr}?")}, ...].
-Writes samples_<name>.md (20 rows) beside VARIANTS.json. Recorded: benchmarks/results/demo_instruction_probe.json.
+Writes samples_<name>.md (20 rows) beside VARIANTS.json. Recorded: records/demo_instruction_probe*.json
+(records/demo_instruction_probe_variants.json is a VARIANTS.json).
 """
-import json, sys, time
+import json
+import os
+import sys
+import time
+
 import torch
-from score_train.model import load_model
-from score_train.rollout.engine import Engine
-from score_train.config import DataConfig
-from score_train.preflight import load_records
-from score_train import eval as E
-from score_train.rollout.types import SamplingParams
-from score_train.rewards import reward
+
+from score_api import (DataConfig, Engine, SamplingParams, load_model, load_records, reward,
+                       self_correction_metrics, turn1_stated)
 
 torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 model, tok = load_model("embedded")
 eng = Engine(model, tok)
-import os
 vpath = sys.argv[3]
 variants = json.load(open(vpath))
 here = os.path.dirname(os.path.abspath(vpath))
@@ -33,8 +33,8 @@ for v in variants:
                       instruction=v["instr"])
     r1 = [reward("arithmetic", s.turn1_text, r) for s, r in zip(ss, recs)]
     r2 = [reward("arithmetic", s.turn2_text, r) for s, r in zip(ss, recs)]
-    st = [E.turn1_stated("arithmetic", s.turn1_text, s.finish_reasons[0]) for s in ss]
-    m = E.self_correction_metrics(r1, r2, st, cut_t1=[s.finish_reasons[0] == "length" for s in ss],
+    st = [turn1_stated("arithmetic", s.turn1_text, s.finish_reasons[0]) for s in ss]
+    m = self_correction_metrics(r1, r2, st, cut_t1=[s.finish_reasons[0] == "length" for s in ss],
                                   cut_t2=[s.finish_reasons[1] == "length" for s in ss])
     print(json.dumps({"name": v["name"], "s": round(time.time() - t0), **{k: (round(m[k], 3) if isinstance(m[k], float) else m[k]) for k in
           ("acc_t1", "acc_t2", "delta_stated", "n_i2c_stated", "n_c2i_stated", "n_i2c_unstated", "cut_t1", "cut_t2")}}), flush=True)

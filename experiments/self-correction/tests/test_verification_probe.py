@@ -1,10 +1,11 @@
-"""benchmarks/verification_probe.py: the AUC, the yes/no margin and the order-effect counts it reports."""
+"""verification_probe.py: the AUC, the yes/no margin and the order-effect counts it reports."""
 import math
 
 import pytest
 import torch
 
-from benchmarks import verification_probe as vp
+import score_api as api
+import verification_probe as vp
 from tests.helpers import save_tiny_llama
 
 
@@ -19,17 +20,13 @@ def test_off_by_and_flips():
     assert vp.off_by(57, "a") in (47, 67) and vp.off_by(7, "a") in (6, 8)
     assert vp.off_by(57, "x") == vp.off_by(57, "x")  # fixed by the text, not drawn
     assert vp.flips([0, 1, 1, 0], [1, 0, 1, 0]) == {"i2c": 1, "c2i": 1}
-    from score_train.data.arithmetic import generate
-
-    rec = generate(1)[0]
+    rec = api.arithmetic.generate(1)[0]
     assert rec.problem == f"What is {vp.expression(rec)}? Answer with just the number."
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from score_train.model import load_model
-
-    return load_model(save_tiny_llama(tmp_path_factory.mktemp("tiny")))
+    return api.load_model(save_tiny_llama(tmp_path_factory.mktemp("tiny")))
 
 
 def test_yes_no_margins_are_the_log_odds_of_the_first_reply_token_batched_or_not(tiny):
@@ -52,10 +49,8 @@ def test_yes_no_margins_are_the_log_odds_of_the_first_reply_token_batched_or_not
 
 
 def test_probe_task_runs_end_to_end_and_reports_the_order_effect(tiny):
-    from score_train.rollout.engine import Engine
-
     model, tok = tiny
-    out = vp.probe_task(model, tok, Engine(model, tok), {}, 6)
+    out = vp.probe_task(model, tok, api.Engine(model, tok), {}, 6)
     assert out["n"] == 6 and 0.0 <= out["acc_t1"] <= 1.0 and 0.0 <= out["p_yes_own"] <= 1.0
     for k in ("own_answer_auc", "true_vs_off_auc", "confidence_mean_auc", "confidence_min_auc"):
         assert math.isnan(out[k]) or 0.0 <= out[k] <= 1.0  # nan: the random model got none (or all) right
@@ -68,10 +63,8 @@ def test_probe_task_runs_end_to_end_and_reports_the_order_effect(tiny):
 
 
 def test_explore_counts_sampled_turns_2_per_instruction(tiny):
-    from score_train.rollout.engine import Engine
-
     model, tok = tiny
-    got = vp.explore(Engine(model, tok), 2, {"a": "Check it.", "b": "Check it again."}, samples=2)
+    got = vp.explore(api.Engine(model, tok), 2, {"a": "Check it.", "b": "Check it again."}, samples=2)
     assert set(got) == {"a", "b"}
     for o in got.values():
         assert o["samples"] == 4 and 0 <= o["other_order_right"] <= o["other_order"] <= 4
@@ -79,9 +72,7 @@ def test_explore_counts_sampled_turns_2_per_instruction(tiny):
 
 
 def test_eval_split_size_is_what_the_data_module_can_draw():
-    from score_train.config import DataConfig, UsageError
-    from score_train.preflight import load_records
-
+    DataConfig, UsageError, load_records = api.DataConfig, api.UsageError, api.load_records
     cfg = DataConfig(task="arithmetic", digits=1, n_operands=3, ops=["+", "*"])
     n = vp.eval_split_size(cfg)
     assert len(load_records(cfg, "eval", n)) == n

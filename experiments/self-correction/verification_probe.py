@@ -1,4 +1,4 @@
-"""Can the model tell its right answers from its wrong ones? (issue 13: the error signal self-correction needs)
+"""Can the model tell its right answers from its wrong ones? (the error signal self-correction needs)
 
 For N held-out problems of a task: the model's greedy turn 1 under the task's prompt, then a yes/no question after
 it ("Is the answer above right? Answer yes or no."). Its score is log P(yes) - log P(no) at the first token of the
@@ -13,26 +13,22 @@ the written equation in each operand order ("a + b = ", "b + a = ", larger first
 answers a turn 2 that always re-added in another order would fix and break (i->c / c->i against the question's
 order): the one check-by-another-method this model does better than its first attempt.
 
-    python benchmarks/verification_probe.py [--spec=embedded] [--n=512] [--threads=2] [--tasks=all|demo]
-                                            [--out=benchmarks/results/demo_verification_probe.json]
+    python experiments/self-correction/verification_probe.py [--spec=embedded] [--n=512] [--threads=2]
+        [--tasks=all|demo] [--out=experiments/self-correction/records/demo_verification_probe.json]
 
-Recorded: benchmarks/results/demo_verification_probe.json (the base model, four tasks) and
-demo_verification_probe_trained.json (finished lever runs, exported with `demo_sweep.py export`).
+Recorded: records/demo_verification_probe.json (the base model, four tasks) and
+records/demo_verification_probe_trained.json (finished lever runs, exported with `sweep.py export`).
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import os
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import score_api as api
 
 QUESTION = "Is the answer above right? Answer yes or no."
 # name -> DataConfig overrides; "demo" is the preset's task
@@ -107,25 +103,17 @@ def flips(a: list[float], b: list[float]) -> dict:
 def eval_split_size(data) -> int:
     """Distinct problems in an arithmetic eval split (the three-operand one-digit task has 421); a space too big to
     list counts as unlimited."""
-    from score_train.data import ArithmeticConfig
-    from score_train.data.arithmetic import split_expressions
-
-    exprs = split_expressions("eval", ArithmeticConfig(digits=data.digits, n_operands=data.n_operands,
-                                                       ops=tuple(data.ops)))
+    arith = api.ArithmeticConfig(digits=data.digits, n_operands=data.n_operands, ops=tuple(data.ops))
+    exprs = api.arithmetic.split_expressions("eval", arith)
     return 10**9 if exprs is None else len(exprs)
 
 
 def probe_task(model, tok, eng, overrides: dict, n: int, orders: bool = True) -> dict:
-    from score_train.config import DataConfig
-    from score_train.preflight import load_records
-    from score_train.rewards import reward
-    from score_train.rollout.types import SamplingParams
-
-    cfg = DataConfig(task="arithmetic", **overrides)
-    recs = load_records(cfg, "eval", min(n, eval_split_size(cfg)))
-    ss = eng.generate([r.problem for r in recs], SamplingParams(n=1, temperature=0.0, max_new_tokens=128),
+    cfg = api.DataConfig(task="arithmetic", **overrides)
+    recs = api.load_records(cfg, "eval", min(n, eval_split_size(cfg)))
+    ss = eng.generate([r.problem for r in recs], api.SamplingParams(n=1, temperature=0.0, max_new_tokens=128),
                       two_turn=False)
-    r1 = [reward("arithmetic", s.turn1_text, r) for s, r in zip(ss, recs)]
+    r1 = [api.reward("arithmetic", s.turn1_text, r) for s, r in zip(ss, recs)]
     yes, no = one_token_ids(tok, ["Yes", "yes", "YES"]), one_token_ids(tok, ["No", "no", "NO"])
     own = yes_no_margins(model, tok, [[{"role": "user", "content": r.problem},
                                        {"role": "assistant", "content": s.turn1_text},
@@ -153,16 +141,13 @@ def probe_task(model, tok, eng, overrides: dict, n: int, orders: bool = True) ->
 
 
 def order_effect(eng, tok, recs) -> dict:
-    from score_train.rewards import reward
-    from score_train.rollout.types import SamplingParams
-
     got = {}
     for name, fmt in ORDERS.items():
         pre = [fmt(*map(int, expression(r).split(" + "))) for r in recs]
         ids = [eng.chat.prompt_ids(r.problem) + tok.encode(p, add_special_tokens=False) for r, p in zip(recs, pre)]
-        ss = eng.generate_ids(ids, SamplingParams(n=1, temperature=0.0, max_new_tokens=16))
+        ss = eng.generate_ids(ids, api.SamplingParams(n=1, temperature=0.0, max_new_tokens=16))
         # the first line: the equation's result, not whatever the model writes after it
-        got[name] = [reward("arithmetic", p + s.turn1_text.split("\n")[0], r) for s, r, p in zip(ss, recs, pre)]
+        got[name] = [api.reward("arithmetic", p + s.turn1_text.split("\n")[0], r) for s, r, p in zip(ss, recs, pre)]
     base = got["question's order"]
     return {name: {"acc": sum(v) / len(v), **({} if name == "question's order" else flips(base, v))}
             for name, v in got.items()}
@@ -172,18 +157,14 @@ def explore(eng, n: int, instructions: dict[str, str], temperature: float = 0.7,
     """How often sampled turns 2 (the preset's sampling: temperature 0.7, 4 a prompt, n training problems) write
     the sum in the other operand order, under each turn-2 instruction: what RL would have to start from to learn
     the re-add-in-another-order check."""
-    from score_train.config import DataConfig
-    from score_train.preflight import load_records
-    from score_train.rewards import reward
-    from score_train.rollout.types import SamplingParams
-
-    recs = load_records(DataConfig(task="arithmetic"), "train", n)
+    recs = api.load_records(api.DataConfig(task="arithmetic"), "train", n)
     out = {}
     for name, instr in instructions.items():
-        ss = eng.generate([r.problem for r in recs], SamplingParams(n=samples, temperature=temperature,
-                                                                    max_new_tokens=128, seed=1), instruction=instr)
-        r1 = [reward("arithmetic", s.turn1_text, recs[i // samples]) for i, s in enumerate(ss)]
-        r2 = [reward("arithmetic", s.turn2_text, recs[i // samples]) for i, s in enumerate(ss)]
+        ss = eng.generate([r.problem for r in recs], api.SamplingParams(n=samples, temperature=temperature,
+                                                                        max_new_tokens=128, seed=1),
+                          instruction=instr)
+        r1 = [api.reward("arithmetic", s.turn1_text, recs[i // samples]) for i, s in enumerate(ss)]
+        r2 = [api.reward("arithmetic", s.turn2_text, recs[i // samples]) for i, s in enumerate(ss)]
         swapped = []
         for i, s in enumerate(ss):
             a, b = expression(recs[i // samples]).split(" + ")
@@ -204,14 +185,10 @@ def main(argv=None) -> int:
     ap.add_argument("--explore", type=int, default=64, help="training problems for the sampled-turn-2 count (0: skip)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
-    from benchmarks.demo_sweep import commit, machine
-    from score_train.model import load_model
-    from score_train.rollout.engine import Engine
-
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.spec)
-    eng = Engine(model, tok)
-    rec = {"spec": args.spec, "question": QUESTION, "commit": commit(), "machine": machine(), "tasks": {}}
+    model, tok = api.load_model(args.spec)
+    eng = api.Engine(model, tok)
+    rec = {"spec": args.spec, "question": QUESTION, "commit": api.commit(), "machine": api.machine(), "tasks": {}}
     for name, ov in itertools.islice(TASKS.items(), None if args.tasks == "all" else 1):
         t0 = time.time()
         rec["tasks"][name] = r = probe_task(model, tok, eng, ov, args.n, bool(args.orders))
@@ -219,9 +196,8 @@ def main(argv=None) -> int:
         print(json.dumps({"task": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                                            if k != "samples"}}), flush=True)
     if args.explore:
-        from score_train.prompts import ARITHMETIC_SELF_CORRECT
         rec["explore"] = explore(eng, args.explore, {
-            "default": ARITHMETIC_SELF_CORRECT,
+            "default": api.ARITHMETIC_SELF_CORRECT,
             "other order": "Check the answer above by adding the two numbers in the other order. Write the sum, "
                            "then give the final answer."})
         print(json.dumps({"explore": rec["explore"]}), flush=True)

@@ -1,128 +1,77 @@
-"""The demo's measurements (issue 13 §3-§4): `score-train` runs over seeds, algorithms, alpha and turn counts,
-each recorded under benchmarks/results/, then one table with the pooled sign test.
+"""The demo's sweeps (sweeps.yaml): `score-train` runs over seeds, algorithms and levers, each recorded as
+records/<name>.json, then one table with the pooled sign test (records/demo_sweep.md).
 
-    python benchmarks/demo_sweep.py main            # 3 seeds x {score, multi-turn-rl}, the shipped demo preset
-    python benchmarks/demo_sweep.py recompute_s30x2 # 3 seeds of score, the preset's settings spelled out
-    python benchmarks/demo_sweep.py recompute_s30   # 3 seeds of score, 30 + 10 steps without interleaving
-    python benchmarks/demo_sweep.py recompute       # 3 seeds x {score, multi-turn-rl}, 20 + 20 steps
-    python benchmarks/demo_sweep.py alpha           # alpha in {0, 1, 10, 30}, seed 0
-    python benchmarks/demo_sweep.py turns           # --algo.num_turns=3, seed 0 (when the trainer supports it)
-    python benchmarks/demo_sweep.py alpha1          # alpha 1 over 3 seeds
-    python benchmarks/demo_sweep.py levers          # eleven single levers, seed 0 (SWEEPS['levers'])
-    python benchmarks/demo_sweep.py table           # re-tabulate the records already written
-    python benchmarks/demo_sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
-    python benchmarks/demo_sweep.py one --name demo_try_x --algo.beta2=0.5         # a lever: any overrides
-    python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --out-dir DIR   # re-evaluate a finished run
-    python benchmarks/demo_sweep.py audit --name demo_alpha1_seed0 --step step_000020  # ... at the end of Stage I
-    python benchmarks/demo_sweep.py export --name demo_bf16_pairsft40_seed0 --to DIR   # its model, for --model.spec=DIR
+    python experiments/self-correction/sweep.py recompute_s30x2   # 3 seeds of score: the shipped preset, spelled out
+    python experiments/self-correction/sweep.py recompute_s30     # 3 seeds of score, 30 + 10 steps, not interleaved
+    python experiments/self-correction/sweep.py recompute         # 3 seeds x {score, multi-turn-rl}, 20 + 20 steps
+    python experiments/self-correction/sweep.py main              # 3 seeds x {score, multi-turn-rl}, before the opening
+    python experiments/self-correction/sweep.py alpha             # alpha in {0, 1, 10, 30}, seed 0
+    python experiments/self-correction/sweep.py turns             # --algo.num_turns=3, seed 0
+    python experiments/self-correction/sweep.py alpha1            # alpha 1 over 3 seeds
+    python experiments/self-correction/sweep.py levers            # eleven single levers, seed 0
+    python experiments/self-correction/sweep.py table             # re-tabulate the records already written
+    python experiments/self-correction/sweep.py main --only demo_score_seed1 --run.threads=1   # one run of a sweep
+    python experiments/self-correction/sweep.py one --name demo_try_x --algo.beta2=0.5         # any overrides
+    python experiments/self-correction/sweep.py audit --name demo_alpha1_seed0 --out-dir DIR   # re-evaluate a run
+    python experiments/self-correction/sweep.py audit --name demo_alpha1_seed0 --step step_000020  # end of Stage I
+    python experiments/self-correction/sweep.py export --name demo_bf16_pairsft40_seed0 --to DIR   # its model
 
-Two runs side by side on 2 cores (`--only` each, `--run.threads=1`) take about 40 min each instead of 29.
-
-Each run is a plain `score-train` subprocess with the preset's settings plus the sweep's overrides, so a
-record's wall time is what a user would see (model load and both evaluations included). These are long
-measurements (about 29 min a run on a quiet 2-core machine): benchmarks with records, never part of the test suite.
-A run's record keeps its final evaluation (greedy, held-out), the base evaluation, the truncation counts and
-the config; the table's headline is delta among stated answers (turn 1 ended by itself with an answer).
+Each run is a plain `score-train` subprocess with the preset's settings plus the sweep's overrides, so a record's
+wall time is what a user would see (model load and both evaluations included): about 20 minutes a run alone on a
+2-core machine, about 40 with two side by side (`--only` each, `--run.threads=1`). Long measurements with records,
+never part of the test suite. A run's record keeps its final evaluation (greedy, held-out), the base evaluation,
+the truncation counts, the config, and what turn 2 changed (`changes`); the table's headline is delta among stated
+answers (turn 1 ended by itself with an answer).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 
+import torch
+import yaml
+
+import score_api as api
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-SEEDS = (0, 1, 2)
-KEEP_INSTRUCTION = ("Check the answer above. If it is right, repeat it. If it is wrong, give the right answer. "
-                    "Answer with just the number.")
-SWEEPS = {
-    "main": [(f"demo_{algo}_seed{s}", [f"--algo.name={algo}", f"--run.seed={s}"])
-             for algo in ("score", "multi-turn-rl") for s in SEEDS],
-    "alpha": [(f"demo_alpha{a:g}_seed0", [f"--algo.alpha={a}", "--run.seed=0"]) for a in (0.0, 1.0, 10.0, 30.0)],
-    "turns": [("demo_turns3_seed0", ["--algo.num_turns=3", "--run.seed=0"])],
-    # seeds 1-2 of the one alpha that looked like self-correction at seed 0 (seed 0 is the alpha sweep's run)
-    "alpha1": [(f"demo_alpha1_seed{s}", ["--algo.alpha=1.0", f"--run.seed={s}"]) for s in SEEDS],
-    # single levers, seed 0: Stage I alone (does turn 2 already copy turn 1 before the shaping bonus?); the one
-    # turn-2 instruction that helped the base model in the probe; three operands with + and -, and two with + and -
-    # (more stated mistakes, of another kind); alpha 1 (the best seed-0 delta) at 3.3x the learning rate; a Stage I
-    # twice as long (40 + 20 steps: 33 minutes, over the demo's 30); LoRA rank 16 on the same top 8 layers instead
-    # of their weights (its lr 1e-4: Adam moves B by about lr a step, and alpha / r * B A with A at peft's init then
-    # moves each weight by about a fifth of that, 2e-5 a step, near the preset's 3e-5 full-weight steps)
-    "levers": [("demo_stage1only_seed0", ["--algo.stage2_steps=0", "--run.seed=0"]),
-               ("demo_keepinstr_seed0", [f"--rollout.instruction={KEEP_INSTRUCTION}", "--run.seed=0"]),
-               ("demo_3operands_seed0", ["--data.n_operands=3", "--data.ops=+,-", "--run.seed=0"]),
-               ("demo_plusminus_seed0", ["--data.ops=+,-", "--run.seed=0"]),
-               ("demo_lr1e-4_alpha1_seed0", ["--optim.lr=1e-4", "--algo.alpha=1.0", "--run.seed=0"]),
-               ("demo_stage1x2_seed0", ["--algo.stage1_steps=40", "--run.seed=0"]),
-               ("demo_lora16_lr1e-4_seed0", ["--model.lora_rank=16", "--model.lora_alpha=32", "--optim.lr=1e-4",
-                                             "--run.seed=0"]),
-               # twice the steps in the budget: bf16 rollouts and update (fast only on a CPU with AMX-BF16)
-               ("demo_bf16_steps40x40_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
-                                               "--algo.stage1_steps=40", "--algo.stage2_steps=40", "--run.seed=0"]),
-               # twice the samples per prompt (n = 8) in the same budget, the same way
-               ("demo_bf16_n8_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true", "--rollout.n=8",
-                                       "--run.seed=0"]),
-               # the same turn-2 samples a step as n = 8, as 2 turn-2 branches of each of 4 turns 1: turn 2's
-               # baseline is then its sibling after the same y1 (did this turn 2 do better from that y1?)
-               ("demo_bf16_turn2x2_seed0", ["--rollout.dtype=bfloat16", "--model.autocast_bf16=true",
-                                            "--rollout.turn2_n=2", "--run.seed=0"]),
-               # Pair-SFT (the paper's baseline) on the demo budget: does an SFT'd turn 2 stop copying? Its export
-               # (`export --name demo_bf16_pairsft40_seed0 --to DIR`) then starts demo_bf16_pairsft40_then_score_seed0:
-               # the preset's SCoRe with --model.spec=DIR and the same bf16 settings
-               ("demo_bf16_pairsft40_seed0", ["--algo.name=pair-sft", "--algo.steps=40", "--rollout.dtype=bfloat16",
-                                              "--model.autocast_bf16=true", "--run.seed=0"])],
-}
-# The preset since the turn-2 opening (its instruction and reply prefix spelled out, so that the records mean the
-# same whatever the preset later says): 3 seeds x {score, multi-turn-rl}
-RECOMPUTE = ["--rollout.instruction=Please solve the problem again.", "--rollout.reply_prefix=Let me recompute: "]
-SWEEPS["recompute"] = [(f"demo_recompute_{algo}_seed{s}", [*RECOMPUTE, f"--algo.name={algo}", f"--run.seed={s}"])
-                       for algo in ("score", "multi-turn-rl") for s in SEEDS]
-# The same preset with a longer Stage I and a shorter Stage II (30 + 10, the same 40 steps): at the end of Stage I
-# (step 20) seed 0 corrected 32 stated answers and broke 6 (+5.3); 20 steps of Stage II then taught turn 1 the
-# recomputation (26.2 -> 35.5) and left +1.8. Stage II's turn-1 reward r1 is what moves turn 1, so fewer of its steps
-# keep more of Stage I's correction while still shaping turn 2 with alpha (r2 - r1).
-SWEEPS["recompute_s30"] = [(f"demo_recompute_s30_score_seed{s}", [*RECOMPUTE, "--algo.name=score",
-                                                                  "--algo.stage1_steps=30", "--algo.stage2_steps=10",
-                                                                  f"--run.seed={s}"]) for s in SEEDS]
-# At the end of Stage I (the step-30 checkpoints) seeds 1 and 2 corrected 30 vs 8 and 28 vs 11 (+4.4, +3.4); their
-# 10 Stage II steps left +1.8 and +0.4 (turn 1 up 9.2 and 10.5 points). The paper's v1 schedule runs the stages twice
-# ("two applications each of Stage I and II"): 15 + 5 + 15 + 5 steps. The second Stage I pulls turn 1 back towards
-# the base (beta2 KL, no turn-1 reward) while turn 2 trains on, and the last Stage II is 5 steps, not 10.
-SWEEPS["recompute_s30x2"] = [(f"demo_recompute_s30x2_score_seed{s}", [*RECOMPUTE, "--algo.name=score",
-                                                                      "--algo.stage1_steps=30",
-                                                                      "--algo.stage2_steps=10",
-                                                                      "--algo.interleave=2", f"--run.seed={s}"])
-                             for s in SEEDS]
-# Records of earlier presets, tabulated by `table` (the bare "What is {expr}?" prompt, 10 + 10 steps, commit 0827858)
-EARLIER = ("demo_score_seed0_t07", "demo_mtrl_seed0_t07")
+RECORDS = os.path.join(HERE, "records")
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def expand(run: dict, texts: dict) -> list[tuple[str, list[str]]]:
+    """One sweeps.yaml run -> [(name, overrides)]: a grid run once per combination of its values (the first key
+    outermost), each {key} of the name and overrides filled in; nested lists (YAML aliases) spliced in."""
+    grid = run.get("grid") or {}
+    flat = [x for o in run["overrides"] for x in (o if isinstance(o, list) else [o])]
+    out = []
+    for combo in itertools.product(*grid.values()):
+        values = {**texts, **dict(zip(grid, map(str, combo)))}
+
+        def fill(s: str) -> str:
+            for k, v in values.items():
+                s = s.replace("{" + k + "}", v)
+            return s
+
+        out.append((fill(run["name"]), [fill(o) for o in flat]))
+    return out
 
 
-def machine() -> str:
-    """Cores, CPU model, its bf16 matmul units (bf16 speed depends on them: AMX-BF16 or AVX512-BF16, else none)
-    and the load average."""
-    cpu, flags = platform.processor() or "cpu", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-        flags = set(next((x.split(":", 1)[1].split() for x in lines if x.startswith("flags")), []))
-    except (OSError, StopIteration):
-        pass
-    bf16 = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "no bf16 units"
-    return f"{os.cpu_count()} cores ({cpu}; {bf16}), load average at start {os.getloadavg()[0]:.1f}"
+def load_sweeps(path: str = os.path.join(HERE, "sweeps.yaml")) -> tuple[dict, dict, tuple]:
+    """-> (sweeps {name: [(run name, overrides)]}, texts, the earlier presets' record names)."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    texts = data.get("texts") or {}
+    sweeps = {name: [r for run in runs for r in expand(run, texts)] for name, runs in data["sweeps"].items()}
+    return sweeps, texts, tuple(data.get("earlier") or ())
+
+
+SWEEPS, TEXTS, EARLIER = load_sweeps()
+KEEP_INSTRUCTION = TEXTS["keep_instruction"]
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -141,10 +90,10 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
     print(f"[sweep] {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
-    proc = subprocess.run(cmd, cwd=os.path.dirname(HERE))
+    proc = subprocess.run(cmd, cwd=api.ROOT)
     wall = time.perf_counter() - t0
     run_dir = os.path.join(out_dir, name)
-    rec = {"run": name, "command": "score-train " + " ".join(cmd[3:]), "commit": commit(), "machine": machine(),
+    rec = {"run": name, "command": "score-train " + " ".join(cmd[3:]), "commit": api.commit(), "machine": api.machine(),
            "load_average_start": load0, "load_average_end": os.getloadavg()[0], "returncode": proc.returncode,
            "wall_s": wall}
     try:
@@ -158,7 +107,7 @@ def run_one(name: str, overrides: list[str], extra: list[str], out_dir: str) -> 
         rec.update(changes(os.path.join(run_dir, "eval_after_rows.jsonl")))
     except (OSError, KeyError, json.JSONDecodeError) as e:
         rec["error"] = f"no summary: {e}"
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    with open(os.path.join(RECORDS, f"{name}.json"), "w") as f:
         json.dump(rec, f, indent=1)
     return rec
 
@@ -189,27 +138,20 @@ def changes(rows_path: str) -> dict:
 def run_model(name: str, out_dir: str, step: str = "", rec: dict | None = None):
     """-> (config, model, tokenizer, checkpoint dir): a finished run's model at its last complete checkpoint (or
     `step`): the run's base model with the checkpoint's trained layers (or LoRA adapters) loaded."""
-    import torch
-
-    from score_train import checkpoint
-    from score_train.config import load_config
-    from score_train.model import load_model
-    from score_train.train import prepare_policy
-
     if rec is None:
-        with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        with open(os.path.join(RECORDS, f"{name}.json")) as f:
             rec = json.load(f)
     # the run's directory, from the recorded command (a record may keep an earlier run name)
     flags = dict(x.split("=", 1) for x in rec.get("command", "").split(" --")[1:] if "=" in x)
     run_dir = os.path.join(out_dir, flags.get("run.name", name))
-    cfg = load_config(os.path.join(run_dir, "config.yaml"))
-    model, tok = load_model(cfg.model.spec, dtype=torch.float32)
-    prepare_policy(model, cfg.model)  # what the checkpoint holds (the trained layers, or LoRA adapters)
+    cfg = api.load_config(os.path.join(run_dir, "config.yaml"))
+    model, tok = api.load_model(cfg.model.spec, dtype=torch.float32)
+    api.prepare_policy(model, cfg.model)  # what the checkpoint holds (the trained layers, or LoRA adapters)
     ckpts = os.path.join(run_dir, "checkpoints")
-    last = os.path.join(ckpts, step) if step else checkpoint.latest(ckpts)
+    last = os.path.join(ckpts, step) if step else api.checkpoint.latest(ckpts)
     if last is None or not os.path.isdir(last):
         raise FileNotFoundError(f"{name}: no {'checkpoint ' + step if step else 'complete checkpoint'} under {ckpts}")
-    checkpoint.load(last, model, restore_rng=False)
+    api.checkpoint.load(last, model, restore_rng=False)
     return cfg, model, tok, last
 
 
@@ -223,27 +165,21 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     whether it reproduces the recorded final evaluation, and the texts of every stated correction and breakage.
     step: another checkpoint of the run instead (e.g. step_000020, the end of Stage I), kept as "audit_<step>"
     (reproduces_recorded_eval is then None: no evaluation of it was recorded)."""
-    import torch
-
-    from score_train.eval import evaluate
-    from score_train.preflight import load_records
-    from score_train.rollout.engine import Engine
-
-    path = os.path.join(RESULTS, f"{name}.json")
+    path = os.path.join(RECORDS, f"{name}.json")
     with open(path) as f:
         rec = json.load(f)
     torch.set_num_threads(1)  # greedy outputs do not depend on it (reproduces_recorded_eval checks)
     cfg, model, tok, last = run_model(name, out_dir, step, rec)
     model.eval()
-    recs = load_records(cfg.data, "eval", cfg.data.eval_size)
-    g = evaluate(Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+    recs = api.load_records(cfg.data, "eval", cfg.data.eval_size)
+    g = api.evaluate(api.Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                  style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns,
                  instruction=cfg.rollout.instruction, reply_prefix=cfg.rollout.reply_prefix)["greedy"]
     m, after = g["metrics"], (row(rec) or {}).get("after") or {}
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}
     rec[audit_key(step)] = {
-        "commit": commit(), "checkpoint": os.path.basename(last), "metrics": m,
+        "commit": api.commit(), "checkpoint": os.path.basename(last), "metrics": m,
         "reproduces_recorded_eval": None if step else all(after.get(k) == m.get(k) for k in keys),
         "stated_i2c_and_c2i_rows": [dict(r, problem=probs.get(r["id"])) for r in g["samples"]
                                     if r["stated"] and r["r1"] != r["r2"]]}
@@ -267,9 +203,9 @@ def row(rec: dict) -> dict | None:
 
 
 def rows(names: list[str]):
-    """(name, row or None) for each name with a record under RESULTS."""
+    """(name, row or None) for each name with a record under RECORDS."""
     for name in names:
-        path = os.path.join(RESULTS, f"{name}.json")
+        path = os.path.join(RECORDS, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
                 yield name, row(json.load(f))
@@ -330,8 +266,8 @@ def turns_table(names: list[str]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", choices=[*SWEEPS, "one", "table", "audit", "export"])
-    ap.add_argument("--name", default="", help="one: the run's name (its record is benchmarks/results/NAME.json)")
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(HERE), "runs", "sweep"))
+    ap.add_argument("--name", default="", help="one: the run's name (its record is records/NAME.json)")
+    ap.add_argument("--out-dir", default=os.path.join(api.ROOT, "runs", "sweep"))
     ap.add_argument("--step", default="", help="audit: a checkpoint other than the last (e.g. step_000020)")
     ap.add_argument("--to", default="", help="export: the directory to write the run's model to (a plain HF model)")
     ap.add_argument("--only", default="", help="comma-separated run names of the sweep to run (default: all)")
@@ -376,8 +312,8 @@ def main(argv=None) -> int:
     if args.sweep == "table":
         text += "\n\nEarlier preset (bare prompt, 10 + 10 steps, two runs side by side):\n\n" + table(list(EARLIER))
     print(text)
-    with open(os.path.join(RESULTS, "demo_sweep.md"), "w") as f:
-        f.write(f"# Demo sweep (benchmarks/demo_sweep.py), commit {commit()}\n\n{text}\n")
+    with open(os.path.join(RECORDS, "demo_sweep.md"), "w") as f:
+        f.write(f"# Demo sweep (experiments/self-correction/sweep.py), commit {api.commit()}\n\n{text}\n")
     return 0
 
 

@@ -1,7 +1,7 @@
-"""Turn-1 token budget for arithmetic (issue 13 section 1): how many greedy turn-1 answers of the embedded
+"""Turn-1 token budget for arithmetic: how many greedy turn-1 answers of the embedded
 SmolLM2-135M end on EOS within B new tokens, on eval-split problems, with the paged engine.
 
-    python benchmarks/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1] [PROMPT_FORMAT=the task's default]
+    python experiments/self-correction/eval_budget_arithmetic.py OUT.json [N_PROBLEMS=256] [MAX_TOKENS=192] [THREADS=1] [PROMPT_FORMAT=the task's default]
 
 One greedy generation at MAX_TOKENS; the greedy answer at a budget B <= MAX_TOKENS is its first B tokens.
 Also writes the model load's cProfile (top 25 by cumulative time) to OUT.json's "load_profile_top".
@@ -10,13 +10,9 @@ import cProfile, json, platform, pstats, sys, time, io
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 1)
-from score_train.data import ArithmeticConfig, load_task
-from score_train.data.arithmetic import DEFAULT_FORMAT
-from score_train.model import load_model
-from score_train.prompts import turn1_message
-from score_train.rewards import reward, stated_answer
-from score_train.rollout.engine import Engine
-from score_train.rollout.types import SamplingParams
+from score_api import ArithmeticConfig, Engine, SamplingParams, arithmetic, load_model, load_task, reward, \
+    stated_answer, turn1_message
+DEFAULT_FORMAT = arithmetic.DEFAULT_FORMAT
 t_imp = time.perf_counter() - t0
 pr = cProfile.Profile(); pr.enable()
 t1 = time.perf_counter()
