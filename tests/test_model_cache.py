@@ -9,7 +9,7 @@ import torch
 def test_gguf_loads_through_a_plain_copy(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from score_train import model as M
+    from score_train.model import hub as M  # GGUF_CACHE is read there
 
     monkeypatch.setattr(M, "GGUF_CACHE", str(tmp_path / "cache"))
     gguf = M.embedded_gguf_path()

