@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from score_train.rewards import code as sbx
+from score_train.rewards import sandbox as sbx
 from score_train.rewards.code import build_program, check_program, extract_code, sandbox_mode
 
 TESTS = "assert f(2) == 4\n"

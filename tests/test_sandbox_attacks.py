@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from score_train.rewards import code as sbx
+from score_train.rewards import sandbox as sbx
 from score_train.rewards.code import ISOLATION_LEVELS, check_program, sandbox_mode
 
 
@@ -131,7 +131,9 @@ def test_honest_programs_pass(level):
          "t, d, s, b, c = g([3, 1, 3])\nassert t == (1, 3) and type(t) is tuple\n"
          "assert d == {'n': 3, (1, 2): None} and s == {1, 2} and b == b'ab' and c == 1 + 2j\n"),
         ("def h(x):\n    if x < 0:\n        raise ValueError('neg')\n    return x\n",
-         "try:\n    h(-1)\n    raise AssertionError('no raise')\nexcept ValueError as e:\n    assert 'neg' in str(e)\n"),
+         # the program's exceptions reach the tests as one type, their name and message kept
+         "try:\n    h(-1)\n    raise AssertionError('no raise')\nexcept Exception as e:\n"
+         "    assert type(e).__name__ == 'ProgramError' and str(e) == 'ValueError: neg'\n"),
         ("class Acc:\n    def __init__(self, v):\n        self.v = v\n    def add(self, k):\n        self.v += k\n"
          "        return self.v\n",
          "a = Acc(1)\nassert a.add(2) == 3 and a.add(4) == 7 and a.v == 7\n"),

@@ -7,8 +7,11 @@
 # the values its functions return. Exit status (the verdict the caller reads):
 #   0 every test ran to the end, 1 a test failed (AssertionError) or the program exited early,
 #   2 any other error, 3 MemoryError, 4 the candidate's process died or broke the protocol.
+# What the program names is trusted for nothing: only plain names cross (_plain), modules are this
+# interpreter's own stdlib imports, and its exceptions arrive as the one type ProgramError.
 import builtins
 import json
+import keyword
 import os
 import resource
 import signal
@@ -48,21 +51,29 @@ class CandidateGone(BaseException):
     `except Exception` cannot swallow it; and it is also recorded, so no verdict can pass after it."""
 
 
+class ProgramError(Exception):
+    """Every exception the program raises reaches the tests as this one type, its name in the message:
+    no builtin's meaning (StopIteration ending a map, AssertionError, KeyboardInterrupt) crosses."""
+
+    def __init__(self, name, msg):
+        Exception.__init__(self, "%s: %s" % (name, msg))
+        self.name = name
+
+
+# The data model's own signals, where a proxied object cannot do what was asked: len() of an object
+# without one is a TypeError to list() (which then iterates), a missing attribute an AttributeError to
+# hasattr and getattr(..., default). Only these, only from these operations, cross as themselves.
+_PROTOCOL = {"len": TypeError, "iter": TypeError, "getattr": AttributeError}
+
+
 _state = {"gone": None, "memory": False}
-_EXC = {n: v for n, v in vars(builtins).items()
-        if isinstance(v, type) and issubclass(v, Exception) and n != "MemoryError"}
 
 
 def _raise_remote(name, msg):
     if name == "MemoryError":
         _state["memory"] = True
         raise MemoryError(msg)
-    cls = _EXC.get(name, RuntimeError)
-    try:
-        exc = cls(msg) if cls is not RuntimeError else RuntimeError("%s: %s" % (name, msg))
-    except Exception:
-        exc = RuntimeError("%s: %s" % (name, msg))
-    raise exc
+    raise ProgramError(name, msg)
 
 
 def _gone(why):
@@ -111,7 +122,13 @@ class Remote:
 
     def _ask(self, op, **kw):
         kw.update(op=op, h=object.__getattribute__(self, "_id"))
-        return _rpc(kw)
+        try:
+            return _rpc(kw)
+        except ProgramError as e:
+            cls = _PROTOCOL.get(op)
+            if cls is not None and e.name == cls.__name__:
+                raise cls(str(e)) from None
+            raise
 
     def __call__(self, *args, **kwargs):
         return self._ask("call", a=[_enc(a) for a in args], k=[[k, _enc(v)] for k, v in kwargs.items()])
@@ -170,38 +187,52 @@ if "load" in _first:
     _finish({"failed": 1, "exit": 1, "memory": 3}.get(_first.get("load"), 2))
 
 _stdlib = getattr(sys, "stdlib_module_names", frozenset())
-_globals = {"__name__": "__main__", "__builtins__": builtins}
+# stdlib modules whose import runs a program (a browser, a GUI, a demo): never imported for a name
+_RUNS_ON_IMPORT = frozenset(("antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle"))
+
+
+def _plain(name):
+    """A name the program may hand the tests: an identifier, no keyword, no leading underscore
+    (so never __builtins__, __name__ or a dunder the interpreter reads)."""
+    return type(name) is str and name.isidentifier() and not name.startswith("_") \
+        and not keyword.iskeyword(name)
 
 
 def _import_here(name):
+    """This interpreter's own stdlib module `name`, or None. Never a __main__ or private module, and
+    nothing the import raises (SystemExit included) reaches the verdict."""
+    parts = name.split(".") if type(name) is str else [None]
+    if not all(_plain(p) for p in parts) or parts[0] not in _stdlib or parts[0] in _RUNS_ON_IMPORT:
+        return None
     try:
         return __import__(name, fromlist=["_"])
-    except Exception:
+    except BaseException:
         return None
 
 
+_names = {}
 try:
     for _entry in _first["ready"]:
         _k, _kind, _v = _entry
-        if type(_k) is not str or hasattr(builtins, _k):
+        if not _plain(_k) or hasattr(builtins, _k):
             continue  # the tests' abs, len, isinstance, ValueError, ... stay the real ones
         if _k in _stdlib:
             # a stdlib module's name (`import math` in a prompt the tests rely on) is always this
             # interpreter's module, never a look-alike object of the program's
             _mod = _import_here(_k)
             if _mod is not None:
-                _globals[_k] = _mod
+                _names[_k] = _mod
         elif _kind == "m":
-            if type(_v) is str and _v.split(".")[0] in _stdlib:
-                _mod = _import_here(_v)
-                if _mod is not None:
-                    _globals[_k] = _mod
+            _mod = _import_here(_v)
+            if _mod is not None:
+                _names[_k] = _mod
         elif _kind == "v":
-            _globals[_k] = _wire.decode(_v, Remote)
+            _names[_k] = _wire.decode(_v, Remote)
 except Exception as e:
     sys.stderr.write("sandbox protocol error: %s\n" % (e,))
     _state["gone"] = "protocol"
     _finish(4)
+_globals = dict(_names, __name__="__main__", __builtins__=builtins)  # the real builtins, always
 
 try:
     exec(compile(_tests, "tests.py", "exec"), _globals)

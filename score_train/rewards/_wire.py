@@ -5,9 +5,11 @@
 # methods the candidate wrote. Anything else travels as an opaque handle {"h": id}.
 import base64
 import json
+import re
 
 MAX_LINE = 32 * 2**20  # a longer message is a protocol error, not a reason to run out of memory
 MAX_DEPTH = 200
+_HEX = re.compile(r"-?[0-9a-f]+")
 
 
 class WireError(Exception):
@@ -23,7 +25,8 @@ def encode(x, handle, depth=0):
     if x is None or t is bool or t is str:
         return x
     if t is int or t is float:
-        return {"i": str(x)} if t is int and abs(x) > 2**53 else x
+        # hex: no int/str digit limit applies to it (decimal stops at 4,300 digits); MAX_LINE bounds it
+        return {"x": "%x" % x} if t is int and abs(x) > 2**53 else x
     d = depth + 1
     if t is list:
         return {"l": [encode(v, handle, d) for v in x]}
@@ -53,8 +56,8 @@ def decode(v, resolve, depth=0):
         raise WireError("malformed value")
     (tag, body), = v.items()
     d = depth + 1
-    if tag == "i" and type(body) is str:
-        return int(body)
+    if tag == "x" and type(body) is str and _HEX.fullmatch(body):
+        return int(body, 16)
     if tag == "h" and type(body) is int:
         return resolve(body)
     if tag == "b" and type(body) is str:
