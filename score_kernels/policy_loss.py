@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -275,29 +276,21 @@ def _add_kl_tokens(loss, stats, w, kl_tokens, ids, cu, coefs):
     return loss + kl_loss, out
 
 
-# ----------------------------------------------------------------------------- public API
-def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torch.Tensor, *,
-                old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
-                kl_coef=0.0, kl_estimator: str = "k3", clip_eps=None, agg: str = "token-mean",
-                global_token_count=None, backend: str | None = None, cu_seqlens: torch.Tensor | None = None,
-                num_turns: int | None = None, validate: bool | None = None,
-                kl_tokens: torch.Tensor | None = None):
-    """Fused per-turn PG + KL loss. Returns (loss, stats): loss a 0-dim tensor (float64 for float64
-    logprobs, else float32) differentiable w.r.t. logprobs; stats a dict of 0-dim float32 tensors
-    (pg_loss, kl_loss, tokens, seqs, clip_frac, ratio_mean, kl_mean, kl_turn{k}, adv_turn{k},
-    tokens_turn{k}), all computed on the device without a host sync.
+# ----------------------------------------------------------------------------- arguments
+class _Spec(NamedTuple):
+    """policy_loss's scalar arguments, checked and in the op's form."""
+    coefs: list[float]  # kl_coef per turn; K = len(coefs)
+    estimator: int  # index into KL_ESTIMATORS
+    clip_lo: float  # -1: no clipping
+    clip_hi: float
+    agg: int  # index into AGGS
+    gc_t: torch.Tensor | None  # global_token_count given as a tensor, 0-dim in the compute dtype
+    gc_f: float  # or given as a number (0.0: not given)
 
-    Layout: [B, T] tensors, or packed [N] tensors with cu_seqlens [B+1].
-    kl_coef: a float, or one float per turn (SCoRe Stage I: (beta2, beta1) for turns (0, 1)).
-    K (the number of turns) = len(kl_coef) for a sequence, else num_turns (default 2).
-    clip_eps: None, eps, or (eps_low, eps_high). global_token_count: number or 0-dim tensor.
-    validate: reject turn ids >= K and a 0-dim global_token_count tensor <= 0 (None: CPU tensors
-    only; on a GPU that check is a host sync; unchecked ids >= K are treated as masked).
-    kl_tokens: a per-token KL [B, T] / [N] (e.g. linear_kl's exact KL) that replaces the sampled
-    estimator (so not with ref_logprobs); weighted by kl_coef per turn, aggregated like the PG term,
-    and differentiable: the loss backpropagates into kl_tokens as well as logprobs.
-    A non-zero kl_coef needs ref_logprobs or kl_tokens (else it would silently apply no KL).
-    """
+
+def _normalise_args(logprobs, advantages, turn_ids, old_logprobs, ref_logprobs, kl_tokens, cu_seqlens, kl_coef,
+                    kl_estimator, clip_eps, agg, global_token_count, num_turns, validate) -> _Spec:
+    """Check policy_loss's arguments (ValueError naming the argument) and normalise its scalar ones."""
     _checks.tensor("logprobs", logprobs, floating=True, ndim=(1, 2))
     _checks.tensor("advantages", advantages, floating=True)
     _checks.tensor("turn_ids", turn_ids, integer=True)
@@ -355,20 +348,47 @@ def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torc
             gc_f = float(global_token_count)
         else:
             raise ValueError(f"global_token_count must be > 0, got {global_token_count!r}")
-    K = len(coefs)
-    if _checks.should_validate(validate, logprobs.device):
-        _checks.check_turn_ids("turn_ids", turn_ids, K, "kl_coef/num_turns")
+    if _checks.should_validate(validate, logprobs.device):  # the checks that read tensor values
+        _checks.check_turn_ids("turn_ids", turn_ids, len(coefs), "kl_coef/num_turns")
         if gc_t is not None and not bool(gc_t > 0):
             raise ValueError(f"global_token_count must be > 0, got {float(gc_t)}")
         if cu_seqlens is not None:
             _checks.check_cu_seqlens(cu_seqlens, logprobs.shape[0])
+    return _Spec(coefs, KL_ESTIMATORS.index(kl_estimator), -1.0 if clip is None else clip[0],
+                 -1.0 if clip is None else clip[1], AGGS.index(agg), gc_t, gc_f)
+
+
+# ----------------------------------------------------------------------------- public API
+def policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, turn_ids: torch.Tensor, *,
+                old_logprobs: torch.Tensor | None = None, ref_logprobs: torch.Tensor | None = None,
+                kl_coef=0.0, kl_estimator: str = "k3", clip_eps=None, agg: str = "token-mean",
+                global_token_count=None, backend: str | None = None, cu_seqlens: torch.Tensor | None = None,
+                num_turns: int | None = None, validate: bool | None = None,
+                kl_tokens: torch.Tensor | None = None):
+    """Fused per-turn PG + KL loss. Returns (loss, stats): loss a 0-dim tensor (float64 for float64
+    logprobs, else float32) differentiable w.r.t. logprobs; stats a dict of 0-dim float32 tensors
+    (pg_loss, kl_loss, tokens, seqs, clip_frac, ratio_mean, kl_mean, kl_turn{k}, adv_turn{k},
+    tokens_turn{k}), all computed on the device without a host sync.
+
+    Layout: [B, T] tensors, or packed [N] tensors with cu_seqlens [B+1].
+    kl_coef: a float, or one float per turn (SCoRe Stage I: (beta2, beta1) for turns (0, 1)).
+    K (the number of turns) = len(kl_coef) for a sequence, else num_turns (default 2).
+    clip_eps: None, eps, or (eps_low, eps_high). global_token_count: number or 0-dim tensor.
+    validate: reject turn ids >= K and a 0-dim global_token_count tensor <= 0 (None: CPU tensors
+    only; on a GPU that check is a host sync; unchecked ids >= K are treated as masked).
+    kl_tokens: a per-token KL [B, T] / [N] (e.g. linear_kl's exact KL) that replaces the sampled
+    estimator (so not with ref_logprobs); weighted by kl_coef per turn, aggregated like the PG term,
+    and differentiable: the loss backpropagates into kl_tokens as well as logprobs.
+    A non-zero kl_coef needs ref_logprobs or kl_tokens (else it would silently apply no KL).
+    """
+    spec = _normalise_args(logprobs, advantages, turn_ids, old_logprobs, ref_logprobs, kl_tokens, cu_seqlens,
+                           kl_coef, kl_estimator, clip_eps, agg, global_token_count, num_turns, validate)
     b = pick_backend(backend, logprobs.device, supported=_SUPPORTED, ext_ops=_EXT_OPS, op="policy_loss")
     dt = logprobs.dtype
     cast = lambda x: None if x is None else x.detach().to(dt)
     loss, stats, _, w = _pl_op(logprobs, advantages.detach(), turn_ids, cast(old_logprobs), cast(ref_logprobs),
-                               cu_seqlens, gc_t, coefs, KL_ESTIMATORS.index(kl_estimator),
-                               -1.0 if clip is None else clip[0], -1.0 if clip is None else clip[1],
-                               AGGS.index(agg), gc_f, b)
+                               cu_seqlens, spec.gc_t, spec.coefs, spec.estimator, spec.clip_lo, spec.clip_hi,
+                               spec.agg, spec.gc_f, b)
     if kl_tokens is not None:
-        return _add_kl_tokens(loss, stats, w, kl_tokens, turn_ids, cu_seqlens, coefs)
-    return loss, dict(zip(stat_names(K), stats.unbind()))
+        return _add_kl_tokens(loss, stats, w, kl_tokens, turn_ids, cu_seqlens, spec.coefs)
+    return loss, dict(zip(stat_names(len(spec.coefs)), stats.unbind()))
