@@ -6,10 +6,10 @@ launcher actually uses on a GPU, so `python -m score_kernels.compile_check` comp
 Divisibility matters as much as the signature. On a GPU the JIT marks every 16-byte-aligned pointer
 and every integer argument divisible by 16 with `tt.divisibility = 16`; only then are loads
 vectorised, and only vectorised loads become cp.async and get software-pipelined. Compiled without
-those hints, a plain 128x128x64 bf16 matmul kept one shared-memory stage, used 255 registers and
-spilled 164 bytes; with them it pipelined 3 stages in 108 registers without spilling. So each spec
-marks all pointers and every integer argument whose name starts with "stride", plus the arguments it
-names as multiples of 16 at the shapes it stands for (`extra_divisible`).
+those hints, a bf16 matmul tile keeps one shared-memory stage and spills registers; with them it
+pipelines without spilling. So each spec marks all pointers and every integer argument whose name
+starts with "stride", plus the arguments it names as multiples of 16 at the shapes it stands for
+(`extra_divisible`).
 """
 from __future__ import annotations
 

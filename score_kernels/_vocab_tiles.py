@@ -225,12 +225,11 @@ if HAVE_TRITON:
 
     # GPU tiles and launch per kind, shared by the launchers and the AOT check. bf16/fp16 run on
     # tensor cores (wgmma on sm_90); fp32 uses exact (ieee) fp32 dots, FMA loops on CUDA cores.
-    # Chosen so that no variant spills registers on sm_80 or sm_90 (compile_check --max-spill 0):
-    # - lp16 (sm_90+): timed on an H100 against five other tilings (benchmarks/gpu/bench_linear_logprobs.py
-    #   --sweep); 238-254 registers, no spill.
-    # - lp16@sm80: the same tile spills 264 bytes with Ampere's mma fragments; 128x64 does not. Not timed.
-    # - kl16: two logit tiles per step. At 128x128 it spilled 220 bytes (sm_90) / 756 (sm_80); 128x64 does not.
-    # - lp32 / kl32: at 128x128 the FMA tiles spilled up to 44 KB per thread; these do not. Not timed.
+    # Chosen so that no variant spills registers on sm_80 or sm_90 (compile_check --max-spill 0;
+    # benchmarks/results/aot_compile_check.json). lp16 (sm_90+) is the fastest of the tilings that
+    # benchmarks/gpu/bench_linear_logprobs.py --sweep times; the others (not timed) are cut down from
+    # 128x128, which spills with Ampere's mma fragments (lp16@sm80), two logit tiles per step (kl16) and
+    # FMA loops (lp32 / kl32).
     GPU_CONFIGS = {
         "lp16": {"BN": 128, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
         "lp16@sm80": {"BN": 128, "BV": 64, "BK": 64, "num_warps": 8, "num_stages": 3},

@@ -249,7 +249,8 @@ def torch_forward(h, w, b, t, inv_t, entropy, cache_rows):
     lse, cache) where cache [k, V] holds log_softmax of the first k <= cache_rows rows.
 
     ATen's log_softmax works row by row with the row hot in L2, so it beats separate max / exp /
-    sum sweeps over a whole chunk by about 2x; the temperature is folded into the small hidden chunk."""
+    sum sweeps over a whole chunk (docs/fused-logprobs.md, "Chunked torch path"); the temperature is
+    folded into the small hidden chunk."""
     ct = vt.compute_dtype(h.dtype)
     n, V = h.shape[0], w.shape[0]
     wc = w.to(ct)

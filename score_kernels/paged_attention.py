@@ -76,7 +76,7 @@ _WS: dict = {}
 
 def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
     """A reused CPU buffer: gathering into fresh multi-MB tensors every layer costs more in page faults
-    than the copy itself (measured 5x)."""
+    than the copy itself."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
@@ -90,7 +90,7 @@ def _workspace(name: str, shape, dtype, device) -> torch.Tensor:
 
 class TorchPlan:
     """The torch backend's view of one batch (block tables, context and query lengths), built once and
-    reused by every layer. Decode rows gather whole blocks (index_select of contiguous block rows is ~2x
+    reused by every layer. Decode rows gather whole blocks (index_select of contiguous block rows is
     faster than gathering token slots) and share a masked SDPA call per bucket of similar context length
     (one bucket would pad every row to the longest context); the other sequences (prefill / extend) run
     one SDPA each over their own context."""
@@ -326,9 +326,9 @@ def _next_pow2(x: int) -> int:
 def _config(grp: int, head_dim: int, decode: bool, dtype: torch.dtype, interpret: bool,
             many: bool = True) -> dict:
     """Tile shape: decode tiles hold one query x GROUP heads; prefill/extend tiles about 64 rows.
-    Decode numbers (H100, CUDA-graph timed, bf16, 14/2 heads): with >= 2 programs per SM, D=64 runs at
-    88% of the copy roofline with 32-key steps and 2 warps (71% with 64 and 4); D=128 at 91% with 64 and 4.
-    `many` is False when the decode grid is small (split-K), where 64-key steps and 4 warps win."""
+    Decode with >= 2 programs per SM: D=64 is fastest with 32-key steps and 2 warps, D=128 with 64 and 4
+    (H100 timings: docs/paged-kernels.md, "Measured"). `many` is False when the decode grid is small
+    (split-K), where 64-key steps and 4 warps win."""
     block_d = max(16, _next_pow2(head_dim))
     if decode:
         block_q = 1
