@@ -8,7 +8,7 @@ for path in (HERE, os.path.dirname(os.path.dirname(HERE))):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import torch  # noqa: E402
+import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,21 +7,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:  # benchmarks/ (and an uninstalled score_train) import from the checkout
     sys.path.insert(0, ROOT)
 
-from benchmarks.provenance import commit, machine  # noqa: E402
-from score_train import checkpoint  # noqa: E402
-from score_train.config import Config, DataConfig, UsageError, load_config, parse_command, preset_path  # noqa: E402
-from score_train.data import ArithmeticConfig, arithmetic, load_task  # noqa: E402
-from score_train.eval import evaluate, self_correction_metrics, turn1_stated  # noqa: E402
-from score_train.model import load_model  # noqa: E402
-from score_train.preflight import load_records  # noqa: E402
-from score_train.prompts import ARITHMETIC_SELF_CORRECT, ChatFormat, turn1_message  # noqa: E402
-from score_train.rewards import reward, stated_answer, wrote_answer  # noqa: E402
-from score_train.rollout.engine import Engine  # noqa: E402
-from score_train.rollout.types import SamplingParams  # noqa: E402
-from score_train.train import prepare_policy, train  # noqa: E402
+from benchmarks.provenance import commit, machine
+from score_train import checkpoint
+from score_train.commands.args import parse_command
+from score_train.config import Config, DataConfig, SamplingConfig, UsageError
+from score_train.config_io import load_config, preset_path
+from score_train.data import ArithmeticConfig, arithmetic, load_task
+from score_train.eval import evaluate, self_correction_metrics, turn1_stated
+from score_train.model import load_model
+from score_train.preflight import load_records
+from score_train.prompts import ARITHMETIC_SELF_CORRECT, ChatFormat, turn1_message
+from score_train.rewards import reward, stated_answer, wrote_answer
+from score_train.rollout.engine import Engine
+from score_train.rollout.types import SamplingParams
+from score_train.train import prepare_policy, train
 
-__all__ = ["ARITHMETIC_SELF_CORRECT", "ArithmeticConfig", "ChatFormat", "Config", "DataConfig", "Engine", "ROOT",
-           "SamplingParams", "UsageError", "arithmetic", "checkpoint", "commit", "evaluate", "load_config",
-           "load_model", "load_records", "load_task", "machine", "parse_command", "preset_path", "prepare_policy",
-           "reward", "self_correction_metrics", "stated_answer", "train", "turn1_message", "turn1_stated",
-           "wrote_answer"]
+__all__ = [
+    "ARITHMETIC_SELF_CORRECT",
+    "ROOT",
+    "ArithmeticConfig",
+    "ChatFormat",
+    "Config",
+    "DataConfig",
+    "Engine",
+    "SamplingConfig",
+    "SamplingParams",
+    "UsageError",
+    "arithmetic",
+    "checkpoint",
+    "commit",
+    "evaluate",
+    "load_config",
+    "load_model",
+    "load_records",
+    "load_task",
+    "machine",
+    "parse_command",
+    "prepare_policy",
+    "preset_path",
+    "reward",
+    "self_correction_metrics",
+    "stated_answer",
+    "train",
+    "turn1_message",
+    "turn1_stated",
+    "wrote_answer",
+]

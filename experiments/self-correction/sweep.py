@@ -26,6 +26,7 @@ answers (turn 1 ended by itself with an answer).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -34,10 +35,9 @@ import subprocess
 import sys
 import time
 
+import score_api as api
 import torch
 import yaml
-
-import score_api as api
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECORDS = os.path.join(HERE, "records")
@@ -51,14 +51,15 @@ def expand(run: dict, texts: dict) -> list[tuple[str, list[str]]]:
     out = []
     for combo in itertools.product(*grid.values()):
         values = {**texts, **dict(zip(grid, map(str, combo)))}
-
-        def fill(s: str) -> str:
-            for k, v in values.items():
-                s = s.replace("{" + k + "}", v)
-            return s
-
-        out.append((fill(run["name"]), [fill(o) for o in flat]))
+        out.append((_fill(run["name"], values), [_fill(o, values) for o in flat]))
     return out
+
+
+def _fill(text: str, values: dict) -> str:
+    """Each {key} of text replaced by its value; any other brace is taken as written."""
+    for k, v in values.items():
+        text = text.replace("{" + k + "}", v)
+    return text
 
 
 def load_sweeps(path: str = os.path.join(HERE, "sweeps.yaml")) -> tuple[dict, dict, tuple]:
@@ -172,9 +173,9 @@ def audit(name: str, out_dir: str, step: str = "") -> dict:
     cfg, model, tok, last = run_model(name, out_dir, step, rec)
     model.eval()
     recs = api.load_records(cfg.data, "eval", cfg.data.eval_size)
-    g = api.evaluate(api.Engine(model, tok), recs, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                 style=cfg.rollout.style, seed=cfg.run.seed, warn=False, num_turns=cfg.algo.num_turns,
-                 instruction=cfg.rollout.instruction, reply_prefix=cfg.rollout.reply_prefix)["greedy"]
+    sampling = dataclasses.replace(cfg.rollout, max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    g = api.evaluate(api.Engine(model, tok), recs, sampling, seed=cfg.run.seed, warn=False,
+                     num_turns=cfg.algo.num_turns)["greedy"]
     m, after = g["metrics"], (row(rec) or {}).get("after") or {}
     keys = ("acc_t1", "acc_t2", "n_stated", "n_i2c_stated", "n_c2i_stated")
     probs = {r.id: r.problem for r in recs}

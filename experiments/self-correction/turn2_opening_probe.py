@@ -19,9 +19,8 @@ import argparse
 import json
 import time
 
-import torch
-
 import score_api as api
+import torch
 
 SOLVE_AGAIN = "Please solve the problem again."
 RECOMPUTE = "Let me recompute: "

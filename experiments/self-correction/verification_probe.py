@@ -26,9 +26,8 @@ import itertools
 import json
 import time
 
-import torch
-
 import score_api as api
+import torch
 
 QUESTION = "Is the answer above right? Answer yes or no."
 # name -> DataConfig overrides; "demo" is the preset's task

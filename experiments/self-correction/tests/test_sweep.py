@@ -5,7 +5,6 @@ import math
 import os
 
 import pytest
-
 import score_api as api
 import sweep as runner
 

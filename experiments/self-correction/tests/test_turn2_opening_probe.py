@@ -1,9 +1,9 @@
 """turn2_opening_probe.py: a turn 2 after a shared turn 1 is the two-turn engine's own turn 2, and the
 candidate's metrics are the evaluation's."""
 import pytest
-
 import score_api as api
 import turn2_opening_probe as tp
+
 from tests.helpers import save_tiny_llama
 
 
@@ -25,5 +25,6 @@ def test_turn2_after_a_shared_turn1_is_the_engines_two_turn_sample(tiny, instruc
     assert [s.turn1_ids for s in turn2] == [s.turn2_ids for s in both]
     assert [s.turn1_ids for s in turn1] == [s.turn1_ids for s in both]
     m = tp.candidate_metrics("arithmetic", recs, turn1, turn2)["metrics"]
-    want = api.evaluate(eng, recs, max_new_tokens=6, instruction=instruction, reply_prefix=opening)["greedy"]["metrics"]
+    sampling = api.SamplingConfig(max_new_tokens=6, instruction=instruction, reply_prefix=opening)
+    want = api.evaluate(eng, recs, sampling)["greedy"]["metrics"]
     assert {k: m[k] for k in m} == {k: want[k] for k in m}

@@ -2,10 +2,10 @@
 import math
 
 import pytest
-import torch
-
 import score_api as api
+import torch
 import verification_probe as vp
+
 from tests.helpers import save_tiny_llama
 
 
