@@ -1,8 +1,10 @@
-# A seccomp filter the candidate installs on itself before the program runs (stdlib only, Python >=
-# 3.8: it runs in the sandbox's interpreter). It refuses the kernel keyring system calls (add_key,
-# request_key, keyctl) with EPERM, for the program and every process it starts: the caller's session
-# keyring, a per-uid user keyring that a later sample with the same uid would see, and any key by
-# serial number are out of reach. A filter cannot be removed once installed.
+# What the candidate does to itself before the program runs (stdlib only, Python >= 3.8: it runs in
+# the sandbox's interpreter): it leaves the caller's session keyring for a fresh, empty one (so the
+# caller's keys are no longer its own: /proc/keys stops listing them to another uid), then installs a
+# seccomp filter that refuses the keyring system calls (add_key, request_key, keyctl) with EPERM, for
+# the program and every process it starts: no key is read or planted in any keyring (session, the
+# per-uid user keyring a later sample with the same uid would see, or any key by serial number). A
+# filter cannot be removed once installed.
 import ctypes
 import platform
 import struct
@@ -39,6 +41,7 @@ def deny_keyrings():
     buf = ctypes.create_string_buffer(code, len(code))
     prog = Prog(n, ctypes.cast(buf, ctypes.c_void_p))
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(spec[1][2], 1, None)  # KEYCTL_JOIN_SESSION_KEYRING, anonymous: best effort, the filter decides
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 \
             or libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         return "prctl: errno %d" % (ctypes.get_errno(),)

@@ -7,7 +7,7 @@ pickle, no objects with the program's methods). `passed` is read only from the r
 so no program text can end the tests early, patch them, or print a verdict; a sample whose processes
 went over its memory cgroup's limit is "memory" whatever the runner says. The containment (isolation
 levels, uids, cgroups, limits) is in sandbox.py. The argument, what it does not cover, and the
-threat model per level are in docs/tasks-rewards-eval.md ("Code sandbox: threat model").
+threat model per level are in docs/tasks-rewards-eval.md ("Code: the sandbox").
 """
 from __future__ import annotations
 
