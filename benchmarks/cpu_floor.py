@@ -1,8 +1,8 @@
-"""How far issue 14's two CPU ratios can go on this machine: matmul FLOPs counted, the matmul peak measured.
+"""How far the two CPU speed ratios can go on this machine: matmul FLOPs counted, the matmul peak measured.
 
     python benchmarks/cpu_floor.py [--part all|step|rollout] [--prompts 32] [--n 4] [--max-new-tokens 96]
 
-For each pair that issue 14 times (the demo's update step, today's `train_step` vs the step at 693d5f9; two-turn
+For each timed pair (the demo's update step, today's `train_step` vs the frozen baseline step; two-turn
 rollouts, the paged engine vs HF `generate`), on one torch thread, in fp32:
 - `time_s`: the median of 3 plain calls of each side (the step) or one call (rollouts), in this process;
 - `matmul_gflop`: the matmul FLOPs each side executes in one call: for the step from a torch.profiler trace

@@ -1,5 +1,5 @@
 """The one registry of benchmark shapes: `cpu` shapes run in seconds on 2 cores; `gpu` shapes are
-the issues' GPU benchmark shapes. Benchmarks look shapes up here instead of hard-coding them."""
+the GPU benchmark shapes. Benchmarks look shapes up here instead of hard-coding them."""
 
 SHAPES = {
     "cpu": {
@@ -28,7 +28,7 @@ SHAPES = {
         "policy_loss": {"B": 1024, "T": 1024, "K": 2},
         "turn_advantages": {"B": 1024, "K": 2, "group": 8},
         "engine": {"prompts": 64, "n": 8, "prompt_len": 512, "max_new_tokens": 256},
-        # issue 15 (scripts/device_check.sh): Qwen2.5-0.5B's lm_head; two-turn rollouts and one SCoRe step
+        # scripts/device_check.sh: Qwen2.5-0.5B's lm_head; two-turn rollouts and one SCoRe step
         "linear_logprobs_qwen05b": {"N": 4096, "d": 896, "V": 151936},
         "rollout": {"prompts": 64, "n": 4, "prompt_len": 512, "max_new_tokens": 256},
         "score_step": {"prompts": 64, "n": 4, "prompt_len": 512, "max_new_tokens": 256},

@@ -1,4 +1,5 @@
-"""The demo's optimisation step, today's trainer vs the step at commit 693d5f9 (issue 14's ratio), as a record.
+"""The demo's optimisation step, today's trainer vs the frozen baseline step (benchmarks/baseline_train_step.py),
+as a record.
 
     python benchmarks/train_step_speed.py [--B 8] [--rounds 5] [--autocast]
 

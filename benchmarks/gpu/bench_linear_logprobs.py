@@ -81,7 +81,7 @@ def variants():
 def shapes(quick: bool = False) -> list[dict]:
     if gt.smoke():
         return SMOKE_SHAPES
-    # the gate's shape first, then the largest (both are issue 15's targets), then Qwen2.5-0.5B's lm_head
+    # the gate's shape first, then the largest (both have targets), then Qwen2.5-0.5B's lm_head
     out = list(reversed(shape("gpu", OP))) + [shape("gpu", "linear_logprobs_qwen05b")]
     return [out[0], out[-1]] if quick else out
 
