@@ -172,3 +172,14 @@ def test_no_ipc_or_files_left_for_the_next_sample(level):
 def test_fallback_levels_stated():
     assert sandbox_mode().level in ("bwrap", "namespaces", "basic")
     assert memory_level().level in ("cgroup2", "cgroup1", "rlimit")
+
+
+def test_without_a_cgroup_per_process_limits_hold(monkeypatch, capfd):
+    """Where no cgroup can be made, RLIMIT_AS still holds per process, and the sandbox says so."""
+    from score_train.rewards import sandbox
+    from score_train.rewards._cgroup import MemoryLevel
+    monkeypatch.setattr(sandbox, "memory_level", lambda: MemoryLevel("rlimit", None, "forced by the test"))
+    monkeypatch.setattr(sandbox, "_announced", set())
+    assert check_program(GOOD, TESTS).passed
+    assert check_program("x = bytearray(10 * 2**30)\n" + GOOD, TESTS, memory_mb=LIMIT_MB).status == "memory"
+    assert "memory limit per sample: rlimit, per process only (RLIMIT_AS): forced by the test" in capfd.readouterr().err
