@@ -150,9 +150,11 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
             fds = []
             runner, cand = procs["runner"], procs["candidate"]
             # an OOM kill anywhere in the sample ends it at once: its verdict is "memory" whatever runs on
-            timed_out = not _wait_unreaped(runner.pid, timeout_s, box.over_memory) and not box.over_memory()
+            ended = _wait_unreaped(runner.pid, timeout_s, box.over_memory)
+            over_memory = box.over_memory()
+            timed_out = not ended and not over_memory
             # The candidate gets EOF once the runner is gone; a moment to exit on its own tells why it ended.
-            cand_done = _wait_unreaped(cand.pid, 0.0 if timed_out else 0.2)
+            cand_done = _wait_unreaped(cand.pid, 0.2 if ended and not over_memory else 0.0)
             # Kill each group while its leader is still a zombie, so its id cannot have been reused.
             for p in (runner, cand):
                 _kill_group(p)
@@ -160,7 +162,7 @@ def check_program(program: str, tests: str, *, timeout_s: float = 5.0, memory_mb
             cand_rc = cand.wait()
             if not cand_done:
                 cand_rc = None  # killed by us: says nothing about how the program ended
-            over_memory = box.over_memory()
+            over_memory = over_memory or box.over_memory()
         finally:
             for fd in fds:
                 os.close(fd)
