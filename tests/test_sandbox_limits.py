@@ -53,6 +53,7 @@ def test_memory_is_limited_per_sample(level, name):
     small = OVER_MEMORY[name].replace("120 *", "40 *").replace("range(24)", "range(4)").replace("range(20)", "range(4)")
     r = check_program(small + GOOD, TESTS, timeout_s=20, memory_mb=LIMIT_MB, isolation=level)
     assert r.passed, (name, r)
+    assert not [d for d in os.listdir(memory_level().parent) if d.startswith(f"score_sbx_{os.getpid()}_")]
 
 
 def test_memory_level_is_said_once(capfd):
@@ -183,3 +184,29 @@ def test_without_a_cgroup_per_process_limits_hold(monkeypatch, capfd):
     assert check_program(GOOD, TESTS).passed
     assert check_program("x = bytearray(10 * 2**30)\n" + GOOD, TESTS, memory_mb=LIMIT_MB).status == "memory"
     assert "memory limit per sample: rlimit, per process only (RLIMIT_AS): forced by the test" in capfd.readouterr().err
+
+
+def test_cgroup2_parent_is_the_nearest_delegating_ancestor(tmp_path, monkeypatch):
+    """The v2 path on a fake hierarchy (this machine's v2 tree has no memory controller): children go
+    below the nearest cgroup at or above ours that hands `memory` down, with memory.max and no swap."""
+    from score_train.rewards import _cgroup
+    root = tmp_path / "cg"
+    own = root / "user.slice" / "session.scope"
+    own.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    for d, ctl in ((root, "cpu memory pids"), (root / "user.slice", "memory pids"), (own, "")):
+        (d / "cgroup.subtree_control").write_text(ctl + "\n")
+    monkeypatch.setattr(_cgroup, "_mounts", lambda: [("cgroup2", str(root), set())])
+    monkeypatch.setattr(_cgroup, "_own_paths", lambda: {"2": "/user.slice/session.scope"})
+    mem = _cgroup.memory_level.__wrapped__()
+    assert mem.level == "cgroup2" and mem.parent == str(root / "user.slice"), mem
+    cg = _cgroup.SampleCgroup(mem, 300 * 2**20)
+    assert (open(cg.path + "/memory.max").read(), open(cg.path + "/memory.swap.max").read()) == (str(300 * 2**20), "0")
+    assert cg.enter()[-1] == cg.path + "/cgroup.procs" and not cg.oom_killed()
+    with open(cg.path + "/memory.events", "w") as f:
+        f.write("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cg.oom_killed()
+    (root / "user.slice" / "cgroup.subtree_control").write_text("pids\n")
+    assert _cgroup.memory_level.__wrapped__().parent == str(root)  # the next one up
+    (root / "cgroup.subtree_control").write_text("cpu\n")  # nothing delegates memory: no v2
+    assert _cgroup.memory_level.__wrapped__().level != "cgroup2"
