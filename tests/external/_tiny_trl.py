@@ -16,6 +16,26 @@ def word_tokenizer(vocab_size: int):
     return tok
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def chat_word_tokenizer(vocab_size: int):
+    """word_tokenizer with a chat template: ids 3 and 4 are the "<|user|>" and "<|assistant|>" headers (words
+    start at w5), each message ends with <eos>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "<|user|>": 3, "<|assistant|>": 4,
+             **{f"w{i}": i for i in range(5, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tok.padding_side = "left"
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def save_tiny_llama(directory, vocab_size: int, seed: int = 0) -> str:
     """Saved, so GRPOTrainer can load its reference model from model.config._name_or_path."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -35,10 +55,21 @@ def prompts(n: int = 16, words: int = 6):
                                          for i in range(n)]})
 
 
+def chat_prompts(n: int = 16, words: int = 6):
+    """prompts() as one-message conversations."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": " ".join(f"w{5 + (i * 7 + j) % 50}"
+                                                                                for j in range(words))}]
+                                         for i in range(n)]})
+
+
 def reward_even_words(completions, **kwargs):
-    """Fraction of words with an even id: a reward that differs across the samples of a group."""
+    """Fraction of words with an even id: a reward that differs across the samples of a group. A completion is a
+    text or (conversational prompts) a list of messages, the last one's content scored."""
     out = []
     for c in completions:
+        c = c[-1]["content"] if isinstance(c, list) else c
         ids = [int(w[1:]) for w in c.split() if w.startswith("w") and w[1:].isdigit()]
         out.append(sum(i % 2 == 0 for i in ids) / max(1, len(ids)))
     return out
