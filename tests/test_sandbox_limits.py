@@ -81,7 +81,7 @@ _WRITE_EVERYWHERE = (
 def test_no_write_outside_capped_mounts(level):
     """bubblewrap's own root and /dev are read-only; every writable mount left has a size cap."""
     if level != "bwrap":
-        pytest.skip(f"level {level!r} runs on the host's file system as a per-sample uid (see the threat model)")
+        pytest.skip(f"level {level!r} runs on the host's file system (see the threat model)")
     r = check_program(_WRITE_EVERYWHERE + GOOD, TESTS, isolation=level)
     assert r.passed and "WROTE []" in r.stdout and "RW []" in r.stdout, r
 
