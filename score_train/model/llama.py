@@ -234,6 +234,9 @@ class PagedBatch:
 # ---------------------------------------------------------------------------------------------
 
 class CausalLM(LoraMixin, ExportMixin, nn.Module):
+    """The decoder and its output projection under Hugging Face's parameter names; the LoRA methods come from
+    LoraMixin (score_train.model.lora), the export from ExportMixin (score_train.model.export)."""
+
     def __init__(self, config):
         super().__init__()
         check_supported(config)
