@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from score_train import algos
+from score_train import algos, packing
 
 
 def _packed_attention_cpu(q, k, v, cu_seqlens, scale):
@@ -79,8 +79,8 @@ def train_step(model, ref, optimizer, samples, values, st, cfg, cut) -> dict:
 
     a = cfg.algo
     need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
-    groups = algos.micro_batches(samples, cfg.optim.micro_batch_tokens)
-    batches = [algos.pack_samples([samples[i] for i in g], rows=g) for g in groups]
+    groups = packing.micro_batches(samples, cfg.optim.micro_batch_tokens)
+    batches = [packing.pack_samples([samples[i] for i in g], rows=g) for g in groups]
     n_tok = sum(b.num_policy_tokens for b in batches)
     K = st.num_turns
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -99,7 +99,7 @@ def train_step(model, ref, optimizer, samples, values, st, cfg, cut) -> dict:
             lp, _ = policy_logprobs(hidden, model.lm_head_weight, b)
             kw = {"old_logprobs": old[j], "clip_eps": a.clip_eps or None, "agg": a.agg, "cu_seqlens": b.cu_seqlens,
                   "num_turns": K, "global_token_count": n_tok}
-            adv = algos.token_values(values, b)
+            adv = packing.token_values(values, b)
             if need_ref:
                 with torch.no_grad():
                     ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b)

@@ -41,7 +41,7 @@ def case_train_step(machine: str) -> dict:
     try:
         from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-        from score_train import algos
+        from score_train import algos, packing
         from score_train.config import Config
         from score_train.model import from_hf
         from score_train.train import StepInputs, train_step
@@ -68,11 +68,11 @@ def case_train_step(machine: str) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
 
     # The baseline's padded batch (all rows are T long here, so no padding work is wasted on it).
-    batch = algos.pack_samples(samples)
+    batch = packing.pack_samples(samples)
     ids = batch.input_ids.view(B, T).to(dev)
     tgt = batch.targets.view(B, T).to(dev)
     tids = batch.turn_ids.view(B, T).to(dev)
-    adv = algos.token_values(values, batch).view(B, T).to(dev)
+    adv = packing.token_values(values, batch).view(B, T).to(dev)
     coef = algos.kl_coef_tokens(settings, batch).view(B, T).to(dev)
     mask = tids >= 0
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
@@ -139,7 +139,7 @@ def case_train_step_demo(machine: str, B: int = 8, autocast: bool = False) -> di
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks import baseline_train_step as old
-    from score_train import algos
+    from score_train import algos, packing
     from score_train.config import Config
     from score_train.model import from_hf
     from score_train.train import StepInputs, set_trainable, train_step

@@ -1,5 +1,5 @@
 import sys
 
-from score_train.cli import train_main
+from score_train.commands import main
 
-sys.exit(train_main())
+sys.exit(main())

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from score_train import checkpoint as ck
+from score_train.model import CausalLM
+
 
 @dataclass
 class DistInfo:
@@ -234,8 +237,6 @@ def save_checkpoint(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from score_train import checkpoint as ck
-
     final = os.path.join(ckpt_dir, f"step_{step:06d}")
     tmp = f"{final}.tmp-dist"  # one name on every rank: they all write into it
     if info.is_main:
@@ -271,8 +272,6 @@ def save(ckpt_dir: str, step: int, model: torch.nn.Module, optimizer, state: dic
     single-process safetensors layout of score_train.checkpoint. Either loads on any number of ranks."""
     if info.enabled:
         return save_checkpoint(ckpt_dir, step, model, optimizer, state, info, keep=keep)
-    from score_train import checkpoint as ck
-
     return ck.save(ckpt_dir, step, model, optimizer, state, keep=keep)
 
 
@@ -286,8 +285,6 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer) -> dict:
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from score_train import checkpoint as ck
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
@@ -319,8 +316,6 @@ def export_hf(model: torch.nn.Module, path: str, tokenizer, info: DistInfo, *, a
         return
     sd = full_state_dict(model, info)
     if info.is_main:
-        from score_train.model import CausalLM
-
         with torch.device("meta"):
             plain = CausalLM(model.config)
             if model.has_lora:  # the same adapters, so the gathered names and shapes land

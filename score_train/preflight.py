@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from score_train.config import DataConfig, UsageError
+from score_train.data import ArithmeticConfig, load_task
+from score_train.model import embedded_gguf_path
 
 
 def check_model(spec: str, key: str = "model.spec"):
     """spec is "embedded", a .gguf file or a local Hugging Face directory (nothing is fetched from a hub)."""
     if spec == "embedded":
-        from score_train.model import embedded_gguf_path
-
         try:
             embedded_gguf_path()
         except FileNotFoundError as e:
@@ -36,8 +38,6 @@ def check_model(spec: str, key: str = "model.spec"):
 def check_device(device: str, key: str = "run.device"):
     if not device.startswith("cuda"):
         return
-    import torch
-
     if not torch.cuda.is_available():
         raise UsageError(f"{key}={device}: torch sees no CUDA device (use auto or cpu)")
     if ":" in device and int(device.split(":", 1)[1]) >= torch.cuda.device_count():
@@ -47,17 +47,15 @@ def check_device(device: str, key: str = "run.device"):
 def load_records(data: DataConfig, split: str, n: int):
     """The task's records of one split, as the trainer and score-eval read them; a UsageError names the
     task and (for JSONL) the file and line of the first bad record."""
-    from score_train.data import ArithmeticConfig, load_task
-
     arith = None
     if data.task == "arithmetic":
         arith = ArithmeticConfig(digits=data.digits, n_operands=data.n_operands, ops=tuple(data.ops),
-                                 prompt_format=data.prompt_format)
+                                 prompt_format=data.prompt_format, dev_fraction=data.dev_fraction)
     path = data.task[len("jsonl:"):] if data.task.startswith("jsonl:") else None
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"data.task={data.task}: no such file: {path}")
     try:
-        recs = load_task(data.task, split, n, data.seed, arithmetic=arith)
+        recs = load_task(data.task, split, n, data.seed, dev_fraction=data.dev_fraction, arithmetic=arith)
     except (OSError, ValueError, ImportError) as e:
         raise UsageError(f"data.task={data.task}: {e}") from None
     kinds = sorted({r.kind for r in recs})

@@ -119,7 +119,7 @@ EVAL_NOTES = [
     "ended on another (\"19 + 33 = 52 ... the sum of 19 and 33.\" reads as 33): turn 2 restating it fixes the "
     "reading, not a computation.",
     "- cut@t1, cut@t2: % of answers that ended on the token limit. Above 5% at turn 1, delta and i->c mostly "
-    "measure truncation (docs/trainer.md, 'The 32-token artefact').",
+    "measure truncation (experiments/self-correction/REPORT.md, 'The 32-token artefact').",
 ]
 
 

@@ -5,7 +5,7 @@
     Logger(run.dir, cfg, resume_step=state["step"])   # metrics.jsonl without the steps a resume redoes
 
 Resume (`run.resume=true`) continues `<out_dir>/<name>` with its own config.yaml: the settings given
-now apply only where they cannot change what the run computes (`config.RESUME_SAFE`), and are logged
+now apply only where they cannot change what the run computes (`config_io.RESUME_SAFE`), and are logged
 in `resume.log`; any other difference is refused. A finished run resumed only says so.
 """
 from __future__ import annotations
@@ -16,17 +16,15 @@ import os
 import sys
 import time
 
-from score_train import checkpoint
-from score_train.config import (
-    Config,
-    UsageError,
-    dump_config,
-    load_saved_config,
-    merge_resume,
-    resolve,
-    resume_request,
-    task_kind,
-)
+import torch
+from tqdm.auto import tqdm
+
+from score_train import algos, checkpoint
+from score_train import distributed as D
+from score_train.config import Config, UsageError, resolve, task_kind
+from score_train.config_io import dump_config, load_saved_config, merge_resume, resume_request
+from score_train.eval import headline, write_samples
+from score_train.preflight import check_device, check_model, check_nonempty, load_records
 
 RL_ALGOS = ("score", "multi-turn-rl", "single-turn-rl")
 
@@ -42,17 +40,14 @@ class Run:
 
 def check_inputs(cfg: Config) -> str:
     """Everything that can be checked without loading the model; returns the records' kind."""
-    from score_train import algos
-    from score_train.preflight import check_device, check_model, check_nonempty, load_records
-
     cfg.validate()
     if cfg.algo.name in RL_ALGOS and not cfg.rollout.temperature > 0:
         raise UsageError(f"rollout.temperature must be > 0 for {cfg.algo.name} (the loss scores the sampled "
                          f"tokens at the sampling temperature); got {cfg.rollout.temperature}")
     check_model(cfg.model.spec)
     check_device(cfg.run.device)
-    recs = load_records(cfg.data, "eval", cfg.data.eval_size)
-    check_nonempty(recs, cfg.data, "eval")
+    recs = load_records(cfg.data, cfg.eval.split, cfg.data.eval_size)
+    check_nonempty(recs, cfg.data, cfg.eval.split)
     if algos.total_steps(cfg.algo) > 0:
         train = load_records(cfg.data, "train", cfg.data.train_size)
         check_nonempty(train, cfg.data, "train")
@@ -82,8 +77,6 @@ def prepare_run_dir(cfg: Config) -> str:
 
 
 def _finished(run_dir: str, cfg: Config) -> dict | None:
-    from score_train import algos
-
     path = os.path.join(run_dir, "summary.json")
     last = checkpoint.latest(os.path.join(run_dir, "checkpoints"))
     step = checkpoint.step_of(last) if last else 0
@@ -197,3 +190,73 @@ class Logger:
             self.tb.close()
         if self.wb:
             self.wb.finish()
+
+
+# ---------------------------------------------------------------------------- what a step and the run write
+
+def step_record(ro, upd: dict, lr: float, elapsed_s: float, info) -> dict:
+    """The metrics line of one step (means over ranks, sums for counts and throughputs)."""
+    r = ro.rewards
+    rec = {"step": ro.step + 1, "stage": ro.stage, "reward_t1": float(r[:, 0].mean()), "lr": lr, **ro.stats,
+           "kept_samples": len(ro.train_samples), **upd}
+    if r.shape[1] > 1:
+        rec["reward_t2"] = float(r[:, 1].mean())
+        rec["i2c"] = float(((r[:, 0] < 0.5) & (r[:, 1] > 0.5)).float().mean())
+        rec["c2i"] = float(((r[:, 0] > 0.5) & (r[:, 1] < 0.5)).float().mean())
+    for k in range(2, r.shape[1]):  # a third turn and later: its reward and its changes from the turn before
+        rec[f"reward_t{k + 1}"] = float(r[:, k].mean())
+        rec[f"i2c_t{k}{k + 1}"] = float(((r[:, k - 1] < 0.5) & (r[:, k] > 0.5)).float().mean())
+        rec[f"c2i_t{k}{k + 1}"] = float(((r[:, k - 1] > 0.5) & (r[:, k] < 0.5)).float().mean())
+    rec["elapsed_s"] = elapsed_s
+    return D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
+        "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
+        "update_tokens_per_s"))
+
+
+def write_train_samples(run_dir: str, ro, rows: int):
+    r = ro.rewards
+    write_samples(os.path.join(run_dir, f"samples_train_step{ro.step + 1}.md"),
+                  [{"problem": ro.records[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
+                    "r1": float(r[i, 0]), "r2": float(r[i, 1]) if r.shape[1] > 1 else None}
+                   for i, s in enumerate(ro.samples[:rows])])
+
+
+class Progress:
+    """A tqdm bar on rank 0 when run.progress is on; otherwise nothing."""
+
+    def __init__(self, cfg: Config, total: int, start: int, info):
+        self.bar = None
+        if cfg.run.progress and total > 0 and info.is_main:
+            self.bar = tqdm(total=total, initial=start, desc=cfg.algo.name, dynamic_ncols=True)
+
+    def update(self, rec: dict):
+        if self.bar is None:
+            return
+        post = {"stage": rec["stage"], "r1": f"{rec['reward_t1']:.2f}"}
+        if "reward_t2" in rec:
+            post["r2"] = f"{rec['reward_t2']:.2f}"
+        if "kl_t1" in rec:
+            post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
+        tokens = rec.get("packed_tokens", 0) + rec["gen_tokens"]
+        post["tok/s"] = f"{tokens / max(rec['update_s'] + rec['rollout_s'], 1e-9):.0f}"
+        self.bar.update(1)
+        self.bar.set_postfix(post)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_summary(run_dir: str, cfg: Config, total: int, t_start: float, state: dict, info) -> dict:
+    summary = {"run_dir": run_dir, "algo": cfg.algo.name, "steps": total, "wall_s": time.perf_counter() - t_start,
+               "headline": headline(state["evals"]), "evals": state["evals"], "threads": torch.get_num_threads(),
+               "device": str(info.device)}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    try:
+        from score_train import report
+
+        report.write_report(run_dir)
+    except ImportError as e:  # matplotlib is optional
+        print(f"report skipped: {e}", file=sys.stderr)
+    return summary

@@ -3,7 +3,7 @@
 `train()` reads top to bottom: 1. processes, seeds, run directory; 2. policy, frozen reference, rollout engine
 (sharing the policy's parameters), data; 3. optimiser and the state to resume from; 4. per step:
 
-    collect   score_train.rollouts.collect yields the step's two-turn samples, rewards [B, K] and
+    collect   score_train.collect.collect yields the step's two-turn samples, rewards [B, K] and
               per-turn advantages [B, K] (shaping, group baseline; SFT baselines: 1 on kept turns)
     optimise  train_step: packed micro-batches -> frozen prefix once -> policy (and reference) top layers ->
               fused log-probs at the sampling temperature -> score_train.losses -> backward, clip, AdamW
@@ -26,13 +26,18 @@ from dataclasses import dataclass
 
 import torch
 
-from score_train import algos, checkpoint, losses
-from score_train.cli import TRAIN_USAGE as USAGE  # noqa: F401 - re-exported (score_train.train.USAGE)
-from score_train.cli import train_main as main
+from score_train import algos, checkpoint, losses, packing, trained_settings
+from score_train import distributed as D
+from score_train import model as modeling
+from score_train.collect import collect
 from score_train.config import Config, UsageError
-from score_train.eval import evaluate_run, fmt_eval, headline, write_samples
+from score_train.eval import evaluate_run, fmt_eval
+from score_train.packing import PackedBatch
 from score_train.preflight import load_records
-from score_train.rundir import Logger, open_run, prepare_run_dir  # noqa: F401 - prepare_run_dir re-exported
+from score_train.prompts import self_correction_instruction, turn1_message
+from score_train.rewards import reward as task_reward
+from score_train.rollout import Rollout, make_rollout
+from score_train.rundir import Logger, Progress, open_run, step_record, write_summary, write_train_samples
 
 # ---------------------------------------------------------------------------- set-up helpers
 
@@ -65,41 +70,29 @@ def prepare_policy(model, mc) -> int:
 
 def make_reward_fn(cfg: Config):
     """reward(record, text) -> 0/1 by the record's kind (tests pass train(reward_fn=...) instead)."""
-    from score_train.rewards import reward as task_reward
-
     return lambda rec, text: task_reward(rec.kind, text, rec)
 
 
-def make_rollout(cfg: Config, model, tokenizer):
-    from score_train import distributed as D
-
+def build_rollout(cfg: Config, model, tokenizer) -> Rollout:
+    """The training rollouts' backend (rollout.engine), sampling in rollout.dtype; it shares the policy's weights."""
     if cfg.rollout.dtype != "model" and D.is_sharded(model):
         raise UsageError(f"rollout.dtype={cfg.rollout.dtype} is single-process only: under torchrun the sampler "
                          f"runs FSDP2's gathered weights, which it cannot swap for copies")
-    if cfg.rollout.engine == "engine":
-        from score_train.rollout.engine import Engine
-
-        return Engine(model, tokenizer, compute_dtype=None if cfg.rollout.dtype == "model" else torch.bfloat16)
-    from score_train.rollout.hf_baseline import HFRollout
-
-    return HFRollout(model, tokenizer)
+    return make_rollout(model, tokenizer, engine=cfg.rollout.engine,
+                        compute_dtype=None if cfg.rollout.dtype == "model" else torch.bfloat16)
 
 
 def prompt_of(cfg: Config, rec) -> str:
-    from score_train.prompts import turn1_message
-
     return turn1_message(rec, cfg.rollout.style)
 
 
 def instruction_for(cfg: Config, kind: str) -> str:
-    from score_train.prompts import self_correction_instruction
-
     return self_correction_instruction(kind, cfg.rollout.style, cfg.rollout.instruction)
 
 
 # ---------------------------------------------------------------------------- forward passes
 
-def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bool, autocast: bool):
+def forward_pair(model, ref, batch: PackedBatch, cut: int, *, need_ref: bool, autocast: bool):
     """Policy hidden [N, d] (with grad) and reference hidden [N, d] (no grad, or None).
     The `cut` frozen bottom layers are identical in both models, so they run once, without a graph; not at all
     when the sampler already computed them (batch.prefix_hidden, captured at layer `cut`)."""
@@ -118,7 +111,7 @@ def forward_pair(model, ref, batch: algos.PackedBatch, cut: int, *, need_ref: bo
     return hidden, ref_hidden
 
 
-def policy_logprobs(hidden, weight, batch: algos.PackedBatch, temperature: float):
+def policy_logprobs(hidden, weight, batch: PackedBatch, temperature: float):
     """Fused log-probs of the policy tokens only (the lm_head is never applied to prompt tokens),
     scattered back to [N] fp32 (0 elsewhere). `temperature` is the sampling temperature: the sampler's
     distribution is softmax(logits / T), so policy, old and reference log-probs are all scored at T."""
@@ -129,11 +122,36 @@ def policy_logprobs(hidden, weight, batch: algos.PackedBatch, temperature: float
 def training_temperature(cfg: Config) -> float:
     """The rollouts' sampling temperature, at which every training log-prob is scored. Greedy (0) rollouts
     have no log-probs to train on, so training needs T > 0."""
-    t = float(cfg.rollout.temperature)
-    if not t > 0:
-        raise ValueError(f"rollout.temperature must be > 0 for training (the loss scores tokens at the sampling "
-                         f"temperature), got {t}")
-    return t
+    return UpdateSettings.of(cfg).scoring_temperature(sft=False)
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """What one optimisation step reads (from the config's rollout, algo, optim and model sections)."""
+    temperature: float  # the rollouts' sampling temperature (RL turns are scored at it)
+    epochs: int = 1
+    clip_eps: float = 0.0
+    kl: str = "k3"
+    agg: str = "token-mean"
+    micro_batch_tokens: int = 4096
+    grad_clip: float = 1.0
+    autocast_bf16: bool = False
+
+    @classmethod
+    def of(cls, cfg: Config) -> UpdateSettings:
+        a, o = cfg.algo, cfg.optim
+        return cls(temperature=float(cfg.rollout.temperature), epochs=o.epochs, clip_eps=a.clip_eps, kl=a.kl,
+                   agg=a.agg, micro_batch_tokens=o.micro_batch_tokens, grad_clip=o.grad_clip,
+                   autocast_bf16=cfg.model.autocast_bf16)
+
+    def scoring_temperature(self, sft: bool) -> float:
+        """SFT fits the untempered model (an NLL); RL scores at the sampling temperature, which must be > 0."""
+        if sft:
+            return 1.0
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0 for training (the loss scores tokens at the sampling "
+                             f"temperature), got {self.temperature}")
+        return self.temperature
 
 
 # ---------------------------------------------------------------------------- one optimisation step
@@ -145,26 +163,26 @@ class StepInputs:
     settings: algos.StageSettings
 
 
-def old_logprobs(model, batches: list, st: algos.StageSettings, cfg: Config, cut: int, temp: float) -> list:
+def old_logprobs(model, batches: list, st: algos.StageSettings, upd: UpdateSettings, cut: int, temp: float) -> list:
     """Per micro-batch [N] behaviour log-probs, or None each when the loss needs none (one epoch, no clipping).
     The behaviour policy is the sampler, and it does not change over the step's epochs: its own log-probs of
     the drawn tokens serve every epoch without a forward (they equal the trainer's at the sampling temperature:
     tests/test_trainer.py). The SFT baselines train on tokens this policy did not all draw (pair-SFT's built
     turn 2), at T=1: theirs are recomputed once, before the first update."""
-    if cfg.optim.epochs == 1 and not cfg.algo.clip_eps > 0:
+    if upd.epochs == 1 and not upd.clip_eps > 0:
         return [None] * len(batches)
     if not st.sft:
         return [b.old_logprobs for b in batches]
     with torch.no_grad():
-        return [policy_logprobs(forward_pair(model, None, b, cut, need_ref=False, autocast=cfg.model.autocast_bf16)[0],
+        return [policy_logprobs(forward_pair(model, None, b, cut, need_ref=False, autocast=upd.autocast_bf16)[0],
                                 model.lm_head_weight, b, temp)[0] for b in batches]
 
 
-def micro_batch(model, ref, b: algos.PackedBatch, old, inp: StepInputs, cfg: Config, cut: int, temp: float,
+def micro_batch(model, ref, b: PackedBatch, old, inp: StepInputs, upd: UpdateSettings, cut: int, temp: float,
                 counts: losses.StepCounts, need_ref: bool):
     """Forward, fused log-probs and this micro-batch's share of the step loss -> (loss, stats)."""
-    st, a = inp.settings, cfg.algo
-    hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=cfg.model.autocast_bf16)
+    st, a = inp.settings, upd
+    hidden, ref_hidden = forward_pair(model, ref, b, cut, need_ref=need_ref, autocast=upd.autocast_bf16)
     lp, sel = policy_logprobs(hidden, model.lm_head_weight, b, temp)  # read after forward: FSDP swaps in full weights
     dev = lp.device
     ref_lp = kl_tok = None
@@ -174,37 +192,35 @@ def micro_batch(model, ref, b: algos.PackedBatch, old, inp: StepInputs, cfg: Con
         with torch.no_grad():
             ref_lp, _ = policy_logprobs(ref_hidden, ref.lm_head_weight, b, temp)
     return losses.micro_batch_loss(
-        lp, algos.token_values(inp.values, b).to(dev), b.turn_ids.to(dev), b.cu_seqlens.to(dev), counts,
+        lp, packing.token_values(inp.values, b).to(dev), b.turn_ids.to(dev), b.cu_seqlens.to(dev), counts,
         num_turns=st.num_turns, kl_coef=st.kl_coef if need_ref else [0.0] * st.num_turns, agg=a.agg,
         old_lp=None if old is None else old.to(dev), ref_lp=ref_lp, kl_tokens=kl_tok,
         kl_estimator="k3" if a.kl == "exact" else a.kl, clip_eps=a.clip_eps)
 
 
-def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *, dist_info=None) -> dict:
+def train_step(model, ref, optimizer, inp: StepInputs, upd: UpdateSettings, cut: int, *, dist_info=None) -> dict:
     """Optimisation pass(es) over one step's samples, in packed micro-batches. The loss is normalised by the
     step's policy tokens (token-mean) or sequences (seq-mean-*) counted over all ranks, and each rank's loss is
     its share of that global sum, so 2 ranks take the update of 1 process (distributed.grad_scale)."""
-    from score_train import distributed as D
-
     info = dist_info or D.DistInfo()
     st = inp.settings
-    temp = 1.0 if st.sft else training_temperature(cfg)  # SFT fits the untempered model (an NLL)
+    temp = upd.scoring_temperature(st.sft)
     need_ref = ref is not None and any(c > 0 for c in st.kl_coef)
-    batches = [algos.pack_samples([inp.samples[i] for i in g], rows=g)
-               for g in algos.micro_batches(inp.samples, cfg.optim.micro_batch_tokens)]
+    batches = [packing.pack_samples([inp.samples[i] for i in g], rows=g)
+               for g in packing.micro_batches(inp.samples, upd.micro_batch_tokens)]
     n_tok = sum(b.num_policy_tokens for b in batches)
     counts = losses.StepCounts(int(D.global_count(n_tok, info)), int(D.global_count(len(inp.samples), info)))
     passes = D.pad_passes(batches, info)  # None: a padding pass (same collectives, zero contribution)
-    old = old_logprobs(model, batches, st, cfg, cut, temp)
+    old = old_logprobs(model, batches, st, upd, cut, temp)
     trainable = [p for p in model.parameters() if p.requires_grad]
     stats_sum: dict[str, float] = {}
     t0 = time.perf_counter()
     total_loss = grad_norm = 0.0
-    for _epoch in range(cfg.optim.epochs):
+    for _epoch in range(upd.epochs):
         optimizer.zero_grad(set_to_none=True)
         for j, b in enumerate(passes):
             pad = b is None
-            loss, stats = micro_batch(model, ref, batches[0] if pad else b, old[0 if pad else j], inp, cfg, cut,
+            loss, stats = micro_batch(model, ref, batches[0] if pad else b, old[0 if pad else j], inp, upd, cut,
                                       temp, counts, need_ref)
             loss = loss * (0.0 if pad else 1.0)
             if not torch.isfinite(loss):
@@ -216,21 +232,21 @@ def train_step(model, ref, optimizer, inp: StepInputs, cfg: Config, cut: int, *,
             w = b.num_policy_tokens / max(n_tok, 1)
             for k, v in stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + float(v.detach()) * (w if k.startswith(("kl", "clip", "ratio")) else 1.0)
-        if cfg.optim.grad_clip > 0:
-            gn = torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+        if upd.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(trainable, upd.grad_clip)
             grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm {grad_norm}")
         optimizer.step()
     dt = time.perf_counter() - t0
     n_all = sum(len(b.input_ids) for b in batches)
-    out = {"loss": total_loss / cfg.optim.epochs, "grad_norm": grad_norm, "policy_tokens": n_tok,
-           "packed_tokens": n_all, "update_s": dt, "update_tokens_per_s": n_all * cfg.optim.epochs / max(dt, 1e-9)}
+    out = {"loss": total_loss / upd.epochs, "grad_norm": grad_norm, "policy_tokens": n_tok,
+           "packed_tokens": n_all, "update_s": dt, "update_tokens_per_s": n_all * upd.epochs / max(dt, 1e-9)}
     for k in range(st.num_turns):
         if f"kl_turn{k}" in stats_sum:
-            out[f"kl_t{k + 1}"] = stats_sum[f"kl_turn{k}"] / cfg.optim.epochs
+            out[f"kl_t{k + 1}"] = stats_sum[f"kl_turn{k}"] / upd.epochs
     if "clip_frac" in stats_sum:
-        out["clip_frac"] = stats_sum["clip_frac"] / cfg.optim.epochs
+        out["clip_frac"] = stats_sum["clip_frac"] / upd.epochs
     return out
 
 
@@ -240,18 +256,15 @@ def build_models(cfg: Config, info, total: int):
     """-> (policy, tokenizer, frozen reference or None, first trainable layer). The reference is a frozen copy
     (with LoRA: the policy with its adapters off), made only when some stage has a KL term; under torchrun both
     are sharded (distributed.prepare)."""
-    from score_train import distributed as D
-    from score_train.model import BaseView, load_model
-
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model, tok = load_model(cfg.model.spec, dtype=dtype, device=info.device)
+    model, tok = modeling.load_model(cfg.model.spec, dtype=dtype, device=info.device)
     cut = prepare_policy(model, cfg.model)
     a = cfg.algo
     needs_ref = a.name != "self-refine" and total > 0 and any(
         c > 0 for s, _ in algos.schedule(a) for c in algos.stage_settings(a, s).kl_coef)
     ref = None
     if needs_ref:
-        ref = BaseView(model) if model.has_lora else copy.deepcopy(model).requires_grad_(False).eval()
+        ref = modeling.BaseView(model) if model.has_lora else copy.deepcopy(model).requires_grad_(False).eval()
     cut = D.prepare(model, ref, info, cut, engine=cfg.rollout.engine, shard_ref=cfg.dist.shard_ref,
                     activation_checkpointing=cfg.dist.activation_checkpointing)
     return model, tok, ref, cut
@@ -265,8 +278,6 @@ def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
 
 def resume_state(cfg: Config, ckpt_dir: str, model, optimizer) -> dict:
     """The run state to start from: fresh, or the latest complete checkpoint's (either layout, any rank count)."""
-    from score_train import distributed as D
-
     state = {"step": 0, "data_pos": 0, "stage": None, "best_train_reward": None, "evals": []}
     if cfg.run.resume:
         path = checkpoint.latest(ckpt_dir)
@@ -290,86 +301,14 @@ def optimise(model, ref, optimizer, ro, cfg: Config, cut: int, info, run_dir: st
     if not ro.train_samples:
         return {"loss": 0.0, "policy_tokens": 0, "update_s": 0.0}
     try:
-        return train_step(model, ref, optimizer, StepInputs(ro.train_samples, ro.values, ro.settings), cfg, cut,
-                          dist_info=info)
+        return train_step(model, ref, optimizer, StepInputs(ro.train_samples, ro.values, ro.settings),
+                          UpdateSettings.of(cfg), cut, dist_info=info)
     except FloatingPointError as e:
         diag = os.path.join(run_dir, f"nan_diagnostic_step{ro.step}.pt")
         torch.save({"step": ro.step, "stage": ro.stage, "rewards": ro.rewards, "values": ro.values,
                     "samples": [s.__dict__ for s in ro.train_samples], "error": str(e)}, diag)
         raise RuntimeError(f"step {ro.step}: {e}. Stopped; diagnostic saved to {diag}. Try a lower "
                            "optim.lr, optim.grad_clip, or model.dtype=float32.") from e
-
-
-def step_record(ro, upd: dict, lr: float, elapsed_s: float, info) -> dict:
-    """The metrics line of one step (means over ranks, sums for counts and throughputs)."""
-    from score_train import distributed as D
-
-    r = ro.rewards
-    rec = {"step": ro.step + 1, "stage": ro.stage, "reward_t1": float(r[:, 0].mean()), "lr": lr, **ro.stats,
-           "kept_samples": len(ro.train_samples), **upd}
-    if r.shape[1] > 1:
-        rec["reward_t2"] = float(r[:, 1].mean())
-        rec["i2c"] = float(((r[:, 0] < 0.5) & (r[:, 1] > 0.5)).float().mean())
-        rec["c2i"] = float(((r[:, 0] > 0.5) & (r[:, 1] < 0.5)).float().mean())
-    for k in range(2, r.shape[1]):  # a third turn and later: its reward and its changes from the turn before
-        rec[f"reward_t{k + 1}"] = float(r[:, k].mean())
-        rec[f"i2c_t{k}{k + 1}"] = float(((r[:, k - 1] < 0.5) & (r[:, k] > 0.5)).float().mean())
-        rec[f"c2i_t{k}{k + 1}"] = float(((r[:, k - 1] > 0.5) & (r[:, k] < 0.5)).float().mean())
-    rec["elapsed_s"] = elapsed_s
-    return D.all_mean_metrics(rec, info, keep=("step", "lr"), sum_keys=(
-        "loss", "gen_tokens", "gen_tokens_per_s", "kept_samples", "policy_tokens", "packed_tokens",
-        "update_tokens_per_s"))
-
-
-def write_train_samples(run_dir: str, ro, rows: int):
-    r = ro.rewards
-    write_samples(os.path.join(run_dir, f"samples_train_step{ro.step + 1}.md"),
-                  [{"problem": ro.records[s.prompt_index].problem, "y1": s.turn1_text, "y2": s.turn2_text,
-                    "r1": float(r[i, 0]), "r2": float(r[i, 1]) if r.shape[1] > 1 else None}
-                   for i, s in enumerate(ro.samples[:rows])])
-
-
-class Progress:
-    """A tqdm bar on rank 0 when run.progress is on; otherwise nothing."""
-
-    def __init__(self, cfg: Config, total: int, start: int, info):
-        self.bar = None
-        if cfg.run.progress and total > 0 and info.is_main:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=cfg.algo.name, dynamic_ncols=True)
-
-    def update(self, rec: dict):
-        if self.bar is None:
-            return
-        post = {"stage": rec["stage"], "r1": f"{rec['reward_t1']:.2f}"}
-        if "reward_t2" in rec:
-            post["r2"] = f"{rec['reward_t2']:.2f}"
-        if "kl_t1" in rec:
-            post["kl"] = f"{rec.get('kl_t1', 0):.3g}/{rec.get('kl_t2', 0):.3g}"
-        tokens = rec.get("packed_tokens", 0) + rec["gen_tokens"]
-        post["tok/s"] = f"{tokens / max(rec['update_s'] + rec['rollout_s'], 1e-9):.0f}"
-        self.bar.update(1)
-        self.bar.set_postfix(post)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def write_summary(run_dir: str, cfg: Config, total: int, t_start: float, state: dict, info) -> dict:
-    summary = {"run_dir": run_dir, "algo": cfg.algo.name, "steps": total, "wall_s": time.perf_counter() - t_start,
-               "headline": headline(state["evals"]), "evals": state["evals"], "threads": torch.get_num_threads(),
-               "device": str(info.device)}
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    try:
-        from score_train import report
-
-        report.write_report(run_dir)
-    except ImportError as e:  # matplotlib is optional
-        print(f"report skipped: {e}", file=sys.stderr)
-    return summary
 
 
 def seed_process(cfg: Config) -> None:
@@ -389,9 +328,6 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     """Run the configured algorithm. Returns the summary (also in <run>/summary.json).
     Test hooks, injected by the tests: fault_hook(step) runs after every step (raise in it to simulate a crash),
     reward_fn(record, text) replaces the task's reward, rollout_hook(step, info) runs after each step's sampling."""
-    from score_train import distributed as D
-    from score_train.rollouts import collect
-
     # 1. processes (torchrun: one per rank; else a no-op), seeds, the run directory
     t_start = time.perf_counter()
     info = D.init(cfg.dist.timeout_s, cfg.run.device)
@@ -406,9 +342,9 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
 
     # 2. the policy, its frozen reference, the rollout engine (it shares the policy's parameters), the data
     model, tok, ref, cut = build_models(cfg, info, total)
-    rollout = make_rollout(cfg, model, tok)
+    rollout = build_rollout(cfg, model, tok)
     train_recs = load_records(cfg.data, "train", cfg.data.train_size) if total > 0 else []
-    eval_recs = load_records(cfg.data, "eval", cfg.data.eval_size)
+    eval_recs = load_records(cfg.data, cfg.eval.split, cfg.data.eval_size)
     order = list(range(len(train_recs)))
     random.Random(cfg.data.seed + 1).shuffle(order)
 
@@ -462,10 +398,9 @@ def train(cfg: Config, *, fault_hook=None, reward_fn=None, rollout_hook=None) ->
     if cfg.run.export and total > 0:
         D.export_hf(model, os.path.join(run_dir, "final_model"), tok, info,  # LoRA: merged into the weights
                     adapter_path=os.path.join(run_dir, "final_adapter") if model.has_lora else None)
+        if info.is_main:  # the turn-2 text and budget it was trained with, which score-eval then uses
+            trained_settings.write(os.path.join(run_dir, "final_model"), cfg)
     if not info.is_main:
         return {"run_dir": run_dir, "rank": info.rank}
     return write_summary(run_dir, cfg, total, t_start, state, info)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

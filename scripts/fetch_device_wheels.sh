@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 DEST=${1:-.whl}
 PY=${PYTHON:-python3}
 mkdir -p "$DEST"
-# The device tool carries .whl; keep it out of git (the README's recipe; .gitignore has /.whl/ too).
+# The device tool carries .whl; keep it out of git (CONTRIBUTING.md's recipe; .gitignore has /.whl/ too).
 if [ -d .git ] && ! grep -qx '/.whl/' .git/info/exclude 2>/dev/null; then
   echo /.whl/ >>.git/info/exclude
 fi

@@ -17,7 +17,7 @@ def hash_reward(rec, text) -> float:
 
 def main(argv) -> int:
     from score_train import train as T
-    from score_train.config import parse_args
+    from score_train.commands.train import parse_args
 
     fail_rank, rest = None, []
     for a in argv:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from score_train import algos
+from score_train import algos, packing
 from score_train.config import AlgoConfig
 from score_train.rollout.types import TwoTurnSample
 
@@ -32,7 +32,7 @@ def test_schedule_and_stage_settings():
 def test_pack_samples_layout():
     s0 = _sample(0, 0, [1, 2], [3, 4], [5], [6, 7])
     s1 = _sample(0, 1, [1, 2], [8], [5, 9], [10])
-    b = algos.pack_samples([s0, s1], rows=[4, 5])
+    b = packing.pack_samples([s0, s1], rows=[4, 5])
     # [N] = 7 + 6 tokens
     assert b.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 1, 2, 8, 5, 9, 10]
     assert b.cu_seqlens.tolist() == [0, 7, 13]
@@ -47,8 +47,8 @@ def test_pack_samples_layout():
 
 def test_micro_batches_keep_order_and_budget():
     ss = [_sample(i // 2, i % 2, [1] * 5, [2] * 3, [3], [4] * 3) for i in range(5)]  # 12 tokens each
-    assert algos.micro_batches(ss, 24) == [[0, 1], [2, 3], [4]]
-    assert algos.micro_batches(ss, 5) == [[0], [1], [2], [3], [4]]
+    assert packing.micro_batches(ss, 24) == [[0, 1], [2, 3], [4]]
+    assert packing.micro_batches(ss, 5) == [[0], [1], [2], [3], [4]]
 
 
 def test_stage1_values_have_no_turn1_pg():
@@ -85,10 +85,10 @@ def test_stage1_loss_gradient_on_turn1_is_beta2_kl_only():
     a = AlgoConfig(name="score", beta1=0.01, beta2=0.1)
     st = algos.stage_settings(a, "stage1")
     ss = [_sample(0, i, [1, 2], [3, 4, 5], [6], [7, 8]) for i in range(4)]
-    b = algos.pack_samples(ss)
+    b = packing.pack_samples(ss)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     v = algos.turn_values(st, rewards, algos.group_ids(ss))
-    adv = algos.token_values(v, b)
+    adv = packing.token_values(v, b)
     n = len(b.input_ids)
     ref = torch.randn(n) * 0.1 - 1.0
     base = torch.randn(n) * 0.1 - 1.0
@@ -118,7 +118,7 @@ def test_stage1_loss_gradient_on_turn1_is_beta2_kl_only():
 
 def test_kl_coef_tokens():
     st = algos.stage_settings(AlgoConfig(name="score", beta1=0.01, beta2=0.1), "stage1")
-    b = algos.pack_samples([_sample(0, 0, [1, 2], [3, 4], [5], [6])])
+    b = packing.pack_samples([_sample(0, 0, [1, 2], [3, 4], [5], [6])])
     c = algos.kl_coef_tokens(st, b)
     assert torch.allclose(c, torch.tensor([0.1 if t == 0 else 0.01 if t == 1 else 0.0 for t in b.turn_ids.tolist()]))
 
@@ -165,7 +165,7 @@ def test_three_turn_settings_pack_and_rewards():
     s = _sample(0, 0, [1, 2], [3], [5], [6])
     s.extra_turns = [ExtraTurn([5, 9], [7, 8], [-0.75, -0.5], "seven")]
     s.turn1_text, s.turn2_text = "one", "six"
-    b = algos.pack_samples([s])
+    b = packing.pack_samples([s])
     assert b.input_ids.tolist() == [1, 2, 3, 5, 6, 5, 9, 7, 8]
     # the third turn's tokens are turn 2 (0-based); the instruction between turns 2 and 3 is not trained
     assert b.turn_ids.tolist() == [-1, 0, -1, 1, -1, -1, 2, 2, -1]

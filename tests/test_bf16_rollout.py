@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from score_train import algos
+from score_train import algos, packing
 from score_train import train as T
 from score_train.config import UsageError
 from tests.conftest import tol
@@ -73,7 +73,7 @@ def test_bf16_sampler_matches_the_fp32_trainer_within_bf16_rounding(tiny_model_d
     assert eng.runner.caches[0][0].dtype == torch.bfloat16
     assert_untouched(model, snap)
     assert all(s.prefix_hidden.dtype == torch.float32 for s in samples)
-    b = algos.pack_samples(samples)
+    b = packing.pack_samples(samples)
     with torch.no_grad():
         hidden = model(b.input_ids, b.position_ids, b.cu_seqlens)
         mid = model(b.input_ids, b.position_ids, b.cu_seqlens, to_layer=1)
@@ -88,7 +88,7 @@ def test_bf16_sampler_matches_the_fp32_trainer_within_bf16_rounding(tiny_model_d
     with eng.own_dtype():
         again = eng.generate(PROMPTS, SamplingParams(n=2, temperature=0.7, max_new_tokens=12, seed=3))
     assert eng.runner.caches[0][0].dtype == torch.float32 and eng.compute_dtype == torch.bfloat16
-    b2 = algos.pack_samples(again)
+    b2 = packing.pack_samples(again)
     with torch.no_grad():
         lp2, sel2 = T.policy_logprobs(model(b2.input_ids, b2.position_ids, b2.cu_seqlens), model.lm_head_weight,
                                       b2, 0.7)
@@ -130,15 +130,16 @@ def test_rollout_dtype_is_checked(tiny_model_dir, tmp_path, monkeypatch):
             tiny_cfg(tiny_model_dir, tmp_path, f"--rollout.dtype={bad}")
     # the default samples in the policy's own dtype, a bf16 policy included (no up-cast copies)
     model, tok = load_model(tiny_model_dir, dtype=torch.bfloat16)
-    assert T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--model.dtype=bfloat16"), model, tok).compute_dtype is None
-    assert T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model,
+    assert T.build_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--model.dtype=bfloat16"), model, tok).compute_dtype is None
+    assert T.build_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model,
                           tok).compute_dtype == torch.bfloat16
     monkeypatch.setattr(D, "is_sharded", lambda m: True)  # under torchrun: refused, it cannot swap FSDP2's weights
     with pytest.raises(UsageError, match="single-process"):
-        T.make_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model, tok)
+        T.build_rollout(tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16"), model, tok)
     with pytest.raises(UsageError, match="rollout.engine=engine"):
         tiny_cfg(tiny_model_dir, tmp_path, "--rollout.dtype=bfloat16", "--rollout.engine=hf")
-    from score_train.config import EvalCommandConfig, GenerateCommandConfig, build
+    from score_train.config import EvalCommandConfig, GenerateCommandConfig
+    from score_train.config_io import build
 
     for cls in (EvalCommandConfig, GenerateCommandConfig):  # a training setting: score-eval / score-generate refuse
         with pytest.raises(UsageError, match="model.dtype=bfloat16"):

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 
-from score_train.cli import eval_main, generate_main, train_main
+from score_train.commands.eval import main as eval_main
+from score_train.commands.generate import main as generate_main
+from score_train.commands.train import main as train_main
 from score_train.config import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,9 +102,18 @@ def test_debug_shows_the_traceback(files):
 
 
 def test_help(capsys):
+    import dataclasses
+
+    from score_train.config import Config
+
     assert train_main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "score-train" in out and "optim: lr=" in out and "adam_beta1" in out
+    assert "score-train" in out and "--optim.lr [1e-05]" in out and "adam_beta1" in out
+    words = " ".join(out.split())
+    for sec in dataclasses.fields(Config):  # every setting, with its default and its help text
+        for f in dataclasses.fields(sec.default_factory):
+            assert f"--{sec.name}.{f.name} [" in out, f"{sec.name}.{f.name} missing from --help"
+            assert f.metadata.get("help") and " ".join(f.metadata["help"].split()) in words, f"{sec.name}.{f.name}"
     for main, flag in ((eval_main, "--n-problems"), (generate_main, "--two-turn")):
         with pytest.raises(SystemExit) as e:
             main(["--help"])

@@ -1,18 +1,8 @@
 import pytest
 
-from score_train.config import (
-    PRESETS,
-    TASK_DEFAULTS,
-    Config,
-    EvalCommandConfig,
-    GenerateCommandConfig,
-    UsageError,
-    load_config,
-    merge_resume,
-    parse_args,
-    preset_path,
-    resolve,
-)
+from score_train.commands.train import parse_args
+from score_train.config import Config, EvalCommandConfig, GenerateCommandConfig, PRESETS, TASK_DEFAULTS, UsageError, resolve
+from score_train.config_io import load_config, merge_resume, preset_path
 
 
 def test_defaults_validate():
@@ -106,7 +96,8 @@ def test_task_defaults_are_the_one_budget():
 
 
 def test_one_temperature_default_and_shared_flags():
-    from score_train.cli import parse_eval_args, parse_generate_args
+    from score_train.commands.eval import parse_args as parse_eval_args
+    from score_train.commands.generate import parse_args as parse_generate_args
 
     t = Config().rollout.temperature
     assert EvalCommandConfig().rollout.temperature == GenerateCommandConfig().rollout.temperature == t == 1.0
@@ -183,8 +174,8 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
 
 def test_eval_reads_a_training_config(tmp_path):
     """score-eval --config runs/X/config.yaml: the model, data and rollout sections; the rest is skipped."""
-    from score_train.cli import parse_eval_args
-    from score_train.config import dump_config
+    from score_train.commands.eval import parse_args as parse_eval_args
+    from score_train.config_io import dump_config
 
     cfg = load_config(preset_path("demo"), ["--data.digits=3", "--rollout.max_new_tokens=20"])
     p = tmp_path / "config.yaml"

@@ -151,3 +151,48 @@ def test_record_validation():
         Record(id="a", kind="code", problem="x")
     with pytest.raises(ValueError):
         Record(id="a", kind="math", problem="x", answer=" ")
+
+
+def test_dev_split_is_carved_from_the_train_side():
+    """data.dev_fraction > 0: a dev split disjoint from train and eval; eval stays the same problems, and without
+    a dev split every draw is as before."""
+    from score_train.data.arithmetic import ArithmeticConfig, generate, split_expressions
+
+    plain, dev = ArithmeticConfig(), ArithmeticConfig(dev_fraction=0.1)
+    ev = set(split_expressions("eval", plain))
+    assert set(split_expressions("eval", dev)) == ev
+    d, t = set(split_expressions("dev", dev)), set(split_expressions("train", dev))
+    assert d and not d & t and not d & ev and d | t == set(split_expressions("train", plain))
+    assert 0.08 < len(d) / plain.space_size() < 0.12
+    assert {r.meta["expr"] for r in generate(200, "train", seed=3, cfg=dev)} <= t
+    assert [r.id for r in generate(50, "train", seed=3, cfg=plain)] == \
+        [r.id for r in generate(50, "train", seed=3, cfg=ArithmeticConfig(dev_fraction=0.0))]
+    with pytest.raises(ValueError, match="no dev split"):
+        generate(5, "dev", cfg=plain)
+
+
+def test_dev_split_of_a_file(tmp_path):
+    import json
+
+    from score_train.data import load_task
+
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps({"problem": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(400)))
+    splits = {s: {r.id for r in load_task(f"jsonl:{p}", s, dev_fraction=0.2)} for s in ("train", "dev", "eval")}
+    assert sum(map(len, splits.values())) == 400 and all(splits.values())
+    assert not (splits["dev"] & splits["train"]) and not (splits["dev"] & splits["eval"])
+    assert splits["eval"] == {r.id for r in load_task(f"jsonl:{p}", "eval")}
+
+
+def test_the_dev_split_is_asked_for_by_name():
+    from score_train.commands.eval import parse_args
+    from score_train.config import UsageError
+    from score_train.config_io import load_config
+
+    with pytest.raises(UsageError, match="eval.split=dev needs a dev split"):
+        load_config(None, ["--eval.split=dev"])
+    assert load_config(None, ["--eval.split=dev", "--data.dev_fraction=0.1"]).eval.split == "dev"
+    with pytest.raises(UsageError, match="evaluate.split=dev needs a dev split"):
+        parse_args(["--split", "dev"])
+    cfg, _ = parse_args(["--split", "dev", "--data.dev_fraction=0.1"])
+    assert cfg.evaluate.split == "dev"

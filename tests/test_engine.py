@@ -288,7 +288,7 @@ def test_gpu_engine_bf16_sampling_runs():
 def test_cli_end_to_end(tok, tmp_path, capsys):
     import json
 
-    from score_train.rollout.cli import main
+    from score_train.commands.generate import main
     _, m = tiny("llama")
     model_dir = tmp_path / "model"
     m.save_pretrained(str(model_dir), tokenizer=tok)

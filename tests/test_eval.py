@@ -1,11 +1,14 @@
 """Self-correction metrics on hand-computed cases, evaluate() on a scripted rollout, and score-eval end
 to end (a tiny random model; the embedded SmolLM2 under the slow marker)."""
+import contextlib
 import importlib.util
 import json
 import random
 
 import pytest
 
+from score_train.commands.eval import main
+from score_train.config import SamplingConfig
 from score_train.data import Record, generate_arithmetic
 from score_train.eval import (
     edit_distance_ratio,
@@ -13,7 +16,6 @@ from score_train.eval import (
     fmt_eval,
     format_table,
     levenshtein,
-    main,
     majority_vote,
     ratio_histogram,
     self_correction_metrics,
@@ -94,13 +96,22 @@ def test_majority_vote():
     assert majority_vote([None], [1]) == 0.0
 
 
-class ScriptedRollout:
+class FakeRollout:
+    """The Rollout contract's plain parts for the test doubles below (no model, no dtype swap)."""
+    model = None
+
+    def own_dtype(self):
+        return contextlib.nullcontext(self)
+
+
+class ScriptedRollout(FakeRollout):
     """Answers from a table: (prompt_index, sample_index, turn) -> text; records every call."""
 
     def __init__(self, fn):
         self.fn, self.calls = fn, []
 
-    def generate(self, prompts, params: SamplingParams, *, two_turn=True, instruction=None):
+    def generate(self, prompts, params: SamplingParams, *, two_turn=True, instruction=None, reply_prefix="",
+                 num_turns=None, seeds=None, progress=None, capture_layer=0):
         self.calls.append((list(prompts), params, two_turn, instruction))
         out = []
         for i in range(len(prompts)):
@@ -128,7 +139,7 @@ def test_evaluate_greedy_and_self_consistency():
         return f"{ans[i] if (j == 0 and params.seed == 1) else ans[i] + 1 + j}"
 
     ro = ScriptedRollout(fn)
-    res = evaluate(ro, recs, temperature=0.7, k=2, max_new_tokens=32)
+    res = evaluate(ro, recs, SamplingConfig(temperature=0.7, max_new_tokens=32), k=2)
     g = res["greedy"]["metrics"]
     assert (g["acc_t1"], g["acc_t2"], g["delta_i2c"], g["delta_c2i"], g["delta"]) == (0.5, 0.5, 0.25, 0.25, 0.0)
     s = res["sampled"]["metrics"]
@@ -150,10 +161,11 @@ def test_evaluate_sends_the_given_instruction():
 
     recs = generate_arithmetic(2, "eval", seed=0)
     ro = ScriptedRollout(lambda i, j, turn, params: "1")
-    assert evaluate(ro, recs, max_new_tokens=8, instruction="Again.")["instruction"] == "Again."
+    assert evaluate(ro, recs, SamplingConfig(max_new_tokens=8, instruction="Again."))["instruction"] == "Again."
     assert ro.calls[0][3] == "Again."
     ro = ScriptedRollout(lambda i, j, turn, params: "1")
-    assert evaluate(ro, recs, max_new_tokens=8)["instruction"] == P.ARITHMETIC_SELF_CORRECT == ro.calls[0][3]
+    assert evaluate(ro, recs, SamplingConfig(max_new_tokens=8))["instruction"] == P.ARITHMETIC_SELF_CORRECT \
+        == ro.calls[0][3]
 
 
 def test_evaluate_rejects_mixed_kinds():
@@ -216,7 +228,7 @@ def test_score_eval_embedded_smollm2(tmp_path, capsys):
 
 
 def test_cli_help(capsys):
-    from score_train.cli import eval_main
+    from score_train.commands.eval import main as eval_main
 
     with pytest.raises(SystemExit) as e:
         eval_main(["--help"])
@@ -250,13 +262,14 @@ def _sample(i, y1, y2, f1="eos", f2="eos"):
                          turn1_text=y1, finish_reasons=[f1, f2], turn2_ids=[3], turn2_text=y2)
 
 
-class FixedRollout:
+class FixedRollout(FakeRollout):
     """Returns hand-built samples; records the generate() keyword arguments it was called with."""
 
     def __init__(self, samples):
         self.samples, self.kwargs = samples, []
 
-    def generate(self, prompts, params, *, two_turn=True, instruction=None, progress=None):
+    def generate(self, prompts, params, *, two_turn=True, instruction=None, reply_prefix="", num_turns=None,
+                 seeds=None, progress=None, capture_layer=0):
         self.kwargs.append({"progress": progress})
         if progress is not None:
             for _ in range(3):
@@ -275,7 +288,7 @@ def test_truncation_accounting():
           _sample(2, "12", "12", "eos", "eos"),
           _sample(3, "3 + 10 = 1", "13", "length", "stop"),
           _sample(4, "14", "14", "stop", "eos")]
-    res = evaluate(FixedRollout(ss), _recs(5), max_new_tokens=8, warn=False)
+    res = evaluate(FixedRollout(ss), _recs(5), SamplingConfig(max_new_tokens=8), warn=False)
     g = res["greedy"]
     m = g["metrics"]
     assert (m["n_cut_t1"], m["n_cut_t2"]) == (3, 1)
@@ -295,7 +308,7 @@ def test_stated_answer_split():
           _sample(3, "3 + 10 = 13.", "Sorry, it is 14.", "eos"),  # right -> wrong (stated)
           _sample(4, "4 + 10 = 1", "4 + 10 = 14.", "length"),  # a number, but cut off: not stated -> right
           _sample(5, "15", "15", "stop")]  # right -> right (ended on a stop string: stated)
-    m = evaluate(FixedRollout(ss), recs, max_new_tokens=16, warn=False)["greedy"]["metrics"]
+    m = evaluate(FixedRollout(ss), recs, SamplingConfig(max_new_tokens=16), warn=False)["greedy"]["metrics"]
     assert (m["acc_t1"], m["acc_t2"]) == (pytest.approx(2 / 6), pytest.approx(5 / 6))
     assert m["delta_i2c"] == pytest.approx(4 / 6) and m["delta_c2i"] == pytest.approx(1 / 6)  # the paper's
     assert m["n_stated"] == 3  # samples 0, 3, 5
@@ -307,7 +320,7 @@ def test_stated_answer_split():
 
 
 def test_corrections_whose_turn1_had_written_the_right_number_are_counted_apart(tmp_path):
-    """The alpha-1 demo's 19 "corrections" (benchmarks/results/demo_alpha1_seed0.json) were all of this kind: turn 1
+    """The alpha-1 demo's 19 "corrections" (experiments/self-correction/records/demo_alpha1_seed0.json) were all of this kind: turn 1
     wrote the right sum, then a sentence ending in an operand, which the last-number rule read as its answer; turn 2
     dropped the sentence. They are stated i->c by the reward's rule, and counted apart as written."""
     from score_train.report import write_report
@@ -318,7 +331,7 @@ def test_corrections_whose_turn1_had_written_the_right_number_are_counted_apart(
           _sample(1, "1 + 10 = 12.", "Let me check: 1 + 10 = 11.", "eos"),  # a real correction: 11 nowhere in y1
           _sample(2, "2 + 10 = 12", "Sorry, it is 13.", "eos"),  # right -> wrong
           _sample(3, "3 + 10 = 13, so 26.", "3 + 10 = 13", "eos")]  # a second, wrong sum read: written too
-    res = evaluate(FixedRollout(ss), recs, max_new_tokens=16, warn=False)
+    res = evaluate(FixedRollout(ss), recs, SamplingConfig(max_new_tokens=16), warn=False)
     m = res["greedy"]["metrics"]
     assert (m["n_i2c_stated"], m["n_c2i_stated"], m["n_stated"]) == (3, 1, 4)
     assert m["n_i2c_stated_written"] == 2  # samples 0 and 3
@@ -369,7 +382,7 @@ def test_truncation_warning_threshold():
 
 def test_evaluate_warns_on_stderr(capsys):
     cut = [_sample(i, "Adding the two", f"{i + 10}", "length") for i in range(2)]
-    res = evaluate(FixedRollout(cut + [_sample(2, "12", "12")]), _recs(3), max_new_tokens=4)
+    res = evaluate(FixedRollout(cut + [_sample(2, "12", "12")]), _recs(3), SamplingConfig(max_new_tokens=4))
     err = capsys.readouterr().err
     assert "WARNING: 2 of 3 turn-1 answers (66.7%)" in err
     assert res["warnings"] and res["warnings"][0] in format_table(res)
@@ -422,7 +435,7 @@ def test_evaluate_progress(tmp_path, capsys):
             events.append(("close",))
 
     ro = FixedRollout([_sample(i, f"{i + 10}", f"{i + 10}") for i in range(3)])
-    evaluate(ro, _recs(3), max_new_tokens=4, progress=Bar)
+    evaluate(ro, _recs(3), SamplingConfig(max_new_tokens=4), progress=Bar)
     assert events[0] == ("open", "eval greedy", 3 * 2 * 4)
     assert events[1:4] == [("update", 1)] * 3 and events[-2:] == [("update", 24 - 3), ("close",)]
     # progress=True: a tqdm bar on stderr; the trainer's evaluations show it when run.progress is on
@@ -432,7 +445,7 @@ def test_evaluate_progress(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "eval greedy" in err and "48/48" in err  # 3 problems, 2 turns, eval.max_new_tokens=8
     # a rollout without a progress argument still gets a bar (moved once, at the end)
-    evaluate(ScriptedRollout(lambda *a: "1"), _recs(2), max_new_tokens=4, progress=True)
+    evaluate(ScriptedRollout(lambda *a: "1"), _recs(2), SamplingConfig(max_new_tokens=4), progress=True)
     assert "16/16" in capsys.readouterr().err
 
 
@@ -440,10 +453,11 @@ def test_tiny_model_evaluation_is_quick_and_shows_progress(tiny_model_dir, capsy
     # after the model load, a few problems take seconds, and the engine moves the bar at every step
     import time
 
-    from score_train.eval import make_rollout
+    from score_train.model import load_model
+    from score_train.rollout import Engine, make_rollout
 
-    rollout, backend = make_rollout(tiny_model_dir, backend="engine", device="cpu")
-    assert backend == "engine"
+    rollout = make_rollout(*load_model(tiny_model_dir, device="cpu"), engine="engine")
+    assert isinstance(rollout, Engine)
     updates = []
 
     class Bar:
@@ -457,11 +471,12 @@ def test_tiny_model_evaluation_is_quick_and_shows_progress(tiny_model_dir, capsy
             pass
 
     t0 = time.process_time()  # CPU time: the machine may be shared with other jobs
-    res = evaluate(rollout, generate_arithmetic(4, "eval", seed=0), max_new_tokens=6, progress=Bar, warn=False)
+    res = evaluate(rollout, generate_arithmetic(4, "eval", seed=0), SamplingConfig(max_new_tokens=6), progress=Bar,
+                   warn=False)
     assert time.process_time() - t0 < 20  # about a second on a quiet 2-core machine
     assert len(updates) > 2 and sum(updates) == 4 * 2 * 6  # per engine step, then the rest at the end
     assert res["greedy"]["metrics"]["n"] == 4 and "cut_t1" in res["greedy"]["metrics"]
-    evaluate(rollout, generate_arithmetic(2, "eval", seed=0), max_new_tokens=6, progress=True, warn=False)
+    evaluate(rollout, generate_arithmetic(2, "eval", seed=0), SamplingConfig(max_new_tokens=6), progress=True, warn=False)
     assert "eval greedy" in capsys.readouterr().err
 
 
@@ -474,8 +489,9 @@ def test_evaluate_three_turns_reports_turn3_against_turn2():
     table = {0: (0, 0, 1), 1: (0, 1, 1), 2: (1, 1, 0), 3: (0, 0, 0)}
     seen = []
 
-    class ThreeTurns:
-        def generate(self, prompts, params, *, two_turn=True, instruction=None, num_turns=2):
+    class ThreeTurns(FakeRollout):
+        def generate(self, prompts, params, *, two_turn=True, instruction=None, reply_prefix="", num_turns=None,
+                     seeds=None, progress=None, capture_layer=0):
             seen.append(num_turns)
             out = []
             for i in range(len(prompts)):
@@ -488,7 +504,7 @@ def test_evaluate_three_turns_reports_turn3_against_turn2():
                                          extra_turns=[ExtraTurn([4], [5], [0.0], t[2])]))
             return out
 
-    res = evaluate(ThreeTurns(), recs, max_new_tokens=32, num_turns=3, warn=False)
+    res = evaluate(ThreeTurns(), recs, SamplingConfig(max_new_tokens=32), num_turns=3, warn=False)
     m = res["greedy"]["metrics"]
     assert seen == [3] and m["num_turns"] == 3
     assert (m["acc_t1"], m["acc_t2"], m["acc_t3"]) == (0.25, 0.5, 0.5)

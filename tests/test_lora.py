@@ -127,7 +127,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @needs_tokenizer
 def test_sampler_logprobs_equal_the_trainers_through_the_adapters(tiny_model_dir):
-    from score_train import algos
+    from score_train import algos, packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
@@ -138,7 +138,7 @@ def test_sampler_logprobs_equal_the_trainers_through_the_adapters(tiny_model_dir
     model.eval()
     samples = Engine(model, tok).generate(["What is 2 + 3?", "What is 10 + 7?"],
                                           SamplingParams(n=2, temperature=0.7, max_new_tokens=10, seed=3))
-    batch = algos.pack_samples(samples)
+    batch = packing.pack_samples(samples)
     with torch.no_grad():
         lp, sel = T.policy_logprobs(model(batch.input_ids, batch.position_ids, batch.cu_seqlens),
                                     model.lm_head_weight, batch, 0.7)
@@ -210,7 +210,8 @@ def test_lora_run_resumes_like_an_uninterrupted_one(tiny_model_dir, tmp_path, mo
 
 
 def test_lora_settings_are_checked():
-    from score_train.config import EvalCommandConfig, UsageError, load_config, preset_path
+    from score_train.config import EvalCommandConfig, UsageError
+    from score_train.config_io import load_config, preset_path
 
     for bad, msg in (("--model.lora_rank=-1", "lora_rank"), ("--model.lora_alpha=0", "lora_alpha")):
         with pytest.raises(UsageError, match=msg):

@@ -9,8 +9,9 @@ import pytest
 
 from score_train import checkpoint
 from score_train import train as T
-from score_train.cli import train_main
-from score_train.config import UsageError, parse_args
+from score_train.commands.train import main as train_main
+from score_train.commands.train import parse_args
+from score_train.config import UsageError
 from score_train.rundir import truncate_metrics
 from tests.helpers import Crash, crash_at, fake_reward, save_tiny_llama
 

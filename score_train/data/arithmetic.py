@@ -9,11 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from score_train.data.records import Record, split_of
+from score_train.data.records import SPLITS, Record, check_fractions, split_of
 
-# "Answer with just the number": the embedded SmolLM2 then ends 96.5% of its greedy turn-1 answers on EOS within
-# 128 tokens (512 held-out additions; 93% with the bare "What is {expr}?", whose long-winded answers loop), and
-# writes less: a two-turn evaluation takes about half the time (docs/trainer.md, "Demo results").
+# "Answer with just the number": the embedded model's turn-1 answers then end by themselves within the task's token
+# budget, and two-turn evaluations run faster (experiments/self-correction/REPORT.md, "The preset, knob by knob").
 DEFAULT_FORMAT = "What is {expr}? Answer with just the number."
 OPS = ("+", "-", "*")
 
@@ -25,6 +24,7 @@ class ArithmeticConfig:
     ops: tuple[str, ...] = ("+",)
     prompt_format: str = DEFAULT_FORMAT  # "{expr}" is replaced by e.g. "37 + 45"
     eval_fraction: float = 0.1
+    dev_fraction: float = 0.0  # > 0: a dev split of this fraction of the problems, carved from the train side
 
     def __post_init__(self):
         if self.digits < 1:
@@ -35,8 +35,15 @@ class ArithmeticConfig:
             raise ValueError(f"ops must be a non-empty subset of {OPS}, got {self.ops!r}")
         if "{expr}" not in self.prompt_format:
             raise ValueError("prompt_format must contain '{expr}'")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        check_fractions(self.eval_fraction, self.dev_fraction)
+
+    def fraction(self, split: str) -> float:
+        """The share of all problems that `split` holds."""
+        return {"eval": self.eval_fraction, "dev": self.dev_fraction,
+                "train": 1 - self.eval_fraction - self.dev_fraction}[split]
+
+    def split(self, expr: str) -> str:
+        return split_of("arith:" + expr, self.eval_fraction, self.dev_fraction)
 
     def space_size(self) -> int:
         lo, hi = self._range()
@@ -60,11 +67,13 @@ def _value(expr: str) -> int:
 
 
 def generate(n: int, split: str = "train", seed: int = 0, cfg: ArithmeticConfig | None = None) -> list[Record]:
-    """n distinct problems of the split ("train" or "eval"), reproducible from seed."""
+    """n distinct problems of the split ("train", "dev" or "eval"), reproducible from seed."""
     cfg = cfg or ArithmeticConfig()
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    expected = cfg.space_size() * (cfg.eval_fraction if split == "eval" else 1 - cfg.eval_fraction)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "dev" and not cfg.dev_fraction > 0:
+        raise ValueError("there is no dev split: dev_fraction is 0 (data.dev_fraction carves it from the train side)")
+    expected = cfg.space_size() * cfg.fraction(split)
     rng = random.Random(f"arith|{split}|{seed}")
     if n > 0.5 * expected:
         # Rejection sampling would crawl close to the split's size: list the split and draw from it.
@@ -73,7 +82,7 @@ def generate(n: int, split: str = "train", seed: int = 0, cfg: ArithmeticConfig 
     out: list[Record] = []
     while len(out) < n:
         expr = _expr(rng, cfg)
-        if expr in seen or split_of("arith:" + expr, cfg.eval_fraction) != split:
+        if expr in seen or cfg.split(expr) != split:
             continue
         seen.add(expr)
         out.append(_record(expr, cfg))
@@ -97,7 +106,7 @@ def split_expressions(split: str, cfg: ArithmeticConfig) -> list[str] | None:
     exprs = [str(a) for a in range(lo, hi + 1)]
     for _ in range(cfg.n_operands - 1):
         exprs = [f"{e} {op} {b}" for e in exprs for op in cfg.ops for b in range(lo, hi + 1)]
-    return [e for e in exprs if split_of("arith:" + e, cfg.eval_fraction) == split]
+    return [e for e in exprs if cfg.split(e) == split]
 
 
 def _drawn_from_split(n: int, split: str, rng: random.Random, cfg: ArithmeticConfig) -> list[Record]:

@@ -14,6 +14,7 @@ import os
 
 from score_train.data.humaneval import code_tests
 from score_train.data.records import Record
+from score_train.rewards.math import last_boxed
 
 
 class JsonlFormatError(ValueError):
@@ -42,8 +43,6 @@ def parse_record(obj, path: str, line: int) -> Record:
             if not isinstance(answer, str) or not answer.strip():
                 raise JsonlFormatError(path, line, f"field 'answer' must be a non-empty string, got {answer!r}")
         elif "solution" in obj:
-            from score_train.rewards.math import last_boxed
-
             answer = last_boxed(_str_field(obj, "solution", path, line))
             if not answer:
                 raise JsonlFormatError(path, line, "field 'solution' has no \\boxed{...} answer")

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 
 from score_train.rewards.code import ExecResult, check_program, code_reward, extract_code
 from score_train.rewards.math import (arithmetic_answer, arithmetic_reward, extract_answer, is_equivalent,
-                                      math_reward, numbers_equal, numbers_in)
+                                      math_reward, normalize, numbers_equal, numbers_in)
 
 __all__ = ["ExecResult", "RewardPool", "answer_key", "arithmetic_answer", "check_program", "extract_answer",
            "extract_code", "is_equivalent", "reward", "stated_answer", "wrote_answer"]
@@ -86,8 +86,6 @@ def answer_key(task_kind: str, text: str | None) -> str | None:
         except ValueError:
             return a
     if task_kind == "math":
-        from score_train.rewards.math import normalize
-
         a = extract_answer(text)
         return normalize(a) if a is not None else None
     return None

@@ -55,7 +55,6 @@ class Engine:
     """
 
     PHASES = ("prompt_prefill", "turn1_decode", "turn2_extend", "turn2_decode")
-    captures_prefix = True  # generate(..., capture_layer=k) returns the residual after layers [0, k)
 
     def __init__(self, model, tokenizer, *, block_size: int = 16, num_blocks: int | None = None,
                  max_batch_tokens: int | None = None, max_num_seqs: int | None = None,

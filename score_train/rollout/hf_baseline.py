@@ -1,17 +1,19 @@
 """The comparison baseline: the same `Rollout` protocol on Hugging Face `generate`.
 
-Turn 1 for all samples (left-padded batches), then turn 2 on the concatenated ids
-prompt + y1 + instruction ids, exactly the layout the engine produces. Seeds are not per sample
-here (HF draws from the global RNG, seeded once per call), so only greedy runs match the engine.
+Turn 1 for all samples (left-padded batches), then each later turn on the concatenated ids
+prompt + y1 + instruction ids (+ y2 + instruction ids ...), exactly the layout the engine produces. HF draws from
+the global RNG: seeded once per call from params.seed, or, with per-sample `seeds`, once per sample (one sequence a
+`generate` call, slower); only greedy runs match the engine token for token.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from score_train.prompts import MATH_SELF_CORRECT, ChatFormat, eos_ids_of
-from score_train.rollout.types import SamplingParams, TwoTurnSample
+from score_train.rollout.types import ExtraTurn, SamplingParams, TwoTurnSample
 
 
 class HFRollout:
@@ -29,60 +31,101 @@ class HFRollout:
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.stats: dict[str, float] = {}
 
+    @property
+    def model(self):
+        """The CausalLM sampled (None for a plain transformers model)."""
+        return self.source
+
+    def own_dtype(self):
+        return contextlib.nullcontext(self)  # HF samples the model as it is
+
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None, reply_prefix: str = "") -> list[TwoTurnSample]:
+                 instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
+                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
+        turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
-        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if two_turn else None
-        return self.generate_ids(prompt_ids, params, suffixes=suffixes)
+        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if turns > 1 else None
+        return self.generate_ids(prompt_ids, params, suffixes=suffixes, num_turns=turns, seeds=seeds,
+                                 progress=progress, capture_layer=capture_layer)
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
-                     suffixes: list[list[int]] | None = None) -> list[TwoTurnSample]:
+                     suffixes: list[list[int]] | None = None, num_turns: int | None = None,
+                     seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
         if params.turn2_n != 1:
             raise ValueError(f"turn2_n={params.turn2_n}: turn-2 branches need the paged engine (rollout.engine=engine)")
+        turns = num_turns or (2 if suffixes is not None else 1)
+        if turns > 1 and suffixes is None:
+            raise ValueError(f"num_turns={turns} needs suffixes (the ids between two turns)")
+        n = params.n
+        if seeds is not None and len(seeds) != len(prompt_ids) * n:
+            raise ValueError(f"seeds must have len(prompts) * n = {len(prompt_ids) * n} entries")
+        if capture_layer and self.source is None:
+            raise ValueError("capture_layer needs a score_train CausalLM (a transformers model has no layer cut)")
         t0 = time.perf_counter()
         if self.source is not None and self.source.has_lora:  # to_hf merged copies: take the current adapters
             self.hf = self.source.to_hf()
         self._forward_tokens = 0
         torch.manual_seed(params.seed)
-        n = params.n
         keys = [(i, j) for i in range(len(prompt_ids)) for j in range(n)]
-        ctx1 = [list(prompt_ids[i]) for i, _ in keys]
-        t1 = self._run(ctx1, params)
-        t2 = None
-        instr = [[] for _ in keys]
-        if suffixes is not None:
-            instr = [ChatFormat.instruction_ids(suffixes[i], t1[k][0], self.eos_ids) for k, (i, _) in enumerate(keys)]
-            t2 = self._run([ctx1[k] + t1[k][0] + instr[k] for k in range(len(keys))], params)
+        ctx = [list(prompt_ids[i]) for i, _ in keys]
+        outs, instrs = [], []  # per turn: [(ids, logprobs, reason)] and the ids before it
+        for t in range(turns):
+            if t:
+                instrs.append([ChatFormat.instruction_ids(suffixes[i], outs[-1][k][0], self.eos_ids)
+                               for k, (i, _) in enumerate(keys)])
+                ctx = [ctx[k] + outs[-1][k][0] + instrs[-1][k] for k in range(len(keys))]
+            outs.append(self._run(ctx, params, seeds))
+            if progress is not None:
+                progress(sum(len(o[0]) for o in outs[-1]))
         dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         out = []
         for k, (i, j) in enumerate(keys):
-            ids1, lp1, r1 = t1[k]
+            ids1, lp1, r1 = outs[0][k]
             s = TwoTurnSample(prompt_index=i, sample_index=j, prompt_ids=list(prompt_ids[i]), turn1_ids=ids1,
                               turn1_logprobs=lp1, turn1_text=dec(ids1, skip_special_tokens=True),
-                              finish_reasons=[r1], instruction_ids=instr[k])
-            if t2 is not None:
-                ids2, lp2, r2 = t2[k]
+                              finish_reasons=[r1], instruction_ids=instrs[0][k] if turns > 1 else [])
+            if turns > 1:
+                ids2, lp2, r2 = outs[1][k]
                 s.turn2_ids, s.turn2_logprobs, s.turn2_text = ids2, lp2, dec(ids2, skip_special_tokens=True)
                 s.finish_reasons.append(r2)
+            for t in range(2, turns):
+                ids_t, lp_t, r_t = outs[t][k]
+                s.extra_turns.append(ExtraTurn(instrs[t - 1][k], ids_t, lp_t, dec(ids_t, skip_special_tokens=True)))
+                s.finish_reasons.append(r_t)
+            if capture_layer:
+                self._capture(s, capture_layer)
             out.append(s)
         self.stats = {"seconds": time.perf_counter() - t0,
-                      "generated": sum(len(s.turn1_ids) + len(s.turn2_ids or []) for s in out),
+                      "generated": sum(len(x) for s in out for x in s.turn_ids),
                       "forward_tokens": self._forward_tokens}  # padded positions the model ran on
         return out
 
-    def _run(self, contexts: list[list[int]], params: SamplingParams):
-        """One turn for every context: [(ids, logprobs, finish_reason)]."""
+    def _capture(self, s: TwoTurnSample, layer: int) -> None:
+        """The residual after layers [0, layer) at every position but the last, as the engine captures it."""
+        ids = s.full_ids()[:-1]
+        dev = self.source.device
+        x = torch.tensor(ids, device=dev)
+        cu = torch.tensor([0, len(ids)], dtype=torch.int32, device=dev)
+        s.prefix_hidden = self.source(x, torch.arange(len(ids), device=dev), cu, to_layer=layer)
+        s.prefix_layer = layer
+
+    def _run(self, contexts: list[list[int]], params: SamplingParams, seeds=None):
+        """One turn for every context: [(ids, logprobs, finish_reason)]. With per-sample seeds, one context a
+        `generate` call, each after seeding the global RNG with its sample's seed."""
         dev = self.hf.device
         greedy = params.temperature <= 0
         kw = {"max_new_tokens": params.max_new_tokens, "do_sample": not greedy, "eos_token_id": sorted(self.eos_ids) or None,
                   "pad_token_id": self.pad_id, "return_dict_in_generate": True, "output_logits": True}
         if not greedy:
             kw.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        step = 1 if seeds is not None else self.batch_size
         res = []
-        for a in range(0, len(contexts), self.batch_size):
-            chunk = contexts[a:a + self.batch_size]
+        for a in range(0, len(contexts), step):
+            chunk = contexts[a:a + step]
+            if seeds is not None:
+                torch.manual_seed(seeds[a])
             width = max(map(len, chunk))
             ids = torch.tensor([[self.pad_id] * (width - len(c)) + c for c in chunk], device=dev)
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=dev)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from score_train.model import PagedBatch
 from score_train.rollout.block_manager import BlockManager
 from score_train.rollout.sequence import Sequence
 from score_train.rollout.types import SamplingParams
@@ -41,7 +42,6 @@ class ModelRunner:
 
     def prepare(self, seqs: list[Sequence], takes: list[int], bm: BlockManager):
         """The packed inputs of one forward; advances each sequence's `num_computed`."""
-        from score_train.model import PagedBatch
         ids, pos, slots, copies, tables, ctx, cu = [], [], [], [], [], [], [0]
         for s, take in zip(seqs, takes):
             a = s.num_computed

@@ -18,6 +18,7 @@ after its own instruction ids: ... + turn2_ids + extra_turns[0].instruction_ids 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import contextlib
 from typing import Protocol
 
 
@@ -94,10 +95,25 @@ class SamplingParams:
 
 
 class Rollout(Protocol):
-    """Anything that can produce two-turn samples: the paged engine or the HF baseline."""
+    """The contract every rollout backend implements fully (the paged engine, the HF baseline, a test's fake):
+    callers never inspect signatures or probe attributes."""
+
+    model: object  # the score_train CausalLM sampled (its train/eval mode is the caller's), or None
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None) -> list[TwoTurnSample]:
-        """prompts are user messages (sent through the tokenizer's chat template).
-        Returns len(prompts) * params.n samples, ordered by (prompt_index, sample_index)."""
+                 instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
+                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
+        """prompts are user messages (sent through the tokenizer's chat template). Returns
+        len(prompts) * params.n (* params.turn2_n) samples, ordered by (prompt_index, sample_index, branch_index).
+
+        num_turns: turns per sample (default 2, or 1 with two_turn=False); `instruction` follows each turn but the
+        last, and each later reply starts with `reply_prefix` (context, not the turn's text).
+        seeds: per-sample seeds (len(prompts) * n), else derived from params.seed.
+        progress: called with the number of tokens drawn as they are drawn.
+        capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after layers [0, k) of its
+        positions but the last (a trainer whose bottom k layers are frozen then skips them)."""
+        ...
+
+    def own_dtype(self) -> contextlib.AbstractContextManager:
+        """A context in which sampling uses the model's own dtype (the trainer's evaluations)."""
         ...

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from score_train import algos
+from score_train import distributed as D
+from score_train.prompts import ChatFormat, eos_ids_of
+from score_train.rollout.engine import sample_seed
 from score_train.rollout.types import SamplingParams, TwoTurnSample
 
 
@@ -56,10 +59,6 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
     raises on every rank (distributed.all_ok). hook(step, info), if given, runs right after sampling (tests inject
     failures through it). capture_layer=k > 0 (the trainer's frozen bottom k layers): a rollout that can
     (the paged engine) returns each sample's residual after them, so the optimisation step does not rerun them."""
-    from score_train import distributed as D
-    from score_train.prompts import ChatFormat, eos_ids_of
-    from score_train.rollout.engine import sample_seed
-
     a, P, n = cfg.algo, cfg.rollout.prompts_per_step, cfg.rollout.n
     mine = D.shard_prompts(P, info)  # this rank's prompts (all of them in one process)
     chat, eos = ChatFormat(tok), eos_ids_of(model, tok)
@@ -71,20 +70,16 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
                                 max_new_tokens=cfg.rollout.max_new_tokens, seed=step_seed(cfg.run.seed, step),
                                 turn2_n=cfg.rollout.turn2_n if st.rollout_turns == 2 else 1)
         # seeds by global prompt index, so the samples are the same whatever the rank count (rank 0's are the defaults)
-        kw = {"seeds": [sample_seed(params.seed, i, j) for i in mine for j in range(n)]} if mine.start else {}
+        seeds = [sample_seed(params.seed, i, j) for i in mine for j in range(n)] if mine.start else None
         t0 = time.perf_counter()
         model.eval()
         err, samples, rewards = None, [], None
         try:
             with D.gathered(model):
-                if st.rollout_turns > 2:  # the paged engine only (config checks it)
-                    kw["num_turns"] = st.rollout_turns
-                if capture_layer and getattr(rollout, "captures_prefix", False):
-                    kw["capture_layer"] = capture_layer
-                if st.two_turn and cfg.rollout.reply_prefix:
-                    kw["reply_prefix"] = cfg.rollout.reply_prefix
                 samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
-                                           instruction=instruction, **kw)
+                                           instruction=instruction, num_turns=st.rollout_turns, seeds=seeds,
+                                           capture_layer=capture_layer,
+                                           reply_prefix=cfg.rollout.reply_prefix if st.two_turn else "")
             if hook is not None:
                 hook(step, info)
             rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)  # [B, K]

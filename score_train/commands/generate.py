@@ -1,19 +1,43 @@
-"""score-generate: sample (two-turn) completions for a JSONL file of prompts.
-
-    score-generate --model PATH|embedded --input prompts.jsonl --output out.jsonl [--n N]
-                   [--temperature T] [--top-p P] [--top-k K] [--max-new-tokens M] [--two-turn]
-                   [--instruction TEXT] [--seed S] [--stop STR ...] [--section.key=value ...]
-
-The options are short names of the shared configuration (`score_train.config`, section `generate` and
-the `model`, `rollout` and `run` sections); `score_train.cli` parses and checks them before this module
-loads the model.
-"""
+"""score-generate: sample (two-turn) completions for a JSONL file of {"prompt": ...} lines."""
 from __future__ import annotations
 
 import json
 import os
 import sys
 import tempfile
+
+import torch
+from tqdm import tqdm
+
+from score_train import model as modeling
+from score_train import trained_settings
+from score_train.commands.args import Alias, parse_command, run_command, usage
+from score_train.commands.eval import SHARED, with_trained_settings
+from score_train.config import GenerateCommandConfig, UsageError, resolve
+from score_train.preflight import check_device, check_model
+from score_train.prompts import self_correction_instruction
+from score_train.rollout.engine import Engine
+from score_train.rollout.types import SamplingParams
+
+USAGE = """usage: score-generate --model PATH|embedded --input prompts.jsonl --output out.jsonl [--n N] [--two-turn]
+                      [--temperature T] [--top-p P] [--top-k K] [--max-new-tokens M] [--instruction TEXT]
+                      [--seed S] [--stop STR ...] [--section.key=value ...]
+
+Samples (two-turn) completions for a JSONL file of {"prompt": ...} lines.
+Example:
+  score-generate --model embedded --input prompts.jsonl --output out.jsonl --two-turn --n 4"""
+
+ALIASES = {
+    **SHARED,
+    "input": Alias(("generate.input",)),
+    "output": Alias(("generate.output",)),
+    "n": Alias(("rollout.n",)),
+    "top-p": Alias(("rollout.top_p",)),
+    "top-k": Alias(("generate.top_k",)),
+    "two-turn": Alias(("generate.two_turn",), const=True),
+    "seed": Alias(("run.seed",)),
+    "stop": Alias(("generate.stop",), convert=str, append=True),
+}
 
 
 def read_prompts(path: str) -> list[str]:
@@ -52,24 +76,24 @@ def write_atomic(path: str, lines) -> None:
         raise
 
 
-def run_command(cfg, prompts: list[str]) -> int:
-    """score-generate on checked inputs (score_train.cli parses the command line and reads `prompts` first):
-    cfg is a resolved `config.GenerateCommandConfig`."""
-    import torch
-    from tqdm import tqdm
+def parse_args(argv) -> tuple[GenerateCommandConfig, dict]:
+    """The command line, over the turn-2 settings a trained model directory carries (trained_settings)."""
+    p = parse_command(argv, GenerateCommandConfig, ALIASES, validate=False)
+    if p.cfg is not None:
+        keys = {k: v for k, v in trained_settings.KEYS.items() if v.startswith("rollout.")}
+        p = with_trained_settings(p, GenerateCommandConfig, "score-generate", keys)
+    return p.cfg, p.flags
 
-    from score_train.model import load_model
-    from score_train.prompts import self_correction_instruction
-    from score_train.rollout.engine import Engine
-    from score_train.rollout.types import SamplingParams
 
+def generate(cfg: GenerateCommandConfig, prompts: list[str]) -> int:
+    """score-generate on checked inputs: cfg is resolved and prompts are read."""
     g, r = cfg.generate, cfg.rollout
     device = cfg.run.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    model, tok = load_model(cfg.model.spec, dtype=getattr(torch, cfg.model.dtype), device=device)
+    model, tok = modeling.load_model(cfg.model.spec, dtype=getattr(torch, cfg.model.dtype), device=device)
     engine = Engine(model, tok)
     params = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=g.top_k,
                             max_new_tokens=r.max_new_tokens, stop=tuple(g.stop), seed=cfg.run.seed)
@@ -92,11 +116,19 @@ def run_command(cfg, prompts: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    """score-generate (the console entry point is score_train.cli.generate_main)."""
-    from score_train.cli import generate_main
+def _run(cfg: GenerateCommandConfig) -> int:
+    check_model(cfg.model.spec)
+    check_device(cfg.run.device)
+    try:
+        prompts = read_prompts(cfg.generate.input)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"generate.input: {e}") from None
+    return generate(resolve(cfg, cfg.generate.kind), prompts)
 
-    return generate_main(argv)
+
+def main(argv=None) -> int:
+    return run_command("score-generate", argv, parse_args, _run,
+                       lambda: usage("score-generate", GenerateCommandConfig, ALIASES, USAGE), help_exits=True)
 
 
 if __name__ == "__main__":
