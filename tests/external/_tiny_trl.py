@@ -78,8 +78,11 @@ def reward_even_words(completions, **kwargs):
 def peak_bytes(fn):
     """Runs fn() under torch.profiler with memory profiling and returns (fn's result, the peak of the
     running sum of CPU tensor allocations minus frees during it, in bytes)."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # garbage of earlier tests freed inside the window would count as negative allocations
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     # kineto's "[memory]" records: one per allocation (+bytes) and free (-bytes), any thread

@@ -15,6 +15,7 @@
 - An untested TRL version fails with a clear message; unsupported GRPO options are refused.
 """
 import copy
+import gc
 import importlib.util
 import json
 
@@ -41,6 +42,17 @@ R1 = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
 R2 = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.5]
 TEMPERATURE = 0.7
 BETA1, BETA2, ALPHA = 0.05, 0.3, 3.0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small CPU shared with other jobs, two threads contending over the tiny GEMMs of
+    token-by-token generation run several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    gc.collect()  # a trainer holds reference cycles (its patched forwards): free its models now, not in a later test
 
 
 def _config(out_dir, **kw):
@@ -400,3 +412,9 @@ def test_config_refuses_what_it_does_not_implement(tmp_path):
     assert cfg.max_steps == 5 and cfg.beta == BETA2
     assert all(f.metadata.get("help") for f in score_trl.SCoReConfig.__dataclass_fields__.values()
                if f.name not in trl.GRPOConfig.__dataclass_fields__)
+    from transformers import HfArgumentParser  # the command line TRL's scripts build from the config
+
+    (parsed,) = HfArgumentParser(score_trl.SCoReConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "True", "--bf16", "False", "--alpha", "5", "--num_turns", "3",
+         "--reply_prefix", "Let me recompute: "])
+    assert (parsed.alpha, parsed.num_turns, parsed.reply_prefix, parsed.max_steps) == (5.0, 3, "Let me recompute: ", 20)
