@@ -44,7 +44,7 @@ def case_train_step(machine: str) -> dict:
         from score_train import algos, packing
         from score_train.config import Config
         from score_train.model import from_hf
-        from score_train.train import StepInputs, train_step
+        from score_train.train import StepInputs, UpdateSettings, train_step
     except ImportError as e:
         pytest.skip(f"the trainer has not landed yet ({e})")
     s, dev = shape(machine, "train_step"), device_for(machine)
@@ -92,7 +92,8 @@ def case_train_step(machine: str) -> dict:
         return float(loss)
 
     return {"shape": f"{name} B={B} T={T} V={V} {str(dt)[6:]}",
-            "ours": lambda: train_step(policy, ref, opt, inp, cfg, 0), "baseline": naive, "rounds": 3}
+            "ours": lambda: train_step(policy, ref, opt, inp, UpdateSettings.of(cfg), 0), "baseline": naive,
+            "rounds": 3}
 
 
 DEMO = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
@@ -142,7 +143,7 @@ def case_train_step_demo(machine: str, B: int = 8, autocast: bool = False) -> di
     from score_train import algos, packing
     from score_train.config import Config
     from score_train.model import from_hf
-    from score_train.train import StepInputs, set_trainable, train_step
+    from score_train.train import StepInputs, UpdateSettings, set_trainable, train_step
 
     if machine != "cpu":
         pytest.skip("the demo's step is a CPU measurement")
@@ -163,13 +164,14 @@ def case_train_step_demo(machine: str, B: int = 8, autocast: bool = False) -> di
     (m1, r1, o1, cut), (m2, r2, o2, _) = models(), models()
     sampled = with_sampled_prefix(m1, samples, cut)
     out = {"shape": f"SmolLM2-135M shape, top 8/30 layers, B={B} x {len(samples[0].full_ids())} tokens, fp32",
-           "ours": lambda: train_step(m1, r1, o1, StepInputs(sampled, values, st), cfg, cut),
+           "ours": lambda: train_step(m1, r1, o1, StepInputs(sampled, values, st), UpdateSettings.of(cfg), cut),
            "baseline": lambda: old.train_step(m2, r2, o2, samples, values, st, cfg, cut), "rounds": 3}
     if autocast:  # the same step with model.autocast_bf16 (fp32 weights, bf16 matmuls in the layers)
         m3, r3, o3, _ = models()
         cfg_bf = copy.deepcopy(cfg)
         cfg_bf.model.autocast_bf16 = True
-        out["ours_autocast"] = lambda: train_step(m3, r3, o3, StepInputs(sampled, values, st), cfg_bf, cut)
+        out["ours_autocast"] = lambda: train_step(m3, r3, o3, StepInputs(sampled, values, st),
+                                                  UpdateSettings.of(cfg_bf), cut)
     return out
 
 

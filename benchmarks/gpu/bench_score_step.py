@@ -150,7 +150,7 @@ def run(quick: bool = False):
     from score_train.config import Config
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
-    from score_train.train import StepInputs, set_trainable, train_step
+    from score_train.train import StepInputs, UpdateSettings, set_trainable, train_step
 
     sh = work_shape("score_step")
     if quick:
@@ -185,7 +185,7 @@ def run(quick: bool = False):
     except Exception as e:  # noqa: BLE001
         roll_err, warm = e, synthetic_samples(prompts[:2], suffix, n, 3)
     model.train()
-    train_step(model, ref, opt, step_inputs(warm), cfg, cut)
+    train_step(model, ref, opt, step_inputs(warm), UpdateSettings.of(cfg), cut)
     gt.sync()
 
     # 1. rollouts
@@ -214,7 +214,7 @@ def run(quick: bool = False):
         torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated() if gt.on_gpu() else None
     t0 = time.perf_counter()
-    out = train_step(model, ref, opt, inp, cfg, cut)
+    out = train_step(model, ref, opt, inp, UpdateSettings.of(cfg), cut)
     gt.sync()
     t_upd = time.perf_counter() - t0
     upd_mem = (torch.cuda.max_memory_allocated() - base_mem) / 1e9 if gt.on_gpu() else None
@@ -222,7 +222,7 @@ def run(quick: bool = False):
     timer = PhaseTimer()
     t0 = time.perf_counter()
     with timed_phases(model, ref, opt, timer):
-        train_step(model, ref, opt, inp, cfg, cut)
+        train_step(model, ref, opt, inp, UpdateSettings.of(cfg), cut)
     gt.sync()
     t_upd_timed = time.perf_counter() - t0
 

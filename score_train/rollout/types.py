@@ -80,13 +80,15 @@ class TwoTurnSample:
         return ids
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingParams:
+    """One generate call's sampling. max_new_tokens has no default here: the commands' budget is
+    `rollout.max_new_tokens` (score_train.config), resolved per task."""
+    max_new_tokens: int  # per turn
     n: int = 1
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    max_new_tokens: int = 256  # per turn
     stop: tuple[str, ...] = ()
     seed: int = 0
     # two-turn rollouts of the paged engine: each turn 1 is followed by this many turn-2 samples, forked after
