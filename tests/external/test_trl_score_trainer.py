@@ -8,6 +8,7 @@
   turn 2), exactly 0 between turns.
 - The turn-2 context the loss sees is the one turn 2 was sampled in, and the ids between the turns are
   score_train.prompts.ChatFormat's (so score-train and TRL train the same layout).
+- num_turns=3: turn 3 follows the exact ids of everything before it and trains as turn 2 does.
 - A short run of a tiny Llama with the SmolLM2 tokenizer on the arithmetic task trains, logs both turns and
   saves a model that score-eval evaluates.
 - Constructing and training a SCoReTrainer patches nothing global: GRPOTrainer, TRL's utilities and the model
@@ -230,6 +231,36 @@ def test_stage1_zero_pg_on_turn1_and_per_turn_kl(tiny_dirs, tmp_path, monkeypatc
         torch.testing.assert_close(lp.grad, expected, rtol=1e-5, atol=1e-9)
         assert torch.equal(lp.grad[t < 0], torch.zeros_like(lp.grad[t < 0]))
         assert float(n) == float((t >= 0).sum())  # one process, one accumulation step: the step's policy tokens
+
+
+def test_three_turns(tiny_dirs, tmp_path, monkeypatch):
+    """num_turns=3: turn 3 is sampled after prompt + y1 + between + y2 + between, trained like turn 2 (Stage I:
+    KL (beta2, beta1, beta1), no PG on turn 1)."""
+    y3 = [[79 + i, 87 + i] for i in range(len(Y1))]
+    r3 = [0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    table = {(3, tuple(y)): r for y, r in zip(y3, r3)}
+
+    def reward3(completion_ids, turn, **kw):
+        return [table[(3, tuple(c))] if k == 3 else _table_reward([c], [k])[0] for k, c in zip(turn, completion_ids)]
+
+    _, policy = tiny_dirs
+    trainer = score_trl.SCoReTrainer(model=copy.deepcopy(policy), reward_funcs=reward3,
+                                     args=_config(tmp_path, num_turns=3), train_dataset=tiny.chat_prompts(8),
+                                     processing_class=tiny.chat_word_tokenizer(V))
+    contexts = _fixed_generation(trainer, [Y1, Y2, y3])
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in PROMPTS for _ in range(G)])
+    assert batch["score_turn_values"].shape == (len(Y1), 2, 3)
+    for i in range(len(Y1)):
+        prompt = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+        comp, t = batch["completion_ids"][i].tolist(), batch["score_turn_ids"][i].tolist()
+        start3 = t.index(2)
+        assert contexts[2][i] == prompt + comp[:start3] and [c for c, k in zip(comp, t) if k == 2] == y3[i]
+    loss, seen = _recorded_loss(trainer, batch, monkeypatch)
+    assert seen["kl_coef"] == [BETA2, BETA1, BETA1] and torch.isfinite(loss)
+    A, t = seen["advantages"], seen["turn_ids"]
+    assert torch.equal(A[t == 0], torch.zeros_like(A[t == 0])) and (A[t == 2] != 0).any()
 
 
 def test_turn2_context_is_the_sampled_one(tmp_path):
