@@ -12,7 +12,7 @@ import torch
 
 from score_train.config import MULTI_TURN_ALGOS
 from score_train.packing import PackedBatch
-from score_train.rollout.types import TwoTurnSample
+from score_train.rollout.types import Episode
 
 SFT_ALGOS = ("star", "pair-sft")
 
@@ -94,7 +94,7 @@ def total_steps(algo) -> int:
     return sum(n for _, n in schedule(algo))
 
 
-def reward_table(samples: list[TwoTurnSample], reward_fn, records, num_turns: int) -> torch.Tensor:
+def reward_table(samples: list[Episode], reward_fn, records, num_turns: int) -> torch.Tensor:
     """[B, K] fp32 rewards; reward_fn(record, text) -> float; sample.prompt_index indexes records.
     A turn the sample does not have (a one-turn rollout of a K-turn table) scores as the empty text."""
     out = torch.zeros(len(samples), num_turns)
@@ -106,7 +106,7 @@ def reward_table(samples: list[TwoTurnSample], reward_fn, records, num_turns: in
     return out
 
 
-def group_ids(samples: list[TwoTurnSample]) -> torch.Tensor:
+def group_ids(samples: list[Episode]) -> torch.Tensor:
     """[B] int64: the samples of one prompt share an id (the RLOO/GRPO group)."""
     return torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
 
@@ -123,7 +123,7 @@ def turn_values(settings: StageSettings, rewards: torch.Tensor, groups: torch.Te
     return adv * mask
 
 
-def branched_turn_values(settings: StageSettings, rewards: torch.Tensor, samples: list[TwoTurnSample], *,
+def branched_turn_values(settings: StageSettings, rewards: torch.Tensor, samples: list[Episode], *,
                          estimator: str = "rloo", std_normalize: bool = False) -> torch.Tensor:
     """[B, 2] advantages of two-turn rollouts with turn-2 branches (SamplingParams.turn2_n > 1: each y1 followed by
     m turn-2 samples). Turn 2's baseline is its siblings, the other turns 2 after the same y1, so its advantage
@@ -157,7 +157,7 @@ def star_select(rewards: torch.Tensor, keep_correct: bool = False) -> list[int]:
     return keep.nonzero().flatten().tolist()
 
 
-def pair_sft_build(samples: list[TwoTurnSample], rewards: torch.Tensor, instruction_ids_fn) -> list[TwoTurnSample]:
+def pair_sft_build(samples: list[Episode], rewards: torch.Tensor, instruction_ids_fn) -> list[Episode]:
     """Pair-SFT: for each prompt, pair every wrong first attempt with a correct attempt to the same
     prompt, giving synthetic traces (x, y_wrong, instruction, y_right); SFT trains the y_right turn.
 
@@ -175,7 +175,7 @@ def pair_sft_build(samples: list[TwoTurnSample], rewards: torch.Tensor, instruct
                 break
             r = samples[right[j % len(right)]]
             s = samples[w]
-            out.append(TwoTurnSample(
+            out.append(Episode(
                 prompt_index=s.prompt_index, sample_index=s.sample_index, prompt_ids=s.prompt_ids,
                 turn1_ids=s.turn1_ids, turn1_logprobs=s.turn1_logprobs, turn1_text=s.turn1_text,
                 finish_reasons=s.finish_reasons + r.finish_reasons[:1],

@@ -15,7 +15,7 @@ from score_train import algos
 from score_train import distributed as D
 from score_train.prompts import ChatFormat, eos_ids_of
 from score_train.rollout.engine import sample_seed
-from score_train.rollout.types import SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, SamplingParams
 
 
 @dataclass
@@ -24,9 +24,9 @@ class RolloutBatch:
     stage: str
     settings: algos.StageSettings
     records: list  # this rank's prompts; sample.prompt_index indexes them
-    samples: list[TwoTurnSample]  # B = prompts x n (x turn2_n), a prompt's samples consecutive
+    samples: list[Episode]  # B = prompts x n (x turn2_n), a prompt's samples consecutive
     rewards: torch.Tensor  # [B, K] per-turn rewards
-    train_samples: list[TwoTurnSample]  # what the loss sees (the SFT baselines select or build them)
+    train_samples: list[Episode]  # what the loss sees (the SFT baselines select or build them)
     values: torch.Tensor  # [B', K] per-turn advantages of train_samples (1 on SFT turns)
     data_pos: int  # position in the shuffled train split after this step
     stats: dict = field(default_factory=dict)  # rollout_s, gen_tokens, gen_tokens_per_s
@@ -92,7 +92,7 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         train_samples, values = advantages(
             a, st, samples, rewards,
             lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
-        gen = sum(len(t) for s in samples for t in s.turn_ids)
+        gen = sum(len(t) for s in samples for t in s.turn_tokens)
         model.train()
         data_pos += P
         yield RolloutBatch(step, stage, st, recs, samples, rewards, train_samples, values, data_pos,

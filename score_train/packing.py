@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from score_train.rollout.types import TwoTurnSample
+from score_train.rollout.types import Episode
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PackedBatch:
         return int((self.turn_ids >= 0).sum())
 
 
-def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) -> PackedBatch:
+def pack_samples(samples: list[Episode], rows: list[int] | None = None) -> PackedBatch:
     """Concatenate the samples' token layouts (prompt + y1 [+ instruction + y2 [+ instruction + y3 ...]])
     without padding. rows[i] is sample i's row index in the step's tables (default: i). A turn-2 branch other
     than the first (branch_index > 0) repeats its sibling's y1: there y1 is context, not policy tokens, so each
@@ -71,7 +71,7 @@ def pack_samples(samples: list[TwoTurnSample], rows: list[int] | None = None) ->
     )
 
 
-def _packed_prefix(samples: list[TwoTurnSample]) -> torch.Tensor | None:
+def _packed_prefix(samples: list[Episode]) -> torch.Tensor | None:
     """The samples' captured prefixes packed like their tokens, or None unless all carry one of one layer."""
     if not samples or any(s.prefix_hidden is None or s.prefix_layer != samples[0].prefix_layer for s in samples):
         return None
@@ -85,7 +85,7 @@ def _packed_prefix(samples: list[TwoTurnSample]) -> torch.Tensor | None:
     return torch.cat(parts)  # outside inference mode: a plain tensor the policy's graph may save
 
 
-def micro_batches(samples: list[TwoTurnSample], max_tokens: int) -> list[list[int]]:
+def micro_batches(samples: list[Episode], max_tokens: int) -> list[list[int]]:
     """Split sample indices into consecutive groups of at most max_tokens packed tokens
     (a longer single sample gets its own group). Consecutive keeps a prompt's n samples together."""
     groups, cur, cur_n = [], [], 0

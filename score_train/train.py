@@ -16,7 +16,6 @@ samples of one prompt always stay on one rank.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -158,7 +157,7 @@ class UpdateSettings:
 
 @dataclass
 class StepInputs:
-    samples: list  # TwoTurnSample, a prompt's n samples consecutive
+    samples: list  # Episode, a prompt's n samples consecutive
     values: torch.Tensor  # [B, K] per-turn advantages (already zero on untrained turns)
     settings: algos.StageSettings
 

@@ -3,11 +3,11 @@ import torch
 
 from score_train import algos, packing
 from score_train.config import AlgoConfig
-from score_train.rollout.types import TwoTurnSample
+from score_train.rollout.types import Episode
 
 
 def _sample(pi, si, p, y1, ins, y2):
-    return TwoTurnSample(prompt_index=pi, sample_index=si, prompt_ids=p, turn1_ids=y1,
+    return Episode(prompt_index=pi, sample_index=si, prompt_ids=p, turn1_ids=y1,
                          turn1_logprobs=[-0.5] * len(y1), turn1_text="", finish_reasons=["eos", "eos"],
                          instruction_ids=ins, turn2_ids=y2, turn2_logprobs=None if y2 is None else [-0.25] * len(y2), turn2_text="")
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from score_train import algos, packing
+from score_train import packing
 from score_train import train as T
 from score_train.config import UsageError
 from tests.conftest import tol

@@ -1,7 +1,15 @@
 import pytest
 
 from score_train.commands.train import parse_args
-from score_train.config import Config, EvalCommandConfig, GenerateCommandConfig, PRESETS, TASK_DEFAULTS, UsageError, resolve
+from score_train.config import (
+    PRESETS,
+    TASK_DEFAULTS,
+    Config,
+    EvalCommandConfig,
+    GenerateCommandConfig,
+    UsageError,
+    resolve,
+)
 from score_train.config_io import load_config, merge_resume, preset_path
 
 

@@ -209,7 +209,7 @@ def test_three_turns_equal_a_fresh_prompt(tok):
         assert (x.turn1_ids, x.instruction_ids, x.turn2_ids) == (y.turn1_ids, y.instruction_ids, y.turn2_ids)
         assert x.finish_reasons[:2] == y.finish_reasons
     for s in three:
-        assert len(s.extra_turns) == 1 and len(s.finish_reasons) == 3 and len(s.turn_ids) == 3
+        assert len(s.extra_turns) == 1 and len(s.finish_reasons) == 3 and len(s.turn_tokens) == 3
         t3 = s.extra_turns[0]
         assert t3.instruction_ids == ChatFormat.instruction_ids(suffix, s.turn2_ids, eng.eos_ids)
         head = s.prompt_ids + s.turn1_ids + s.instruction_ids + s.turn2_ids + t3.instruction_ids

@@ -20,7 +20,7 @@ from score_train.eval import (
     ratio_histogram,
     self_correction_metrics,
 )
-from score_train.rollout.types import SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, SamplingParams
 from tests.helpers import save_tiny_llama
 
 
@@ -118,7 +118,7 @@ class ScriptedRollout(FakeRollout):
             for j in range(params.n):
                 y1 = self.fn(i, j, 1, params)
                 y2 = self.fn(i, j, 2, params) if two_turn else None
-                out.append(TwoTurnSample(prompt_index=i, sample_index=j, prompt_ids=[1], turn1_ids=[2],
+                out.append(Episode(prompt_index=i, sample_index=j, prompt_ids=[1], turn1_ids=[2],
                                          turn1_logprobs=[0.0], turn1_text=y1,
                                          finish_reasons=["eos"] * (2 if two_turn else 1),
                                          turn2_ids=[3] if two_turn else None, turn2_text=y2))
@@ -258,7 +258,7 @@ def test_prompts():
 # ---------------------------------------------------------------- truncation and stated answers
 
 def _sample(i, y1, y2, f1="eos", f2="eos"):
-    return TwoTurnSample(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[0.0],
+    return Episode(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[0.0],
                          turn1_text=y1, finish_reasons=[f1, f2], turn2_ids=[3], turn2_text=y2)
 
 
@@ -497,7 +497,7 @@ def test_evaluate_three_turns_reports_turn3_against_turn2():
             for i in range(len(prompts)):
                 t = [f"The answer is {ans[i] if table[i][k] else ans[i] + 1}." for k in range(3)]
                 cut = i == 3
-                out.append(TwoTurnSample(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2],
+                out.append(Episode(prompt_index=i, sample_index=0, prompt_ids=[1], turn1_ids=[2],
                                          turn1_logprobs=[0.0], turn1_text=t[0],
                                          finish_reasons=["eos", "length" if cut else "eos", "eos"],
                                          turn2_ids=[3], turn2_text="I think" if cut else t[1],

@@ -127,7 +127,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @needs_tokenizer
 def test_sampler_logprobs_equal_the_trainers_through_the_adapters(tiny_model_dir):
-    from score_train import algos, packing
+    from score_train import packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams

@@ -4,8 +4,15 @@ import pytest
 
 from score_train.data import Record
 from score_train.rewards import RewardPool, answer_key, reward
-from score_train.rewards.math import (HAVE_MATH_VERIFY, arithmetic_answer, extract_answer, is_equivalent,
-                                      last_boxed, last_number, normalize)
+from score_train.rewards.math import (
+    HAVE_MATH_VERIFY,
+    arithmetic_answer,
+    extract_answer,
+    is_equivalent,
+    last_boxed,
+    last_number,
+    normalize,
+)
 
 BACKENDS = ["fallback"] + (["math_verify"] if HAVE_MATH_VERIFY else [])
 

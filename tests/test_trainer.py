@@ -82,7 +82,7 @@ def test_sampler_logprobs_equal_the_trainers_at_the_sampling_temperature(tiny_mo
     ones (same weights, same temperature): what makes the sampler's log-probs usable as the on-policy old
     log-probs, and what catches a trainer that scores at T=1 after sampling at T=0.7. With a reply prefix the
     trainer's packed context carries it before turn 2 (the sampler's instruction ids)."""
-    from score_train import algos, packing
+    from score_train import packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams
@@ -117,9 +117,9 @@ def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
     shared frozen prefix gives the policy and the reference the hidden states of their own full forwards."""
     import copy
 
-    from score_train import algos, packing
+    from score_train import packing
     from score_train.model import load_model
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
 
     model, _ = load_model(tiny_model_dir)
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -127,7 +127,7 @@ def test_frozen_prefix_forward_equals_the_full_forward(tiny_model_dir):
         for p in ref.model.layers[1].parameters():
             p.add_(0.01)  # the reference differs above the cut, as after an update
     g = torch.Generator().manual_seed(0)
-    samples = [TwoTurnSample(0, j, torch.randint(5, 500, (7 + j,), generator=g).tolist(), [11, 12, 13], [0.0] * 3, "",
+    samples = [Episode(0, j, torch.randint(5, 500, (7 + j,), generator=g).tolist(), [11, 12, 13], [0.0] * 3, "",
                              ["length"] * 2, [20, 21], [30, 31, 32, 33], [0.0] * 4, "") for j in range(3)]
     b = packing.pack_samples(samples)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_sampled_prefix_is_the_trainers_frozen_prefix(tiny_model_dir):
     gradients of the recomputing path."""
     import copy
 
-    from score_train import algos, packing
+    from score_train import packing
     from score_train.model import load_model
     from score_train.rollout.engine import Engine
     from score_train.rollout.types import SamplingParams

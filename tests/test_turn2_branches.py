@@ -11,7 +11,7 @@ from score_train import train as T
 from score_train.config import UsageError
 from score_train.prompts import ChatFormat
 from score_train.rollout.engine import Engine
-from score_train.rollout.types import SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, SamplingParams
 from tests.helpers import fake_reward
 from tests.test_engine import rand_prompts, tiny
 from tests.test_trainer import metrics, tiny_cfg, tiny_model_dir  # noqa: F401 - the fixture
@@ -124,7 +124,7 @@ def test_branch_logprobs_equal_the_trainers(tok):
 
 
 def _sample(p, i, j):
-    return TwoTurnSample(prompt_index=p, sample_index=i, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[0.0],
+    return Episode(prompt_index=p, sample_index=i, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[0.0],
                          turn1_text="", finish_reasons=["eos", "eos"], instruction_ids=[3], turn2_ids=[4],
                          turn2_logprobs=[0.0], turn2_text="", branch_index=j)
 

@@ -296,7 +296,7 @@ class SCoReTrainer(GRPOTrainer):
                 turn_ids[i] += [k] * len(y)
                 if lps is not None:
                     logprobs[i] += list(lps[i])
-        self._episodes = {"turns": turns, "turn_ids": turn_ids}
+        self._episodes = {"turns": turns, "turn_tokens": turn_ids}
         return {"prompt_ids": prompt_ids, "completion_ids": completion, "env_mask": env_mask,
                 "logprobs": logprobs if have_logprobs else None}
 
@@ -332,7 +332,7 @@ class SCoReTrainer(GRPOTrainer):
         padding) and score_turn_values [B, 2, K] (each stage's per-turn advantages, so an optimizer step trains
         with its own stage's); `advantages` becomes the current stage's per-token advantages."""
         out = super()._generate_and_score_completions(inputs)
-        turn_lists, rewards = self._episodes["turn_ids"], self._turn_rewards
+        turn_lists, rewards = self._episodes["turn_tokens"], self._turn_rewards
         self._episodes = self._turn_rewards = None
         B, C = out["completion_ids"].shape
         dev = out["completion_ids"].device

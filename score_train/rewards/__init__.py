@@ -18,8 +18,16 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 
 from score_train.rewards.code import ExecResult, check_program, code_reward, extract_code
-from score_train.rewards.math import (arithmetic_answer, arithmetic_reward, extract_answer, is_equivalent,
-                                      math_reward, normalize, numbers_equal, numbers_in)
+from score_train.rewards.math import (
+    arithmetic_answer,
+    arithmetic_reward,
+    extract_answer,
+    is_equivalent,
+    math_reward,
+    normalize,
+    numbers_equal,
+    numbers_in,
+)
 
 __all__ = ["ExecResult", "RewardPool", "answer_key", "arithmetic_answer", "check_program", "extract_answer",
            "extract_code", "is_equivalent", "reward", "stated_answer", "wrote_answer"]

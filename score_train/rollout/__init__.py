@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from score_train.rollout.engine import Engine
 from score_train.rollout.hf_baseline import HFRollout
-from score_train.rollout.types import ExtraTurn, Rollout, SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, ExtraTurn, Rollout, SamplingParams
 
-__all__ = ["Engine", "ExtraTurn", "HFRollout", "Rollout", "SamplingParams", "TwoTurnSample", "make_rollout"]
+__all__ = ["Engine", "ExtraTurn", "HFRollout", "Rollout", "SamplingParams", "Episode", "make_rollout"]
 
 ENGINES = ("engine", "hf")
 

@@ -26,7 +26,7 @@ from score_train.rollout.block_manager import BlockManager
 from score_train.rollout.runner import ModelRunner
 from score_train.rollout.scheduler import Scheduler
 from score_train.rollout.sequence import PromptGroup, Sequence, Status
-from score_train.rollout.types import ExtraTurn, SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, ExtraTurn, SamplingParams
 
 __all__ = ["Engine", "branch_seed", "sample_seed"]
 
@@ -117,7 +117,7 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, seeds: list[int] | None = None, progress=None,
-                 num_turns: int | None = None, capture_layer: int = 0, reply_prefix: str = "") -> list[TwoTurnSample]:
+                 num_turns: int | None = None, capture_layer: int = 0, reply_prefix: str = "") -> list[Episode]:
         """Returns len(prompts) * params.n * params.turn2_n samples ordered by (prompt_index, sample_index,
         branch_index).
         seeds: optional per-sample seeds (len(prompts) * n), else derived from params.seed.
@@ -135,7 +135,7 @@ class Engine:
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None, seeds: list[int] | None = None,
-                     progress=None, num_turns: int | None = None, capture_layer: int = 0) -> list[TwoTurnSample]:
+                     progress=None, num_turns: int | None = None, capture_layer: int = 0) -> list[Episode]:
         """Token-level generate: suffixes[i] are the ids the chat template puts after a turn of prompt i
         (see ChatFormat.suffix_ids); None = one turn only. num_turns defaults to 2 with suffixes."""
         groups = self._groups(prompt_ids, params, suffixes, seeds, num_turns)
@@ -227,13 +227,13 @@ class Engine:
         tail = self.tokenizer.decode(out[-(longest + 4):], skip_special_tokens=False)
         return any(x in tail for x in stop)
 
-    def _outputs(self, done: list[Sequence], capture_layer: int = 0) -> list[TwoTurnSample]:
+    def _outputs(self, done: list[Sequence], capture_layer: int = 0) -> list[Episode]:
         dec = self.tokenizer.decode if self.tokenizer is not None else (lambda ids, **kw: "")
         res = []
         for s in sorted(done, key=lambda s: (s.group.index, s.sample_index, s.branch_index)):
             ids, lps, instr = s.out_ids, s.out_logprobs, s.instruction_ids
             two = len(ids) > 1
-            res.append(TwoTurnSample(
+            res.append(Episode(
                 prompt_index=s.group.index, sample_index=s.sample_index, prompt_ids=list(s.group.prompt_ids),
                 turn1_ids=ids[0], turn1_logprobs=lps[0], turn1_text=dec(ids[0], skip_special_tokens=True),
                 finish_reasons=s.finish_reasons, instruction_ids=instr[0] if two else [],

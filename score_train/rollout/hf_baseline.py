@@ -13,7 +13,7 @@ import time
 import torch
 
 from score_train.prompts import MATH_SELF_CORRECT, ChatFormat, eos_ids_of
-from score_train.rollout.types import ExtraTurn, SamplingParams, TwoTurnSample
+from score_train.rollout.types import Episode, ExtraTurn, SamplingParams
 
 
 class HFRollout:
@@ -41,7 +41,7 @@ class HFRollout:
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
-                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
+                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[Episode]:
         turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
@@ -52,7 +52,7 @@ class HFRollout:
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: SamplingParams, *,
                      suffixes: list[list[int]] | None = None, num_turns: int | None = None,
-                     seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
+                     seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[Episode]:
         if params.turn2_n != 1:
             raise ValueError(f"turn2_n={params.turn2_n}: turn-2 branches need the paged engine (rollout.engine=engine)")
         turns = num_turns or (2 if suffixes is not None else 1)
@@ -83,7 +83,7 @@ class HFRollout:
         out = []
         for k, (i, j) in enumerate(keys):
             ids1, lp1, r1 = outs[0][k]
-            s = TwoTurnSample(prompt_index=i, sample_index=j, prompt_ids=list(prompt_ids[i]), turn1_ids=ids1,
+            s = Episode(prompt_index=i, sample_index=j, prompt_ids=list(prompt_ids[i]), turn1_ids=ids1,
                               turn1_logprobs=lp1, turn1_text=dec(ids1, skip_special_tokens=True),
                               finish_reasons=[r1], instruction_ids=instrs[0][k] if turns > 1 else [])
             if turns > 1:
@@ -98,11 +98,11 @@ class HFRollout:
                 self._capture(s, capture_layer)
             out.append(s)
         self.stats = {"seconds": time.perf_counter() - t0,
-                      "generated": sum(len(x) for s in out for x in s.turn_ids),
+                      "generated": sum(len(x) for s in out for x in s.turn_tokens),
                       "forward_tokens": self._forward_tokens}  # padded positions the model ran on
         return out
 
-    def _capture(self, s: TwoTurnSample, layer: int) -> None:
+    def _capture(self, s: Episode, layer: int) -> None:
         """The residual after layers [0, layer) at every position but the last, as the engine captures it."""
         ids = s.full_ids()[:-1]
         dev = self.source.device

@@ -13,12 +13,12 @@ A two-turn episode's token layout, exactly as the trainer scores it:
 
 With more than two turns (`generate(..., num_turns=K)`), turns 3..K follow in `extra_turns`, each
 after its own instruction ids: ... + turn2_ids + extra_turns[0].instruction_ids + extra_turns[0].ids ...
-`turn_ids` / `turn_logprobs` list every turn's tokens in order, whatever the count.
+`turn_tokens` / `turn_logprobs` list every turn's tokens in order, whatever the count.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import contextlib
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -32,7 +32,8 @@ class ExtraTurn:
 
 
 @dataclass
-class TwoTurnSample:
+class Episode:
+    """One sampled episode: a prompt and its turns (two, or K with extra_turns), with their log-probs."""
     prompt_index: int
     sample_index: int
     prompt_ids: list[int]
@@ -55,7 +56,7 @@ class TwoTurnSample:
     prefix_layer: int = 0
 
     @property
-    def turn_ids(self) -> list[list[int]]:
+    def turn_tokens(self) -> list[list[int]]:
         """Every generated turn's tokens, in order."""
         rest = [self.turn2_ids] if self.turn2_ids is not None else []
         return [self.turn1_ids, *rest, *(t.ids for t in self.extra_turns)]
@@ -104,7 +105,7 @@ class Rollout(Protocol):
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
                  instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
-                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[TwoTurnSample]:
+                 seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[Episode]:
         """prompts are user messages (sent through the tokenizer's chat template). Returns
         len(prompts) * params.n (* params.turn2_n) samples, ordered by (prompt_index, sample_index, branch_index).
 

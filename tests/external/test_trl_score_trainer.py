@@ -148,12 +148,12 @@ def _score_train_step(policy_hf, ref_hf, layouts, rewards, stage: str, temperatu
 
     from score_train import algos, packing
     from score_train.model import from_hf
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
     from score_train.train import StepInputs, UpdateSettings, train_step
 
     model = from_hf(copy.deepcopy(policy_hf))
     ref = from_hf(copy.deepcopy(ref_hf)).requires_grad_(False).eval()
-    samples = [TwoTurnSample(prompt_index=i // G, sample_index=i % G, prompt_ids=p, turn1_ids=y1,
+    samples = [Episode(prompt_index=i // G, sample_index=i % G, prompt_ids=p, turn1_ids=y1,
                              turn1_logprobs=[0.0] * len(y1), turn1_text="", finish_reasons=["eos", "eos"],
                              instruction_ids=mid, turn2_ids=y2, turn2_logprobs=[0.0] * len(y2), turn2_text="")
                for i, (p, y1, mid, y2) in enumerate(layouts)]

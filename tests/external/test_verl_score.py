@@ -40,10 +40,10 @@ def _score_train_token_advantages(stage: str) -> torch.Tensor:
     from types import SimpleNamespace
 
     from score_train import algos, packing
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
 
     prompt = [5, 6]
-    samples = [TwoTurnSample(prompt_index=i // G, sample_index=i % G, prompt_ids=prompt, turn1_ids=a,
+    samples = [Episode(prompt_index=i // G, sample_index=i % G, prompt_ids=prompt, turn1_ids=a,
                              turn1_logprobs=[0.0] * len(a), turn1_text="", finish_reasons=[], instruction_ids=m,
                              turn2_ids=b, turn2_logprobs=[0.0] * len(b), turn2_text="")
                for i, (a, m, b) in enumerate(zip(Y1, MID, Y2))]
