@@ -22,7 +22,7 @@ MODELS = {
 
 def _samples(B, T, V, g):
     """B two-turn samples of exactly T tokens: prompt, y1, instruction, y2."""
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
 
     out = []
     for b in range(B):
@@ -30,7 +30,7 @@ def _samples(B, T, V, g):
         t1 = int(torch.randint(T // 8, T // 3, (1,), generator=g))
         ids = torch.randint(4, V, (T,), generator=g).tolist()
         lps = (-torch.rand(T, generator=g) * 3).tolist()
-        out.append(TwoTurnSample(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
+        out.append(Episode(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
                                  turn1_ids=ids[p:p + t1], turn1_logprobs=lps[p:p + t1], turn1_text="",
                                  finish_reasons=["length", "length"], instruction_ids=ids[p + t1:p + t1 + i],
                                  turn2_ids=ids[p + t1 + i:], turn2_logprobs=lps[p + t1 + i:], turn2_text=""))
@@ -102,14 +102,14 @@ DEMO = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num
 
 def demo_samples(B: int, g, V: int = 49152, layout=(36, 32, 56, 32)):
     """B two-turn samples with the demo's token layout (chat prompt, y1, instruction, y2 at 32 new tokens)."""
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
 
     p, t1, i, t2 = layout
     out = []
     for b in range(B):
         ids = torch.randint(4, V, (p + t1 + i + t2,), generator=g).tolist()
         lps = (-torch.rand(len(ids), generator=g)).tolist()
-        out.append(TwoTurnSample(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
+        out.append(Episode(prompt_index=b // 4, sample_index=b % 4, prompt_ids=ids[:p],
                                  turn1_ids=ids[p:p + t1], turn1_logprobs=lps[p:p + t1], turn1_text="",
                                  finish_reasons=["length", "length"], instruction_ids=ids[p + t1:p + t1 + i],
                                  turn2_ids=ids[p + t1 + i:], turn2_logprobs=lps[p + t1 + i:], turn2_text=""))

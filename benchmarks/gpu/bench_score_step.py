@@ -132,13 +132,13 @@ def update_flops(model, samples, with_ref: bool) -> float:
 
 def synthetic_samples(prompts, suffix, n: int, M: int):
     """What the rollouts would return, EOS off: every turn M random ids (when the engine fails)."""
-    from score_train.rollout.types import TwoTurnSample
+    from score_train.rollout.types import Episode
     g = torch.Generator().manual_seed(3)
     out = []
     for i, p in enumerate(prompts):
         for j in range(n):
             y1, y2 = (torch.randint(10, max(p) + 1, (M,), generator=g).tolist() for _ in range(2))
-            out.append(TwoTurnSample(prompt_index=i, sample_index=j, prompt_ids=list(p), turn1_ids=y1,
+            out.append(Episode(prompt_index=i, sample_index=j, prompt_ids=list(p), turn1_ids=y1,
                                      turn1_logprobs=[-1.0] * M, turn1_text="", finish_reasons=["length"] * 2,
                                      instruction_ids=list(suffix), turn2_ids=y2, turn2_logprobs=[-1.0] * M,
                                      turn2_text=""))

@@ -35,7 +35,7 @@ CANDIDATES = {
 
 
 def turn2_after(eng, turn1, prompts: list[str], instruction: str, reply_prefix: str, max_new_tokens: int):
-    """Greedy turn 2 after the given turns 1 (TwoTurnSample list from a one-turn generate), under one candidate:
+    """Greedy turn 2 after the given turns 1 (Episode list from a one-turn generate), under one candidate:
     the same ids a two-turn generate builds (ChatFormat.suffix_ids), so turn 1 is shared by every candidate."""
     ids = [s.prompt_ids + s.turn1_ids + api.ChatFormat.instruction_ids(
                eng.chat.suffix_ids(p, instruction, reply_prefix), s.turn1_ids, eng.eos_ids)
