@@ -1,5 +1,7 @@
 """A tiny random Llama, a word-level tokenizer, an in-memory prompt dataset and a reward function: what TRL's
 GRPOTrainer needs to train on a CPU with nothing fetched from a hub."""
+import gc
+
 import torch
 
 
@@ -94,3 +96,14 @@ def peak_bytes(fn):
         peak = max(peak, cur)
     assert events, "the profiler recorded no allocation"
     return result, peak
+
+
+def one_thread_and_collect():
+    """A fixture body: one intra-op thread (on a small shared CPU, two threads contending over the tiny GEMMs of
+    token-by-token generation run several times slower than one), then free the trainers' reference cycles (their
+    patched forwards) so their models do not outlive the test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    gc.collect()

@@ -1,7 +1,6 @@
 """Runs docs/integrations.md's SCoReTrainer recipe (the ```python block after `<!-- score-recipe: NAME -->`):
 the CPU demo's task in the real TRL with the embedded SmolLM2, then score-eval on the saved model. The GPU form
 beside it (accelerate, vLLM colocate) is untested here, and the page says so."""
-import gc
 import importlib.util
 import json
 import pathlib
@@ -11,19 +10,12 @@ import pytest
 import torch
 
 from tests.external._peers import need
+from tests.external._tiny_trl import one_thread_and_collect
 
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small CPU shared with other jobs, two threads contending over the tiny GEMMs of
-    token-by-token generation run several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    gc.collect()  # a trainer holds reference cycles (its patched forwards): free its models now, not in a later test
+one_thread = pytest.fixture(autouse=True)(one_thread_and_collect)
 
 
 def recipe(name: str) -> str:

