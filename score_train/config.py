@@ -357,7 +357,8 @@ class Config(_Command):
         self.algo.check()
         self.rollout.check()
         _need(self.algo.num_turns == 2 or self.rollout.engine == "engine",
-              f"algo.num_turns={self.algo.num_turns} needs rollout.engine=engine (the HF baseline samples two turns)")
+              f"algo.num_turns={self.algo.num_turns} needs rollout.engine=engine (training keeps the HF baseline as "
+              f"the two-turn reference)")
         if self.rollout.turn2_n > 1:
             _need(self.algo.name in MULTI_TURN_ALGOS and self.algo.num_turns == 2,
                   f"rollout.turn2_n={self.rollout.turn2_n} (turn-2 branches) applies to two-turn "
