@@ -310,3 +310,31 @@ def test_cli_end_to_end(tok, tmp_path, capsys):
     assert main(["--model", str(model_dir), "--input", str(bad), "--output", str(out2)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err and not out2.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".score-generate")] == []
+
+
+def test_hf_baseline_implements_the_whole_contract(tok):
+    """The HF baseline takes what the engine takes: K turns (greedy: the same tokens), per-sample seeds, progress
+    and the captured prefix (the residual after the bottom layers at every position but the last)."""
+    _, m = tiny("qwen2")
+    prompts = ["What is 2 + 3?", "What is 7 + 8?"]
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=5)
+    eng = Engine(m, tok).generate(prompts, params, instruction="Again.", num_turns=3, capture_layer=1)
+    seen = []
+    ref = HFRollout(m, tok, batch_size=2).generate(prompts, params, instruction="Again.", num_turns=3,
+                                                   capture_layer=1, progress=seen.append)
+    assert_same(eng, ref)
+    for x, y in zip(eng, ref):
+        assert [t.instruction_ids for t in x.extra_turns] == [t.instruction_ids for t in y.extra_turns]
+        assert [t.ids for t in x.extra_turns] == [t.ids for t in y.extra_turns] and len(y.finish_reasons) == 3
+        assert y.prefix_layer == 1 and y.prefix_hidden.shape == (len(y.full_ids()) - 1, m.config.hidden_size)
+        torch.testing.assert_close(y.prefix_hidden, x.prefix_hidden, rtol=1e-4, atol=1e-4)
+    assert sum(seen) == sum(len(t) for s in ref for t in s.turn_tokens) and len(seen) == 3  # one call a turn
+    sampled = SamplingParams(n=2, temperature=1.0, max_new_tokens=4)
+    a = HFRollout(m, tok).generate(prompts, sampled, seeds=[11, 12, 13, 14])
+    b = HFRollout(m, tok).generate(prompts[1:], sampled, seeds=[13, 14])
+    assert [s.turn1_ids for s in a[2:]] == [s.turn1_ids for s in b]  # a sample's draws follow its own seed
+    with pytest.raises(ValueError, match="seeds"):
+        HFRollout(m, tok).generate(prompts, sampled, seeds=[1])
+    own = HFRollout(m, tok)
+    with own.own_dtype() as r:
+        assert r is own and own.model is m
