@@ -143,6 +143,19 @@ CONFIGS = [
 ]
 
 
+def _matches_reference(x, backend, kw, *, grad_atol):
+    """The op's loss, stats and gradient equal policy_loss_reference's on the same inputs; returns the gradient."""
+    loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], backend=backend, **kw)
+    want, wstats = policy_loss_reference(x["lp"], x["adv"], x["ids"], **kw)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for k, v in wstats.items():
+        torch.testing.assert_close(stats[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    (g,) = torch.autograd.grad(loss, x["lp"])
+    (wg,) = torch.autograd.grad(want, x["lp"])
+    torch.testing.assert_close(g, wg, rtol=1e-5, atol=grad_atol)
+    return g
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)))
 @pytest.mark.parametrize("agg", AGGS)
@@ -156,14 +169,7 @@ def test_random_vs_reference(backend, cfg, agg, estimator, packed):
     kw = {"old_logprobs": x["old"] if c.get("old") else None, "ref_logprobs": x["ref"] if c.get("ref") else None,
               "kl_coef": c.get("kl_coef", 0.0), "kl_estimator": estimator, "clip_eps": c.get("clip_eps"), "agg": agg,
               "cu_seqlens": x["cu"]}
-    loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], backend=backend, **kw)
-    want, wstats = policy_loss_reference(x["lp"], x["adv"], x["ids"], **kw)
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for k, v in wstats.items():
-        torch.testing.assert_close(stats[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    (g,) = torch.autograd.grad(loss, x["lp"])
-    (wg,) = torch.autograd.grad(want, x["lp"])
-    torch.testing.assert_close(g, wg, rtol=1e-5, atol=1e-7)
+    g = _matches_reference(x, backend, kw, grad_atol=1e-7)
     mask = x["ids"] < 0
     assert (g[mask] == 0).all() and torch.isfinite(g).all()  # exactly zero, NaN inputs there
 
@@ -295,14 +301,7 @@ def test_benchmark_shape_matches_chained_reference(backend):
     s = shape("cpu", "policy_loss")
     x = _random(s["B"], s["T"], s["K"], torch.float32, seed=0, nan_masked=False)
     kw = {"old_logprobs": x["old"], "ref_logprobs": x["ref"], "kl_coef": (0.1, 0.01), "clip_eps": 0.2}
-    loss, stats = policy_loss(x["lp"], x["adv"], x["ids"], backend=backend, **kw)
-    want, wstats = policy_loss_reference(x["lp"], x["adv"], x["ids"], **kw)
-    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
-    for k, v in wstats.items():
-        torch.testing.assert_close(stats[k], v, rtol=1e-5, atol=1e-6, msg=k)
-    (g,) = torch.autograd.grad(loss, x["lp"])
-    (wg,) = torch.autograd.grad(want, x["lp"])
-    torch.testing.assert_close(g, wg, rtol=1e-5, atol=1e-9)
+    _matches_reference(x, backend, kw, grad_atol=1e-9)
 
 
 @pytest.mark.gpu
