@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from score_train.data.arithmetic import DEFAULT_FORMAT as ARITHMETIC_FORMAT
 from score_train.data.arithmetic import OPS
+from score_train.data.arithmetic import format_fields as arithmetic_format_fields
 
 ALGOS = ("score", "multi-turn-rl", "single-turn-rl", "star", "pair-sft", "self-refine")
 MULTI_TURN_ALGOS = ("score", "multi-turn-rl")  # the algorithms that train more than two turns (algo.num_turns)
@@ -95,8 +96,11 @@ class DataConfig:
                                        "on eval at the same dev_fraction (it changes the train split)")
     digits: int = setting(2, "arithmetic: digits of each operand")
     n_operands: int = setting(2, "arithmetic: operands per problem")
+    operand_digits: list[int] = setting([], "arithmetic: digits of each operand in order, e.g. 2,1 for '37 + 5' "
+                                            "(overrides digits; empty = digits for every operand)")
     ops: list[str] = setting(["+"], "arithmetic: operations, e.g. +,- (comma-separated)")
-    prompt_format: str = setting(ARITHMETIC_FORMAT, "arithmetic: the problem text; '{expr}' becomes e.g. '37 + 45'")
+    prompt_format: str = setting(ARITHMETIC_FORMAT, "arithmetic: the problem text; '{expr}' becomes e.g. '37 + 45', "
+                                                    "or name the operands: 'What is the sum of {a} and {b}?'")
 
     def check(self):
         t = self.task
@@ -110,7 +114,12 @@ class DataConfig:
                                     f"choose from {', '.join(OPS)} (comma-separated, e.g. --data.ops=+,-)")
         _need(self.digits >= 1, f"data.digits must be >= 1; got {self.digits}")
         _need(self.n_operands >= 2, f"data.n_operands must be >= 2; got {self.n_operands}")
-        _need("{expr}" in self.prompt_format, "data.prompt_format must contain '{expr}'")
+        _need(not self.operand_digits or (len(self.operand_digits) == self.n_operands
+                                          and min(self.operand_digits) >= 1),
+              f"data.operand_digits must give data.n_operands={self.n_operands} digit counts, each >= 1 "
+              f"(e.g. --data.operand_digits=2,1); got {self.operand_digits}")
+        why = arithmetic_format_fields(self.prompt_format, self.n_operands)
+        _need(why is None, f"data.{why}")
         _need(0 <= self.dev_fraction <= 0.5, f"data.dev_fraction must be in [0, 0.5]; got {self.dev_fraction}")
 
     def check_split(self, split: str, key: str):

@@ -39,6 +39,8 @@ def _coerce(value, tp, key: str):
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+            if item_tp in (int, float):  # "2,1" from the command line: each item as YAML reads it
+                value = [yaml.safe_load(v) for v in value]
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, key) for v in value]

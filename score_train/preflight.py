@@ -50,6 +50,7 @@ def load_records(data: DataConfig, split: str, n: int):
     arith = None
     if data.task == "arithmetic":
         arith = ArithmeticConfig(digits=data.digits, n_operands=data.n_operands, ops=tuple(data.ops),
+                                 operand_digits=tuple(data.operand_digits),
                                  prompt_format=data.prompt_format, dev_fraction=data.dev_fraction)
     path = data.task[len("jsonl:"):] if data.task.startswith("jsonl:") else None
     if path is not None and not os.path.isfile(path):

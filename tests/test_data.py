@@ -46,7 +46,9 @@ def test_arithmetic_knobs():
 
 
 @pytest.mark.parametrize("kw", [dict(digits=0), dict(n_operands=1), dict(ops=("/",)), dict(ops=()),
-                                dict(prompt_format="no placeholder"), dict(eval_fraction=1.0)])
+                                dict(prompt_format="no placeholder"), dict(eval_fraction=1.0),
+                                dict(prompt_format="Add {a} and {c}."), dict(prompt_format="What is {a} + ?"),
+                                dict(operand_digits=(2,)), dict(operand_digits=(2, 0))])
 def test_arithmetic_bad_config(kw):
     with pytest.raises(ValueError):
         ArithmeticConfig(**kw)
@@ -138,8 +140,8 @@ def test_jsonl_malformed_names_file_and_line(tmp_path, bad, msg):
 def test_load_task_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown task"):
         load_task("mbpp")
-    with pytest.raises(ValueError, match="'all'"):
-        load_task("arithmetic", "all")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_task("arithmetic", "test")
     with pytest.raises(ValueError):
         load_jsonl(_write(tmp_path, [""], "empty.jsonl"))
 
@@ -196,3 +198,54 @@ def test_the_dev_split_is_asked_for_by_name():
         parse_args(["--split", "dev"])
     cfg, _ = parse_args(["--split", "dev", "--data.dev_fraction=0.1"])
     assert cfg.evaluate.split == "dev"
+
+
+def test_the_same_problems_asked_in_other_words():
+    """prompt_format may name the operands ({a}, {b}): a rewording of the same expressions, in the same splits
+    (a problem's split is a hash of its expression, never of its text)."""
+    plain = generate_arithmetic(64, "eval", seed=5)
+    worded = generate_arithmetic(64, "eval", seed=5, cfg=ArithmeticConfig(prompt_format="Add {a} and {b}."))
+    assert [r.id for r in worded] == [r.id for r in plain] and [r.answer for r in worded] == [r.answer for r in plain]
+    for r in worded:
+        a, b = r.meta["expr"].split(" + ")
+        assert r.problem == f"Add {a} and {b}."
+
+
+def test_operands_of_different_sizes():
+    cfg = ArithmeticConfig(operand_digits=(2, 1))
+    assert cfg.space_size() == 90 * 10
+    recs = generate_arithmetic(300, "train", seed=0, cfg=cfg)
+    for r in recs:
+        a, b = (int(x) for x in r.meta["expr"].split(" + "))
+        assert 10 <= a <= 99 and 0 <= b <= 9 and r.answer == str(a + b)
+    ev = generate_arithmetic(70, "eval", seed=0, cfg=cfg)  # most of the 78-problem split: listed, then drawn
+    assert len({r.id for r in ev}) == 70 and not {r.id for r in ev} & {r.id for r in recs}
+
+
+def test_the_config_surface_takes_the_variants():
+    from score_train.config import UsageError
+    from score_train.config_io import load_config
+    from score_train.preflight import load_records
+
+    cfg = load_config(None, ["--data.operand_digits=2,1", "--data.prompt_format=What is the sum of {a} and {b}?"])
+    assert cfg.data.operand_digits == [2, 1]
+    recs = load_records(cfg.data, "eval", 20)
+    a, b = recs[0].meta["expr"].split(" + ")
+    assert len(a) == 2 and len(b) == 1 and recs[0].problem == f"What is the sum of {a} and {b}?"
+    with pytest.raises(UsageError, match="data.operand_digits must give data.n_operands=2"):
+        load_config(None, ["--data.operand_digits=2,1,1"])
+    with pytest.raises(UsageError, match=r"data.prompt_format must contain '\{expr\}' or every operand"):
+        load_config(None, ["--data.prompt_format=What is {a}?"])
+
+
+def test_an_eval_size_above_the_split_takes_all_of_it():
+    """data.eval_size's help: a number >= the split's size takes all of it; "all" draws from every split (problems
+    of a config no run trains on, e.g. a two-digit plus a one-digit number after training on two-digit sums)."""
+    ev = load_task("arithmetic", "eval", 100_000)
+    assert len(ev) == len({r.id for r in ev}) == 784
+    assert {r.id for r in ev} == {r.id for r in load_task("arithmetic", "eval", 784, seed=3)}
+    both = load_task("arithmetic", "all", 100_000, arithmetic=ArithmeticConfig(operand_digits=(2, 1)))
+    assert len({r.id for r in both}) == 900
+    assert len(load_task("arithmetic", "all", 512, arithmetic=ArithmeticConfig(operand_digits=(2, 1)))) == 512
+    with pytest.raises(ValueError, match="no dev split"):
+        load_task("arithmetic", "dev", 100_000)

@@ -124,6 +124,7 @@ def evaluate_model(cfg: EvalCommandConfig, records) -> int:
             pool.close()
     task, d = cfg.data.task, cfg.data
     arith = ({"arithmetic": {"digits": d.digits, "n_operands": d.n_operands, "ops": list(d.ops),
+                             "operand_digits": list(d.operand_digits),
                              "prompt_format": d.prompt_format}} if task == "arithmetic" else {})
     result = {"model": cfg.model.spec, "task": task, "split": e.split, "backend": cfg.rollout.engine, "device": device,
               "seed": cfg.run.seed, "max_new_tokens": cfg.rollout.max_new_tokens, **arith, **result,

@@ -1,0 +1,45 @@
+"""The evidence protocol (evidence.py, evidence.yaml): every job is a command the product accepts, with the dev
+split on every run, one look at the eval split per model, and the table's trained-minus-base arithmetic."""
+import json
+
+import evidence as ev
+import score_api as api
+from score_train.commands.eval import parse_args as parse_eval
+
+
+def test_every_training_run_chooses_on_dev_and_trains_without_it():
+    for r in ev.P["runs"]:
+        cmd = ev.train_cmd(r)
+        cfg = api.load_config(None, cmd[3:])
+        assert cfg.data.dev_fraction == 0.1 and cfg.eval.split == "dev" and not cfg.eval.before
+        assert (cfg.algo.name, cfg.run.seed) == (r["algo"], r["seed"])
+        assert cfg.rollout.instruction == ev.P["text"]["instruction"]
+        assert cfg.rollout.reply_prefix == ev.P["text"]["reply_prefix"]
+
+
+def test_each_model_reads_the_eval_split_under_its_training_text_and_the_variants_change_one_thing():
+    seen = {}
+    for v in ev.P["variants"]:
+        cfg, _ = parse_eval(ev.eval_cmd("evidence_score_seed0", v)[3:])
+        seen[v] = cfg
+        assert cfg.model.spec.endswith("runs/evidence/evidence_score_seed0/final_model")
+    own, task, small, worded = (seen[k] for k in ("own", "task_instruction", "two_plus_one", "reworded"))
+    assert own.evaluate.split == "eval" and own.data.eval_size >= 784
+    assert own.rollout.instruction == ev.P["text"]["instruction"]
+    assert (task.rollout.instruction, task.rollout.reply_prefix, task.evaluate.split) == ("", "", "eval")
+    assert small.data.operand_digits == [2, 1] and small.evaluate.split == "all"
+    assert "{a}" in worded.data.prompt_format and worded.data.prompt_format != own.data.prompt_format
+    assert all(c.data.eval_size >= 512 for c in seen.values())
+    assert ev.eval_cmd("embedded", "own")[3] == "--model=embedded"
+
+
+def test_table_subtracts_the_base_models_delta_under_the_same_variant(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "RECORDS", str(tmp_path))
+    m = {"acc_t1": 0.2, "acc_t2": 0.25, "delta_stated": 0.045, "n_stated": 760, "n": 784, "n_i2c_stated": 25,
+         "n_c2i_stated": 3, "cut_t1": 0.03, "cut_t2": 0.0}
+    for model, d in (("embedded", 0.045), ("evidence_score_seed0", 0.08)):
+        with open(tmp_path / f"evidence_eval_{model}_own.json", "w") as f:
+            json.dump({"metrics": dict(m, delta_stated=d)}, f)
+    text = ev.table()
+    assert "| evidence_score_seed0 | 20.0 | 25.0 | +8.0 (760 of 784) | +3.5 | 25 / 3 |" in text
+    assert "| evidence_score_seed1 | not measured" in text
