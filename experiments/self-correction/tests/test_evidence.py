@@ -17,7 +17,10 @@ def test_every_training_run_chooses_on_dev_and_trains_without_it():
         assert cfg.rollout.reply_prefix == ev.P["text"]["reply_prefix"]
 
 
-def test_each_model_reads_the_eval_split_under_its_training_text_and_the_variants_change_one_thing():
+def test_each_model_reads_the_eval_split_under_its_training_text_and_the_variants_change_one_thing(tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "evidence"  # a fresh checkout has no runs/: evidence.py run makes it
+    out.mkdir(parents=True)
+    monkeypatch.setattr(ev, "OUT", str(out))
     seen = {}
     for v in ev.P["variants"]:
         cfg, _ = parse_eval(ev.eval_cmd("evidence_score_seed0", v)[3:])
