@@ -33,7 +33,7 @@ TEXT = [f"--instruction={P['text']['instruction']}", f"--reply-prefix={P['text']
 def train_cmd(run: dict) -> list[str]:
     return [sys.executable, "-m", "score_train", f"--run.name={run['name']}", *P["train"], f"--run.seed={run['seed']}",
             f"--algo.name={run['algo']}", f"--rollout.instruction={P['text']['instruction']}",
-            f"--rollout.reply_prefix={P['text']['reply_prefix']}"]
+            f"--rollout.reply_prefix={P['text']['reply_prefix']}", *run.get("args", [])]
 
 
 def eval_cmd(model: str, variant: str) -> list[str]:
@@ -49,8 +49,12 @@ def eval_out(model: str, variant: str) -> str:
 
 def jobs() -> dict[str, list[str]]:
     out = {f"train:{r['name']}": train_cmd(r) for r in P["runs"]}
-    out.update({f"eval:{m}:{v}": eval_cmd(m, v) for v in P["variants"] for m in P["models"]})
+    out.update({f"eval:{m}:{v}": eval_cmd(m, v) for v in P["variants"] for m in models(v)})
     return out
+
+
+def models(variant: str) -> list[str]:
+    return P["variants"][variant].get("models", P["models"])
 
 
 def run(names: list[str]) -> None:
@@ -89,7 +93,7 @@ def collect() -> list[str]:
                **changes(os.path.join(d, "eval_after_rows.jsonl"))}
         written.append(_write(f"evidence_{r['name']}", rec))
     for v in P["variants"]:
-        for m in P["models"]:
+        for m in models(v):
             path = eval_out(m, v)
             if not os.path.exists(path):
                 continue
@@ -123,31 +127,101 @@ def _load(name: str) -> dict | None:
 
 
 def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}" if x < 0 or x > 0 else "0.0"
+    return "-" if x is None else "0.0" if round(100 * x, 1) == 0 else f"{100 * x:+.1f}"
+
+
+def readable(base: dict) -> bool:
+    """Section 3's rules for a variant: the base model's turn 1 right on >= 15%, ended by itself on >= 95%."""
+    return base["metrics"]["acc_t1"] >= 0.15 and base["metrics"]["cut_t1"] <= 0.05
 
 
 def _acc(x) -> str:
-    return f"{100 * x:.1f}"
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def dev_metrics(run: str) -> dict | None:
+    """A training run's own evaluation after training: the dev split's numbers."""
+    rec = _load(f"evidence_{run}")
+    return None if rec is None else next(e for e in rec["evals"] if e["tag"] == "after")
+
+
+def choose() -> tuple[str | None, dict]:
+    """Section 1's rule (evidence.yaml "selection"), on dev numbers only: {schedule: (mean delta among stated,
+    mean Acc@t2, seeds measured)} and the chosen schedule (None until every candidate has every seed)."""
+    per: dict[str, list[dict | None]] = {}
+    for r in P["runs"]:
+        if "schedule" in r:
+            per.setdefault(r["schedule"], []).append(dev_metrics(r["name"]))
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+    means = {k: (mean([a["delta_stated"] for a in v if a]), mean([a["acc_t2"] for a in v if a]),
+                 sum(1 for a in v if a)) for k, v in per.items()}
+    if any(n < len(per[k]) for k, (_, _, n) in means.items()):
+        return None, means
+    best = max(d for d, _, _ in means.values())
+    near = [k for k, (d, _, _) in means.items() if d >= best - P["selection"]["tie"]]
+    return max(near, key=lambda k: means[k][1]), means
+
+
+def summary() -> list[str]:
+    """One row per variant every model reads: trained minus base delta among stated, per seed and mean, of each
+    algorithm, and its mean Acc@t2."""
+    algos = {}
+    for r in P["runs"]:
+        if r["name"] in P["models"]:
+            algos.setdefault(r["algo"], []).append(r["name"])
+    lines = ["", "## Trained minus base, every variant all models read (delta among stated; per seed, mean)", "",
+             "| variant | base Acc@t1 / cut t1 (rules) | " + " | ".join(f"{a}: trained minus base | {a}: mean Acc@t2"
+                                                         for a in algos) + " |",
+             "|---|---|" + "---|---|" * len(algos)]
+    for v, spec in P["variants"].items():
+        base = _load(f"evidence_eval_embedded_{v}")
+        if "models" in spec or base is None:
+            continue
+        cells = [f"{_acc(base['metrics']['acc_t1'])} / {_acc(base['metrics']['cut_t1'])}% "
+                 f"({'met' if readable(base) else 'failed: not read'})"]
+        for names in algos.values():
+            recs = [_load(f"evidence_eval_{m}_{v}") for m in names]
+            got = [x["metrics"] for x in recs if x is not None]
+            d = [x["delta_stated"] - base["metrics"]["delta_stated"] for x in got]
+            seeds = " / ".join(_pct(x) for x in d) + (f" ({len(d)} of {len(names)})" if len(d) < len(names) else "")
+            cells += [f"{seeds}: mean {_pct(sum(d) / len(d))}" if d else "not measured",
+                      _acc(sum(x["acc_t2"] for x in got) / len(got)) if got else "-"]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table() -> str:
+    base = _load("evidence_eval_embedded_dev")
     lines = ["# Evidence (experiments/self-correction/evidence.py), greedy, 128 tokens a turn", "",
              "## Dev split (512 of 833 problems): the training runs' own evaluation", "",
-             "| run | Acc@t1 | Acc@t2 | delta among stated (n) | i->c / c->i stated | cut t1 |", "|---|---|---|---|---|---|"]
+             "| run | schedule | Acc@t1 | Acc@t2 | delta among stated (n) | trained minus base | i->c / c->i stated | "
+             "cut t1 |", "|---|---|---|---|---|---|---|---|"]
+    if base is not None:
+        x = base["metrics"]
+        lines.append(f"| embedded (base) | | {_acc(x['acc_t1'])} | {_acc(x['acc_t2'])} | {_pct(x['delta_stated'])} "
+                     f"({x['n_stated']}) | | {x['n_i2c_stated']} / {x['n_c2i_stated']} | {_acc(x['cut_t1'])}% |")
     for r in P["runs"]:
-        rec = _load(f"evidence_{r['name']}")
-        if rec is None:
-            lines.append(f"| {r['name']} | not run |||||")
+        a = dev_metrics(r["name"])
+        if a is None:
+            lines.append(f"| {r['name']} | {r.get('schedule', '')} | not run ||||||")
             continue
-        a = next(e for e in rec["evals"] if e["tag"] == "after")
-        lines.append(f"| {r['name']} | {_acc(a['acc_t1'])} | {_acc(a['acc_t2'])} | {_pct(a['delta_stated'])} "
-                     f"({a['n_stated']}) | {a['n_i2c_stated']} / {a['n_c2i_stated']} | {_acc(a['cut_t1'])}% |")
+        minus = "" if base is None else _pct(a["delta_stated"] - base["metrics"]["delta_stated"])
+        lines.append(f"| {r['name']} | {r.get('schedule', '')} | {_acc(a['acc_t1'])} | {_acc(a['acc_t2'])} | "
+                     f"{_pct(a['delta_stated'])} ({a['n_stated']}) | {minus} | {a['n_i2c_stated']} / "
+                     f"{a['n_c2i_stated']} | {_acc(a['cut_t1'])}% |")
+    chosen, means = choose()
+    lines += ["", "Section 1's choice (evidence.yaml `selection`, dev numbers only): "
+              + (f"**{chosen}**" if chosen else "not made: a candidate lacks a seed"), "",
+              "| schedule | seeds | mean dev delta among stated | mean dev Acc@t2 |", "|---|---|---|---|"]
+    lines += [f"| {k} | {n} | {_pct(d)} | {_acc(t)} |" for k, (d, t, n) in means.items()]
+    lines += summary()
     for v, spec in P["variants"].items():
         base = _load(f"evidence_eval_embedded_{v}")
         lines += ["", f"## {v}: {' '.join(spec['args'])}", "",
                   "| model | Acc@t1 | Acc@t2 | delta among stated (n) | trained minus base | i->c / c->i stated | "
                   "cut t1 / t2 |", "|---|---|---|---|---|---|---|"]
-        for m in P["models"]:
+        for m in models(v):
             rec = _load(f"evidence_eval_{m}_{v}")
             if rec is None:
                 lines.append(f"| {m} | not measured ||||||")

@@ -5,6 +5,7 @@ import json
 import evidence as ev
 import score_api as api
 from score_train.commands.eval import parse_args as parse_eval
+from score_train.commands.train import parse_args as parse_train
 
 
 def test_every_training_run_chooses_on_dev_and_trains_without_it():
@@ -46,3 +47,48 @@ def test_table_subtracts_the_base_models_delta_under_the_same_variant(tmp_path, 
     text = ev.table()
     assert "| evidence_score_seed0 | 20.0 | 25.0 | +8.0 (760 of 784) | +3.5 | 25 / 3 |" in text
     assert "| evidence_score_seed1 | not measured" in text
+    row = next(x for x in text.splitlines() if x.startswith("| own | "))
+    assert row.startswith("| own | 20.0 / 3.0% (met) |")
+    assert "| +3.5 (1 of 3): mean +3.5 | 25.0 | not measured |" in row  # score measured on seed 0 only
+
+
+def test_schedule_is_chosen_on_dev_by_the_written_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "RECORDS", str(tmp_path))
+    cands = {}
+    for r in ev.P["runs"]:
+        if "schedule" in r:
+            cands.setdefault(r["schedule"], []).append(r["name"])
+    assert {"preset", "30 + 10", "20 + 20"} <= set(cands) and all(len(v) == 3 for v in cands.values())
+    assert all(r["algo"] == "score" for r in ev.P["runs"] if "schedule" in r)
+
+    def write(run, delta, acc_t2):
+        with open(tmp_path / f"evidence_{run}.json", "w") as f:
+            json.dump({"evals": [{"tag": "after", "delta_stated": delta, "acc_t2": acc_t2, "acc_t1": 0.3,
+                                  "n_stated": 500, "n_i2c_stated": 9, "n_c2i_stated": 3, "cut_t1": 0.01}]}, f)
+
+    names = list(cands)
+    for i, k in enumerate(names):
+        for run in cands[k][:2]:
+            write(run, 0.01 * i, 0.3)
+    assert ev.choose()[0] is None  # a seed missing: no choice yet
+    for i, k in enumerate(names):
+        write(cands[k][2], 0.01 * i, 0.3)
+    assert ev.choose()[0] == names[-1]  # the highest mean delta among stated
+    write(cands[names[-2]][0], 0.01 * (len(names) - 2) + 0.02, 0.6)  # mean delta within the tie, higher Acc@t2
+    chosen, means = ev.choose()
+    assert chosen == names[-2] and means[names[-2]][2] == 3
+    assert "Section 1's choice (evidence.yaml `selection`, dev numbers only): **" + names[-2] + "**" in ev.table()
+
+
+def test_base_only_variants_and_extra_training_flags_reach_the_commands():
+    jobs = ev.jobs()
+    assert "eval:embedded:dev" in jobs and not any(j.startswith("eval:evidence_score_seed0:dev") for j in jobs)
+    for r in ev.P["runs"]:
+        cfg, _ = parse_train(ev.train_cmd(r)[3:])  # as score-train reads it: the demo preset under the flags
+        assert cfg.algo.steps == 40 and cfg.data.dev_fraction == 0.1
+        if r.get("schedule") == "20 + 20":
+            assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (20, 20, 1)
+        elif r.get("schedule") == "preset":
+            assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
+        elif r.get("schedule") == "30 + 10":
+            assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 1)
