@@ -66,7 +66,8 @@ def run(names: list[str]) -> None:
         with open(os.path.join(OUT, "logs", name.replace(":", "_") + ".log"), "w") as log:
             rc = subprocess.run(cmd, cwd=api.ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         with open(os.path.join(OUT, "logs", "wall.jsonl"), "a") as f:
-            f.write(json.dumps({"job": name, "returncode": rc, "wall_s": time.perf_counter() - t0}) + "\n")
+            f.write(json.dumps({"job": name, "returncode": rc, "wall_s": time.perf_counter() - t0,
+                                "commit": api.commit(), "machine": api.machine()}) + "\n")
 
 
 def _shown(cmd: list[str]) -> str:
@@ -87,7 +88,7 @@ def collect() -> list[str]:
             summary = json.load(f)
         with open(os.path.join(d, "config.yaml")) as f:
             cfg = f.read()
-        rec = {"run": r["name"], "command": _shown(train_cmd(r)), "commit": api.commit(), "machine": api.machine(),
+        rec = {"run": r["name"], "command": _shown(train_cmd(r)), **ran_at(f"train:{r['name']}", f"evidence_{r['name']}"),
                "wall_s": summary.get("wall_s"), "config_yaml": cfg, "evals": summary["evals"],
                "train_metrics": [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl")) if x.strip()],
                **changes(os.path.join(d, "eval_after_rows.jsonl"))}
@@ -101,14 +102,28 @@ def collect() -> list[str]:
                 res = json.load(f)
             g = res["greedy"]
             rows = g.pop("samples", [])
-            rec = {"model": m, "variant": v, "command": _shown(eval_cmd(m, v)), "commit": api.commit(),
-                   "machine": api.machine(), "split": res["split"], "n_problems": res["n_problems"],
+            rec = {"model": m, "variant": v, "command": _shown(eval_cmd(m, v)),
+                   **ran_at(f"eval:{m}:{v}", f"evidence_eval_{m}_{v}"), "split": res["split"],
+                   "n_problems": res["n_problems"],
                    "instruction": res["instruction"], "reply_prefix": res["reply_prefix"],
                    "arithmetic": res.get("arithmetic"), "metrics": g["metrics"], "generate_s": g.get("generate_s"),
                    "finish_reasons_per_turn": g.get("finish_reasons_per_turn"),
                    "stated_changes": [r for r in rows if r.get("stated") and r["r1"] != r["r2"]]}
             written.append(_write(f"evidence_eval_{m}_{v}", rec))
     return written
+
+
+def ran_at(job: str, record: str) -> dict:
+    """The commit and machine a job ran at: its line in logs/wall.jsonl, else the record's own (a job run before
+    the log kept them), else now."""
+    path, got = os.path.join(OUT, "logs", "wall.jsonl"), None
+    if os.path.exists(path):
+        for line in open(path):
+            x = json.loads(line)
+            if x["job"] == job and "commit" in x:
+                got = {"commit": x["commit"], "machine": x["machine"]}
+    old = _load(record) or {}
+    return got or {k: old.get(k) or getattr(api, k)() for k in ("commit", "machine")}
 
 
 def _write(name: str, rec: dict) -> str:
@@ -165,11 +180,11 @@ def choose() -> tuple[str | None, dict]:
 
 def summary() -> list[str]:
     """One row per variant every model reads: trained minus base delta among stated, per seed and mean, of each
-    algorithm, and its mean Acc@t2."""
-    algos = {}
+    algorithm (and SCoRe schedule), and its mean Acc@t2."""
+    algos = {}  # score's schedules apart: "score (15 + 5 + 15 + 5)", "score (30 + 10)", "multi-turn-rl"
     for r in P["runs"]:
         if r["name"] in P["models"]:
-            algos.setdefault(r["algo"], []).append(r["name"])
+            algos.setdefault(r["algo"] + (f" ({r['schedule']})" if "schedule" in r else ""), []).append(r["name"])
     lines = ["", "## Trained minus base, every variant all models read (delta among stated; per seed, mean)", "",
              "| variant | base Acc@t1 / cut t1 (rules) | " + " | ".join(f"{a}: trained minus base | {a}: mean Acc@t2"
                                                          for a in algos) + " |",

@@ -49,7 +49,7 @@ def test_table_subtracts_the_base_models_delta_under_the_same_variant(tmp_path, 
     assert "| evidence_score_seed1 | not measured" in text
     row = next(x for x in text.splitlines() if x.startswith("| own | "))
     assert row.startswith("| own | 20.0 / 3.0% (met) |")
-    assert "| +3.5 (1 of 3): mean +3.5 | 25.0 | not measured |" in row  # score measured on seed 0 only
+    assert "| +3.5 (1 of 3): mean +3.5 | 25.0 | not measured |" in row  # score (15 + 5 + 15 + 5)  # score measured on seed 0 only
 
 
 def test_schedule_is_chosen_on_dev_by_the_written_rule(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_schedule_is_chosen_on_dev_by_the_written_rule(tmp_path, monkeypatch):
     for r in ev.P["runs"]:
         if "schedule" in r:
             cands.setdefault(r["schedule"], []).append(r["name"])
-    assert {"preset", "30 + 10", "20 + 20"} <= set(cands) and all(len(v) == 3 for v in cands.values())
+    assert {"15 + 5 + 15 + 5", "30 + 10", "20 + 20"} <= set(cands) and all(len(v) == 3 for v in cands.values())
     assert all(r["algo"] == "score" for r in ev.P["runs"] if "schedule" in r)
 
     def write(run, delta, acc_t2):
@@ -88,7 +88,33 @@ def test_base_only_variants_and_extra_training_flags_reach_the_commands():
         assert cfg.algo.steps == 40 and cfg.data.dev_fraction == 0.1
         if r.get("schedule") == "20 + 20":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (20, 20, 1)
-        elif r.get("schedule") == "preset":
+        elif r.get("schedule") == "15 + 5 + 15 + 5":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
         elif r.get("schedule") == "30 + 10":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 1)
+
+
+def test_the_demo_preset_trains_what_dev_chose():
+    # README's demo rows are the chosen schedule's evidence runs: `score-train --run.seed=S` must train exactly
+    # those (model, data, schedule, rollout, optimiser), so a preset change needs new records, not a stale table.
+    from dataclasses import asdict
+    chosen, _ = ev.choose()  # from the committed dev records
+    assert chosen is not None
+    for r in ev.P["runs"]:
+        if r.get("schedule") == chosen:
+            got = asdict(parse_train(ev.train_cmd(r)[3:])[0])
+            want = asdict(parse_train([f"--run.seed={r['seed']}"])[0])
+            for section in ("model", "data", "algo", "rollout", "optim"):
+                assert got[section] == want[section], (r["name"], section)
+
+
+def test_a_record_keeps_the_commit_its_job_ran_at(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "OUT", str(tmp_path))
+    monkeypatch.setattr(ev, "RECORDS", str(tmp_path))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "wall.jsonl").write_text(
+        json.dumps({"job": "eval:embedded:own", "wall_s": 1.0, "commit": "abc1234", "machine": "m1"}) + "\n"
+        + json.dumps({"job": "eval:embedded:dev", "wall_s": 1.0}) + "\n")
+    (tmp_path / "evidence_eval_embedded_dev.json").write_text(json.dumps({"commit": "old5678", "machine": "m0"}))
+    assert ev.ran_at("eval:embedded:own", "evidence_eval_embedded_own") == {"commit": "abc1234", "machine": "m1"}
+    assert ev.ran_at("eval:embedded:dev", "evidence_eval_embedded_dev") == {"commit": "old5678", "machine": "m0"}

@@ -130,19 +130,6 @@ def test_every_sweep_run_parses_as_a_score_train_command(sweep):
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
 
 
-def test_readme_headline_runs_are_the_shipped_preset():
-    # README and REPORT.md tabulate demo_recompute_s30x2_* as what `score-train` with no arguments does: each
-    # run's settings must be the preset's (a preset change then needs new records, not a stale table).
-    from dataclasses import asdict
-
-    Config, parse_command = api.Config, api.parse_command
-    for name, overrides in runner.SWEEPS["recompute_s30x2"]:
-        seed = next(o for o in overrides if o.startswith("--run.seed="))
-        swept = asdict(parse_command(overrides, Config, default_preset="demo").cfg)
-        preset = asdict(parse_command([seed], Config, default_preset="demo").cfg)
-        assert swept == preset, name
-
-
 def test_changes_lists_corrections_breakages_and_copies(tmp_path):
     rows = [{"problem": "a", "y1": "1 + 1 = 3", "y2": "1 + 1 = 2", "r1": 0.0, "r2": 1.0, "stated": True,
              "written": False, "a1": "3", "a2": "2"},
