@@ -88,7 +88,8 @@ def collect() -> list[str]:
             summary = json.load(f)
         with open(os.path.join(d, "config.yaml")) as f:
             cfg = f.read()
-        rec = {"run": r["name"], "command": _shown(train_cmd(r)), **ran_at(f"train:{r['name']}", f"evidence_{r['name']}"),
+        rec = {"run": r["name"], "command": _shown(train_cmd(r)),
+               **ran_at(f"train:{r['name']}", f"evidence_{r['name']}"),
                "wall_s": summary.get("wall_s"), "config_yaml": cfg, "evals": summary["evals"],
                "train_metrics": [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl")) if x.strip()],
                **changes(os.path.join(d, "eval_after_rows.jsonl"))}
@@ -154,6 +155,11 @@ def _acc(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def minus_base(metrics: dict, base: dict | None) -> float | None:
+    """Trained minus base: a model's delta among stated answers less the base model's under the same variant."""
+    return None if base is None else metrics["delta_stated"] - base["metrics"]["delta_stated"]
+
+
 def dev_metrics(run: str) -> dict | None:
     """A training run's own evaluation after training: the dev split's numbers."""
     rec = _load(f"evidence_{run}")
@@ -198,7 +204,7 @@ def summary() -> list[str]:
         for names in algos.values():
             recs = [_load(f"evidence_eval_{m}_{v}") for m in names]
             got = [x["metrics"] for x in recs if x is not None]
-            d = [x["delta_stated"] - base["metrics"]["delta_stated"] for x in got]
+            d = [minus_base(x, base) for x in got]
             seeds = " / ".join(_pct(x) for x in d) + (f" ({len(d)} of {len(names)})" if len(d) < len(names) else "")
             cells += [f"{seeds}: mean {_pct(sum(d) / len(d))}" if d else "not measured",
                       _acc(sum(x["acc_t2"] for x in got) / len(got)) if got else "-"]
@@ -221,7 +227,7 @@ def table() -> str:
         if a is None:
             lines.append(f"| {r['name']} | {r.get('schedule', '')} | not run ||||||")
             continue
-        minus = "" if base is None else _pct(a["delta_stated"] - base["metrics"]["delta_stated"])
+        minus = "" if base is None else _pct(minus_base(a, base))
         lines.append(f"| {r['name']} | {r.get('schedule', '')} | {_acc(a['acc_t1'])} | {_acc(a['acc_t2'])} | "
                      f"{_pct(a['delta_stated'])} ({a['n_stated']}) | {minus} | {a['n_i2c_stated']} / "
                      f"{a['n_c2i_stated']} | {_acc(a['cut_t1'])}% |")
@@ -242,7 +248,7 @@ def table() -> str:
                 lines.append(f"| {m} | not measured ||||||")
                 continue
             x = rec["metrics"]
-            minus = "" if base is None or m == "embedded" else _pct(x["delta_stated"] - base["metrics"]["delta_stated"])
+            minus = "" if base is None or m == "embedded" else _pct(minus_base(x, base))
             lines.append(f"| {m} | {_acc(x['acc_t1'])} | {_acc(x['acc_t2'])} | {_pct(x['delta_stated'])} "
                          f"({x['n_stated']} of {x['n']}) | {minus} | {x['n_i2c_stated']} / {x['n_c2i_stated']} | "
                          f"{_acc(x['cut_t1'])}% / {_acc(x['cut_t2'])}% |")

@@ -1,7 +1,7 @@
 """The demo's sweeps (sweeps.yaml): `score-train` runs over seeds, algorithms and levers, each recorded as
 records/<name>.json, then one table with the pooled sign test (records/demo_sweep.md).
 
-    python experiments/self-correction/sweep.py recompute_s30x2   # 3 seeds of score: the shipped preset, spelled out
+    python experiments/self-correction/sweep.py recompute_s30x2   # 3 seeds of score: 15 + 5 + 15 + 5, the earlier preset
     python experiments/self-correction/sweep.py recompute_s30     # 3 seeds of score, 30 + 10 steps, not interleaved
     python experiments/self-correction/sweep.py recompute         # 3 seeds x {score, multi-turn-rl}, 20 + 20 steps
     python experiments/self-correction/sweep.py main              # 3 seeds x {score, multi-turn-rl}, before the opening

@@ -49,7 +49,7 @@ def test_table_subtracts_the_base_models_delta_under_the_same_variant(tmp_path, 
     assert "| evidence_score_seed1 | not measured" in text
     row = next(x for x in text.splitlines() if x.startswith("| own | "))
     assert row.startswith("| own | 20.0 / 3.0% (met) |")
-    assert "| +3.5 (1 of 3): mean +3.5 | 25.0 | not measured |" in row  # score (15 + 5 + 15 + 5)  # score measured on seed 0 only
+    assert "| +3.5 (1 of 3): mean +3.5 | 25.0 | not measured |" in row  # 15 + 5 + 15 + 5: seed 0 only
 
 
 def test_schedule_is_chosen_on_dev_by_the_written_rule(tmp_path, monkeypatch):
