@@ -90,10 +90,16 @@ def collect() -> list[str]:
             cfg = f.read()
         rec = {"run": r["name"], "command": _shown(train_cmd(r)),
                **ran_at(f"train:{r['name']}", f"evidence_{r['name']}"),
-               "wall_s": summary.get("wall_s"), "config_yaml": cfg, "evals": summary["evals"],
+               "wall_s": summary.get("wall_s"), "model_digest": digest(os.path.join(d, "final_model")),
+               "config_yaml": cfg, "evals": summary["evals"],
                "train_metrics": [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl")) if x.strip()],
                **changes(os.path.join(d, "eval_after_rows.jsonl"))}
-        written.append(_write(f"evidence_{r['name']}", rec))
+        name, old = record_name(r["name"], rec), _load(f"evidence_{r['name']}")
+        if name == f"evidence_{r['name']}" and old and old.get("model_digest") != rec["model_digest"]:
+            # the same figures from another run: the record keeps the first run and lists the reproductions
+            seen = [x for x in old.get("reproduced", []) if x["model_digest"] != rec["model_digest"]]
+            rec = dict(old, reproduced=seen + [{k: rec[k] for k in ("commit", "machine", "wall_s", "model_digest")}])
+        written.append(_write(name, rec))
     for v in P["variants"]:
         for m in models(v):
             path = eval_out(m, v)
@@ -103,7 +109,9 @@ def collect() -> list[str]:
                 res = json.load(f)
             g = res["greedy"]
             rows = g.pop("samples", [])
+            spec = None if m == "embedded" else os.path.join(OUT, m, "final_model")
             rec = {"model": m, "variant": v, "command": _shown(eval_cmd(m, v)),
+                   "model_digest": None if spec is None else digest(spec),
                    **ran_at(f"eval:{m}:{v}", f"evidence_eval_{m}_{v}"), "split": res["split"],
                    "n_problems": res["n_problems"],
                    "instruction": res["instruction"], "reply_prefix": res["reply_prefix"],
@@ -112,6 +120,35 @@ def collect() -> list[str]:
                    "stated_changes": [r for r in rows if r.get("stated") and r["r1"] != r["r2"]]}
             written.append(_write(f"evidence_eval_{m}_{v}", rec))
     return written
+
+
+def digest(model_dir: str) -> str | None:
+    """The first 12 hex digits of the sha256 of a model's weight files: which build of a run an evaluation read."""
+    import hashlib
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors")) if os.path.isdir(model_dir) else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name in files:
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:12]
+
+
+def record_name(run: str, rec: dict) -> str:
+    """A training record that choices were made on is never replaced by a rerun that trained another model (float
+    rounding differs between CPUs): a rerun whose dev evaluation differs (timings aside) is written beside it as
+    <run>_rerun; one that reproduces them is listed in the record's "reproduced"."""
+    old = _load(f"evidence_{run}")
+    if old is None or old.get("model_digest") == rec["model_digest"]:
+        return f"evidence_{run}"
+    return f"evidence_{run}" if _untimed(old["evals"]) == _untimed(rec["evals"]) else f"evidence_{run}_rerun"
+
+
+def _untimed(evals: list[dict]) -> list[dict]:
+    """An evaluation's figures without its timings (keys ending in _s), which differ between any two runs."""
+    return [{k: v for k, v in e.items() if not k.endswith("_s")} for e in evals]
 
 
 def ran_at(job: str, record: str) -> dict:
@@ -184,13 +221,18 @@ def choose() -> tuple[str | None, dict]:
     return max(near, key=lambda k: means[k][1]), means
 
 
+def kind(run: dict) -> str:
+    """A run's schedule (section 1's candidates) or label (a benchmark beside them), '' for neither."""
+    return run.get("schedule") or run.get("label") or ""
+
+
 def summary() -> list[str]:
     """One row per variant every model reads: trained minus base delta among stated, per seed and mean, of each
     algorithm (and SCoRe schedule), and its mean Acc@t2."""
     algos = {}  # score's schedules apart: "score (15 + 5 + 15 + 5)", "score (30 + 10)", "multi-turn-rl"
     for r in P["runs"]:
         if r["name"] in P["models"]:
-            algos.setdefault(r["algo"] + (f" ({r['schedule']})" if "schedule" in r else ""), []).append(r["name"])
+            algos.setdefault(r["algo"] + (f" ({kind(r)})" if kind(r) else ""), []).append(r["name"])
     lines = ["", "## Trained minus base, every variant all models read (delta among stated; per seed, mean)", "",
              "| variant | base Acc@t1 / cut t1 (rules) | " + " | ".join(f"{a}: trained minus base | {a}: mean Acc@t2"
                                                          for a in algos) + " |",
@@ -225,12 +267,18 @@ def table() -> str:
     for r in P["runs"]:
         a = dev_metrics(r["name"])
         if a is None:
-            lines.append(f"| {r['name']} | {r.get('schedule', '')} | not run ||||||")
+            lines.append(f"| {r['name']} | {kind(r)} | not run ||||||")
             continue
-        minus = "" if base is None else _pct(minus_base(a, base))
-        lines.append(f"| {r['name']} | {r.get('schedule', '')} | {_acc(a['acc_t1'])} | {_acc(a['acc_t2'])} | "
-                     f"{_pct(a['delta_stated'])} ({a['n_stated']}) | {minus} | {a['n_i2c_stated']} / "
-                     f"{a['n_c2i_stated']} | {_acc(a['cut_t1'])}% |")
+        rerun = _load(f"evidence_{r['name']}_rerun")
+        for label, a in ((r["name"], a), (f"{r['name']} (rerun: {rerun['machine']})" if rerun else None,
+                                          next((e for e in rerun["evals"] if e["tag"] == "after"), None)
+                                          if rerun else None)):
+            if label is None:
+                continue
+            minus = "" if base is None else _pct(minus_base(a, base))
+            lines.append(f"| {label} | {kind(r)} | {_acc(a['acc_t1'])} | {_acc(a['acc_t2'])} | "
+                         f"{_pct(a['delta_stated'])} ({a['n_stated']}) | {minus} | {a['n_i2c_stated']} / "
+                         f"{a['n_c2i_stated']} | {_acc(a['cut_t1'])}% |")
     chosen, means = choose()
     lines += ["", "Section 1's choice (evidence.yaml `selection`, dev numbers only): "
               + (f"**{chosen}**" if chosen else "not made: a candidate lacks a seed"), "",
@@ -249,7 +297,9 @@ def table() -> str:
                 continue
             x = rec["metrics"]
             minus = "" if base is None or m == "embedded" else _pct(minus_base(x, base))
-            lines.append(f"| {m} | {_acc(x['acc_t1'])} | {_acc(x['acc_t2'])} | {_pct(x['delta_stated'])} "
+            rerun = _load(f"evidence_{m}_rerun")
+            label = m + (" (rerun)" if rerun and rec.get("model_digest") == rerun["model_digest"] else "")
+            lines.append(f"| {label} | {_acc(x['acc_t1'])} | {_acc(x['acc_t2'])} | {_pct(x['delta_stated'])} "
                          f"({x['n_stated']} of {x['n']}) | {minus} | {x['n_i2c_stated']} / {x['n_c2i_stated']} | "
                          f"{_acc(x['cut_t1'])}% / {_acc(x['cut_t2'])}% |")
     return "\n".join(lines) + "\n"

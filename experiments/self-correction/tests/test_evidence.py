@@ -83,15 +83,21 @@ def test_schedule_is_chosen_on_dev_by_the_written_rule(tmp_path, monkeypatch):
 def test_base_only_variants_and_extra_training_flags_reach_the_commands():
     jobs = ev.jobs()
     assert "eval:embedded:dev" in jobs and not any(j.startswith("eval:evidence_score_seed0:dev") for j in jobs)
+    total = {}
     for r in ev.P["runs"]:
         cfg, _ = parse_train(ev.train_cmd(r)[3:])  # as score-train reads it: the demo preset under the flags
-        assert cfg.algo.steps == 40 and cfg.data.dev_fraction == 0.1
+        steps = cfg.algo.stage1_steps + cfg.algo.stage2_steps if r["algo"] == "score" else cfg.algo.steps
+        total.setdefault("label" in r, set()).add(steps)
+        assert cfg.data.dev_fraction == 0.1
         if r.get("schedule") == "20 + 20":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (20, 20, 1)
         elif r.get("schedule") == "15 + 5 + 15 + 5":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
         elif r.get("schedule") == "30 + 10":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 1)
+    # the candidates and multi-turn-rl at the demo's 40 steps; the longer benchmark's runs at equal steps
+    assert total[False] == {40} and len(total[True]) == 1 and min(total[True]) > 40
+    assert {r["algo"] for r in ev.P["runs"] if "label" in r} == {"score", "multi-turn-rl"}
 
 
 def test_the_demo_preset_trains_what_dev_chose():
@@ -118,3 +124,49 @@ def test_a_record_keeps_the_commit_its_job_ran_at(tmp_path, monkeypatch):
     (tmp_path / "evidence_eval_embedded_dev.json").write_text(json.dumps({"commit": "old5678", "machine": "m0"}))
     assert ev.ran_at("eval:embedded:own", "evidence_eval_embedded_own") == {"commit": "abc1234", "machine": "m1"}
     assert ev.ran_at("eval:embedded:dev", "evidence_eval_embedded_dev") == {"commit": "old5678", "machine": "m0"}
+
+
+def test_a_rerun_that_trained_another_model_never_replaces_the_record_choices_were_made_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "RECORDS", str(tmp_path))
+    dev = [{"tag": "after", "delta_stated": 0.098, "acc_t2": 0.39}]
+    with open(tmp_path / "evidence_evidence_s30+10_seed0.json", "w") as f:
+        json.dump({"evals": dev, "machine": "AVX512-BF16"}, f)  # recorded before records kept a digest
+    other = {"evals": [dict(dev[0], delta_stated=0.05)], "model_digest": "0123456789ab"}
+    assert ev.record_name("evidence_s30+10_seed0", other) == "evidence_evidence_s30+10_seed0_rerun"
+    same = {"evals": [dict(dev[0], eval_s=376.3)], "model_digest": "0123456789ab"}  # slower, the same figures
+    assert ev.record_name("evidence_s30+10_seed0", same) == "evidence_evidence_s30+10_seed0"
+    assert ev.record_name("evidence_s30+10_seed1", other) == "evidence_evidence_s30+10_seed1"  # no record yet
+
+
+def test_digest_names_the_weights_an_evaluation_read(tmp_path):
+    assert ev.digest(str(tmp_path / "missing")) is None
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    first = ev.digest(str(tmp_path))
+    assert len(first) == 12
+    (tmp_path / "model.safetensors").write_bytes(b"other weights")
+    assert ev.digest(str(tmp_path)) != first
+
+
+def test_collect_keeps_the_first_run_and_lists_a_reproduction(tmp_path, monkeypatch):
+    records, out = tmp_path / "records", tmp_path / "runs"
+    records.mkdir()
+    monkeypatch.setattr(ev, "RECORDS", str(records))
+    monkeypatch.setattr(ev, "OUT", str(out))
+    run = ev.P["runs"][0]["name"]
+    dev = [{"tag": "after", "delta_stated": 0.05, "acc_t2": 0.4}]
+    first = {"run": run, "evals": [dict(dev[0], eval_s=250.0)], "machine": "AVX512-BF16", "commit": "aaa",
+             "wall_s": 1500.0}
+    (records / f"evidence_{run}.json").write_text(json.dumps(first))
+    d = out / run
+    (d / "final_model").mkdir(parents=True)
+    (d / "final_model" / "model.safetensors").write_bytes(b"rerun weights")
+    (d / "summary.json").write_text(json.dumps({"evals": [dict(dev[0], eval_s=400.0)], "wall_s": 2400.0}))
+    for name in ("config.yaml", "metrics.jsonl", "eval_after_rows.jsonl"):
+        (d / name).write_text("")
+    ev.collect()
+    got = json.loads((records / f"evidence_{run}.json").read_text())
+    assert (got["machine"], got["wall_s"], got["evals"]) == ("AVX512-BF16", 1500.0, first["evals"])
+    assert [x["wall_s"] for x in got["reproduced"]] == [2400.0]
+    ev.collect()  # collecting again lists the same reproduction once
+    assert len(json.loads((records / f"evidence_{run}.json").read_text())["reproduced"]) == 1
+    assert not (records / f"evidence_{run}_rerun.json").exists()
