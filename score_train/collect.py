@@ -6,6 +6,7 @@ they always come from the current weights (the engine shares the policy's parame
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,19 @@ class RolloutBatch:
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**31)
+
+
+def turn2_texts(rollout_cfg, instruction: str, seed: int, prompt_indices) -> tuple[str | list[str], str | list[str]]:
+    """The turn-2 instruction and reply opening of each prompt of a step: the fixed ones (strings) without a pool;
+    with rollout.instruction_pool / reply_prefix_pool, one draw per prompt (by its global index, so every rank and
+    a resumed run draw the same) from [the fixed one, *pool], the two independently ('none' = no opening)."""
+    ipool, ppool = rollout_cfg.instruction_pool, rollout_cfg.reply_prefix_pool
+    if not ipool and not ppool:
+        return instruction, rollout_cfg.reply_prefix
+    rngs = [random.Random(sample_seed(seed, i, 7)) for i in prompt_indices]
+    instrs = [r.choice([instruction, *ipool]) for r in rngs]
+    prefixes = [r.choice([rollout_cfg.reply_prefix, *ppool]) for r in rngs]
+    return instrs, ["" if p == "none" else p for p in prefixes]
 
 
 def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
@@ -71,15 +85,15 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
                                 turn2_n=cfg.rollout.turn2_n if st.rollout_turns == 2 else 1)
         # seeds by global prompt index, so the samples are the same whatever the rank count (rank 0's are the defaults)
         seeds = [sample_seed(params.seed, i, j) for i in mine for j in range(n)] if mine.start else None
+        instr, prefix = turn2_texts(cfg.rollout, instruction, params.seed, mine)
         t0 = time.perf_counter()
         model.eval()
         err, samples, rewards = None, [], None
         try:
             with D.gathered(model):
                 samples = rollout.generate([prompt_of(r) for r in recs], params, two_turn=st.two_turn,
-                                           instruction=instruction, num_turns=st.rollout_turns, seeds=seeds,
-                                           capture_layer=capture_layer,
-                                           reply_prefix=cfg.rollout.reply_prefix if st.two_turn else "")
+                                           instruction=instr, num_turns=st.rollout_turns, seeds=seeds,
+                                           capture_layer=capture_layer, reply_prefix=prefix if st.two_turn else "")
             if hook is not None:
                 hook(step, info)
             rewards = algos.reward_table(samples, reward_fn, recs, st.rollout_turns)  # [B, K]
@@ -87,8 +101,7 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
             err = e
         D.all_ok(err, info)
         t_roll = time.perf_counter() - t0
-        suffix = ([chat.suffix_ids(prompt_of(r), instruction, cfg.rollout.reply_prefix) for r in recs]
-                  if a.name == "pair-sft" else None)
+        suffix = chat.suffixes([prompt_of(r) for r in recs], instr, prefix) if a.name == "pair-sft" else None
         train_samples, values = advantages(
             a, st, samples, rewards,
             lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))

@@ -47,10 +47,11 @@ def _one_of(value, allowed, key: str):
     _need(value in allowed, f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
 
 
-def setting(default, help: str, **kw):  # noqa: A002 - TRL's name for it
-    """A field with its default and the help text `--help` prints."""
+def setting(default, help: str, sep: str = ",", **kw):  # noqa: A002 - TRL's name for it
+    """A field with its default and the help text `--help` prints. sep: how a list field's items are separated in
+    one command-line value (a pool of sentences, which hold commas, uses "|")."""
     if isinstance(default, list):
-        return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=tuple(default): list(d), metadata={"help": help, "sep": sep}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
 
 
@@ -210,6 +211,13 @@ class RolloutConfig(SamplingConfig):
                                   "cast once a step; the update and every evaluation stay in the model's dtype)")
     turn2_n: int = setting(1, "turn-2 samples per turn 1 (score, multi-turn-rl; the paged engine): each turn 1 forks "
                               "into m branches over its cached KV, turn 2's baseline is then its siblings")
+    instruction_pool: list[str] = setting([], "more turn-2 instructions, '|'-separated: each prompt's episodes of a "
+                                              "step draw one of [rollout.instruction, *pool] (a lever for turn 2 "
+                                              "to correct under instructions it never trained on); evaluation and "
+                                              "the export keep rollout.instruction", sep="|")
+    reply_prefix_pool: list[str] = setting([], "more reply openings, '|'-separated, drawn per prompt like the "
+                                               "instruction pool (independently of it) from [rollout.reply_prefix, "
+                                               "*pool]; write 'none' for the empty opening", sep="|")
 
     def check(self):
         super().check()
@@ -218,6 +226,9 @@ class RolloutConfig(SamplingConfig):
               f"rollout.dtype={self.dtype} needs rollout.engine=engine (the HF baseline samples the model as it is)")
         for k in ("prompts_per_step", "turn2_n"):
             _need(getattr(self, k) >= 1, f"rollout.{k} must be >= 1")
+        for k in ("instruction_pool", "reply_prefix_pool"):
+            _need(len(set(getattr(self, k))) == len(getattr(self, k)), f"rollout.{k} repeats an entry (each "
+                  f"entry is drawn with equal odds; repeat none): {getattr(self, k)}")
 
 
 @dataclass

@@ -32,13 +32,14 @@ RUN_IDENTITY = frozenset({"run.name", "run.out_dir"})  # they name the run direc
 _OTHER_SECTIONS = frozenset(f.name for f in dataclasses.fields(Config))
 
 
-def _coerce(value, tp, key: str):
-    """Check / convert a YAML value to the field's declared type."""
+def _coerce(value, tp, key: str, sep: str = ","):
+    """Check / convert a YAML value to the field's declared type (sep: a list's separator in one string)."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # ","-lists are trimmed; other separators keep each item's spaces (a reply opening ends in one)
+            value = [v.strip() if sep == "," else v for v in value.split(sep) if v.strip()]
             if item_tp in (int, float):  # "2,1" from the command line: each item as YAML reads it
                 value = [yaml.safe_load(v) for v in value]
         if not isinstance(value, (list, tuple)):
@@ -104,7 +105,8 @@ def _apply(obj, data: dict, prefix: str = "", *, from_file: bool = False):
                 raise UsageError(f"{key}: expected a mapping")
             _apply(cur, v, key + ".", from_file=from_file)
         else:
-            setattr(obj, k, _coerce(v, hints[k], key))
+            sep = next(f.metadata.get("sep", ",") for f in dataclasses.fields(obj) if f.name == k)
+            setattr(obj, k, _coerce(v, hints[k], key, sep))
 
 
 def nested(key: str, value) -> dict:

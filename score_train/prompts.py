@@ -119,6 +119,19 @@ class ChatFormat:
             self._suffix_cache[key] = full[len(head) + len(ph):] + pre
         return self._suffix_cache[key]
 
+    def suffixes(self, prompts: list[str], instruction: str | list[str],
+                 reply_prefix: str | list[str] = "") -> list[list[int]]:
+        """suffix_ids of each prompt; instruction and reply_prefix are one string for all prompts or a list with
+        one per prompt (an instruction pool's draw)."""
+        def each(v, name):
+            if isinstance(v, str):
+                return [v] * len(prompts)
+            if len(v) != len(prompts):
+                raise ValueError(f"{name}: a list needs one entry per prompt ({len(prompts)}), got {len(v)}")
+            return list(v)
+        return [self.suffix_ids(p, i, r) for p, i, r in zip(prompts, each(instruction, "instruction"),
+                                                            each(reply_prefix, "reply_prefix"))]
+
     @staticmethod
     def instruction_ids(suffix: list[int], turn_ids: list[int], eos_ids) -> list[int]:
         """The ids between a turn and the next: the suffix, without its end-of-turn token when the turn

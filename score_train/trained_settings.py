@@ -21,6 +21,9 @@ def write(model_dir: str, cfg) -> str:
     settings = {"instruction": cfg.rollout.instruction, "reply_prefix": cfg.rollout.reply_prefix,
                 "style": cfg.rollout.style, "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                 "num_turns": cfg.algo.num_turns, "task": cfg.data.task, "algo": cfg.algo.name}
+    for k in ("instruction_pool", "reply_prefix_pool"):  # for the record: commands default to the fixed text
+        if getattr(cfg.rollout, k, None):
+            settings[k] = list(getattr(cfg.rollout, k))
     with open(path, "w") as f:
         json.dump(settings, f, indent=1)
     return path

@@ -38,6 +38,17 @@ def test_overrides_nested_and_typed(tmp_path):
     assert cfg.data.ops == ["+", "-"] and cfg.run.tensorboard is True and cfg.run.resume is True
 
 
+def test_pools_take_sentences_on_the_command_line():
+    """The turn-2 pools are '|'-separated, so an entry may hold commas, and keep their spaces (an opening ends in
+    one); the comma lists stay trimmed."""
+    cfg, _ = parse_args(["--rollout.instruction_pool=Once more, please.|Check it.",
+                         "--rollout.reply_prefix_pool=Let me check: |none", "--data.ops= +, -"])
+    assert cfg.rollout.instruction_pool == ["Once more, please.", "Check it."]
+    assert cfg.rollout.reply_prefix_pool == ["Let me check: ", "none"] and cfg.data.ops == ["+", "-"]
+    with pytest.raises(UsageError, match="rollout.instruction_pool repeats an entry"):
+        parse_args(["--rollout.instruction_pool=A.|A."])
+
+
 def test_yaml_file_and_override_order(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("algo:\n  name: single-turn-rl\n  steps: 3\noptim:\n  lr: 1.0e-4\n")

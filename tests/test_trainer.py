@@ -436,3 +436,62 @@ def test_one_reply_prefix_for_training_and_its_evaluations(tiny_model_dir, tmp_p
         assert json.load(f)["reply_prefix"] == "Let me see: "
     pre = AutoTokenizer.from_pretrained(tiny_model_dir).encode("Let me see: ", add_special_tokens=False)
     assert samples and all(s.instruction_ids[-len(pre):] == pre for s in samples)
+
+
+def test_instruction_pool_draws_per_prompt_and_evaluations_keep_the_fixed_text(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """rollout.instruction_pool / reply_prefix_pool: each prompt of a training step gets one draw from [the fixed
+    text, *pool] ('none' = no opening), every sample's context before turn 2 holds its prompt's draw, and the
+    run's evaluations (greedy) keep rollout.instruction and rollout.reply_prefix."""
+    from transformers import AutoTokenizer
+
+    from score_train.rollout.engine import Engine
+
+    calls, samples = [], []
+    orig = Engine.generate
+
+    def spy(self, prompts, params, **kw):
+        calls.append((params.temperature, kw.get("instruction"), kw.get("reply_prefix", "")))
+        out = orig(self, prompts, params, **kw)
+        if params.temperature > 0:
+            samples.append((kw["instruction"], kw["reply_prefix"], out))
+        return out
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    cfg = tiny_cfg(tiny_model_dir, tmp_path / "a", "--algo.name=score", "--rollout.prompts_per_step=8",
+                   "--rollout.instruction=Say it again.", "--rollout.reply_prefix=Let me see: ",
+                   "--rollout.instruction_pool=Once more, please.|Check it.", "--rollout.reply_prefix_pool=none")
+    T.train(cfg)
+    assert all(i == "Say it again." and p == "Let me see: " for t, i, p in calls if t == 0.0)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    drawn_i, drawn_p = set(), set()
+    for instrs, prefixes, out in samples:
+        assert len(instrs) == len(prefixes) == 8
+        drawn_i.update(instrs)
+        drawn_p.update(prefixes)
+        for s in out:
+            want = tok.encode(instrs[s.prompt_index], add_special_tokens=False)
+            ids = s.instruction_ids
+            assert any(ids[k:k + len(want)] == want for k in range(len(ids))), (instrs[s.prompt_index], ids)
+            pre = tok.encode(prefixes[s.prompt_index], add_special_tokens=False)
+            assert not pre or ids[-len(pre):] == pre
+    assert drawn_i <= {"Say it again.", "Once more, please.", "Check it."} and len(drawn_i) >= 2, drawn_i
+    assert drawn_p == {"Let me see: ", ""}, drawn_p
+
+
+def test_turn2_texts_draws_by_global_prompt_index():
+    """Without a pool the fixed strings pass through unchanged (runs without one are bit-identical to before);
+    with one, a prompt's draw depends on the step seed and its global index only, so rank shards and resumed runs
+    agree, and every entry is drawn."""
+    from score_train.collect import turn2_texts
+    from score_train.config import RolloutConfig
+
+    plain = RolloutConfig(reply_prefix="R: ")
+    assert turn2_texts(plain, "I.", 5, range(4)) == ("I.", "R: ")
+    pool = RolloutConfig(reply_prefix="R: ", instruction_pool=["A.", "B."], reply_prefix_pool=["none", "S: "])
+    whole = turn2_texts(pool, "I.", 5, range(8))
+    halves = [turn2_texts(pool, "I.", 5, range(0, 4)), turn2_texts(pool, "I.", 5, range(4, 8))]
+    assert whole[0] == halves[0][0] + halves[1][0] and whole[1] == halves[0][1] + halves[1][1]
+    assert turn2_texts(pool, "I.", 6, range(8)) != whole  # another step draws again
+    many = turn2_texts(pool, "I.", 5, range(300))
+    assert set(many[0]) == {"I.", "A.", "B."} and set(many[1]) == {"R: ", "", "S: "}

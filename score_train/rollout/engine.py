@@ -116,8 +116,8 @@ class Engine:
 
     # -- public API -----------------------------------------------------------------------------
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None, seeds: list[int] | None = None, progress=None,
-                 num_turns: int | None = None, capture_layer: int = 0, reply_prefix: str = "") -> list[Episode]:
+                 instruction: str | list[str] | None = None, seeds: list[int] | None = None, progress=None,
+                 num_turns: int | None = None, capture_layer: int = 0, reply_prefix: str | list[str] = "") -> list[Episode]:
         """Returns len(prompts) * params.n * params.turn2_n samples ordered by (prompt_index, sample_index,
         branch_index).
         seeds: optional per-sample seeds (len(prompts) * n), else derived from params.seed.
@@ -128,7 +128,7 @@ class Engine:
         turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
-        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if turns > 1 else None
+        suffixes = self.chat.suffixes(prompts, instruction, reply_prefix) if turns > 1 else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes, seeds=seeds, progress=progress,
                                  num_turns=turns, capture_layer=capture_layer)
 

@@ -40,12 +40,12 @@ class HFRollout:
         return contextlib.nullcontext(self)  # HF samples the model as it is
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
+                 instruction: str | list[str] | None = None, reply_prefix: str | list[str] = "", num_turns: int | None = None,
                  seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[Episode]:
         turns = num_turns or (2 if two_turn else 1)
         instruction = MATH_SELF_CORRECT if instruction is None else instruction
         prompt_ids = [self.chat.prompt_ids(p) for p in prompts]
-        suffixes = [self.chat.suffix_ids(p, instruction, reply_prefix) for p in prompts] if turns > 1 else None
+        suffixes = self.chat.suffixes(prompts, instruction, reply_prefix) if turns > 1 else None
         return self.generate_ids(prompt_ids, params, suffixes=suffixes, num_turns=turns, seeds=seeds,
                                  progress=progress, capture_layer=capture_layer)
 

@@ -104,13 +104,15 @@ class Rollout(Protocol):
     model: object  # the score_train CausalLM sampled (its train/eval mode is the caller's), or None
 
     def generate(self, prompts: list[str], params: SamplingParams, *, two_turn: bool = True,
-                 instruction: str | None = None, reply_prefix: str = "", num_turns: int | None = None,
+                 instruction: str | list[str] | None = None, reply_prefix: str | list[str] = "",
+                 num_turns: int | None = None,
                  seeds: list[int] | None = None, progress=None, capture_layer: int = 0) -> list[Episode]:
         """prompts are user messages (sent through the tokenizer's chat template). Returns
         len(prompts) * params.n (* params.turn2_n) samples, ordered by (prompt_index, sample_index, branch_index).
 
         num_turns: turns per sample (default 2, or 1 with two_turn=False); `instruction` follows each turn but the
-        last, and each later reply starts with `reply_prefix` (context, not the turn's text).
+        last, and each later reply starts with `reply_prefix` (context, not the turn's text); either may be a list
+        with one entry per prompt (an instruction pool's draw), else one string serves every prompt.
         seeds: per-sample seeds (len(prompts) * n), else derived from params.seed.
         progress: called with the number of tokens drawn as they are drawn.
         capture_layer=k > 0: each sample carries `prefix_hidden`, the residual after layers [0, k) of its
