@@ -106,19 +106,41 @@ def reward_table(samples: list[Episode], reward_fn, records, num_turns: int) -> 
     return out
 
 
+def changed_after_wrong(samples: list[Episode], records, rewards: torch.Tensor, kind_of) -> torch.Tensor:
+    """[B] fp32: 1 where turn 1 was wrong (reward 0) and turn 2 states an answer other than turn 1's (by
+    rewards.answer_key, the rule the reward reads; no answer is no change). kind_of(record) -> its task kind."""
+    from score_train.rewards import answer_key
+
+    out = torch.zeros(len(samples))
+    for i, s in enumerate(samples):
+        if rewards[i, 0] > 0 or len(s.turn_texts) < 2:
+            continue
+        kind = kind_of(records[s.prompt_index])
+        k1, k2 = answer_key(kind, s.turn_texts[0]), answer_key(kind, s.turn_texts[1])
+        out[i] = float(k2 is not None and k2 != k1)
+    return out
+
+
 def group_ids(samples: list[Episode]) -> torch.Tensor:
     """[B] int64: the samples of one prompt share an id (the RLOO/GRPO group)."""
     return torch.tensor([s.prompt_index for s in samples], dtype=torch.long)
 
 
 def turn_values(settings: StageSettings, rewards: torch.Tensor, groups: torch.Tensor, *,
-                estimator: str = "rloo", std_normalize: bool = False) -> torch.Tensor:
-    """[B, K] per-turn advantages of an RL stage: shaped rewards -> group baseline -> zero on turns
-    without policy gradient (so Stage I has no turn-1 PG term)."""
+                estimator: str = "rloo", std_normalize: bool = False,
+                turn2_bonus: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K] per-turn advantages of an RL stage: shaped rewards (+ turn2_bonus [B] on turn 2, algo.change_bonus)
+    -> group baseline -> zero on turns without policy gradient (so Stage I has no turn-1 PG term)."""
     from score_kernels import turn_advantages
+    from score_kernels.advantages import shape_rewards
 
-    adv = turn_advantages(rewards.float(), groups, estimator=estimator,
-                          shaping_alpha=settings.shaping_alpha, std_normalize=std_normalize)
+    if turn2_bonus is None:
+        adv = turn_advantages(rewards.float(), groups, estimator=estimator,
+                              shaping_alpha=settings.shaping_alpha, std_normalize=std_normalize)
+    else:  # algo.change_bonus: added to turn 2's shaped reward, before the baseline
+        shaped = shape_rewards(rewards.float(), settings.shaping_alpha).clone()
+        shaped[:, 1] += turn2_bonus.to(shaped.dtype)
+        adv = turn_advantages(shaped, groups, estimator=estimator, std_normalize=std_normalize)
     mask = torch.tensor(settings.pg_turns[: adv.shape[1]], dtype=adv.dtype)
     return adv * mask
 

@@ -50,7 +50,7 @@ def turn2_texts(rollout_cfg, instruction: str, seed: int, prompt_indices) -> tup
     return instrs, ["" if p == "none" else p for p in prefixes]
 
 
-def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
+def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None, turn2_bonus=None):
     """-> (train_samples, values [B', K]). RL stages: shaped rewards, group baseline, zero on turns without PG.
     STaR keeps the corrected traces; pair-SFT builds (wrong y1, right y) traces with suffix_of(sample) the
     instruction ids after that sample's y1. SFT values are 1 on the trained turns."""
@@ -59,7 +59,7 @@ def advantages(algo, st: algos.StageSettings, samples, rewards, suffix_of=None):
             return samples, algos.branched_turn_values(st, rewards, samples, estimator=algo.estimator,
                                                        std_normalize=algo.std_normalize)
         return samples, algos.turn_values(st, rewards, algos.group_ids(samples), estimator=algo.estimator,
-                                          std_normalize=algo.std_normalize)
+                                          std_normalize=algo.std_normalize, turn2_bonus=turn2_bonus)
     if algo.name == "star":
         kept = [samples[i] for i in algos.star_select(rewards, algo.star_keep_correct)]
     else:
@@ -102,11 +102,16 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         D.all_ok(err, info)
         t_roll = time.perf_counter() - t0
         suffix = chat.suffixes([prompt_of(r) for r in recs], instr, prefix) if a.name == "pair-sft" else None
+        bonus = (a.change_bonus * algos.changed_after_wrong(samples, recs, rewards, lambda r: r.kind)
+                 if a.change_bonus and st.rollout_turns == 2 and st.pg_turns[1] else None)
         train_samples, values = advantages(
             a, st, samples, rewards,
-            lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos))
+            lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos),
+            turn2_bonus=bonus)
         gen = sum(len(t) for s in samples for t in s.turn_tokens)
         model.train()
         data_pos += P
-        yield RolloutBatch(step, stage, st, recs, samples, rewards, train_samples, values, data_pos,
-                           {"rollout_s": t_roll, "gen_tokens": gen, "gen_tokens_per_s": gen / max(t_roll, 1e-9)})
+        stats = {"rollout_s": t_roll, "gen_tokens": gen, "gen_tokens_per_s": gen / max(t_roll, 1e-9)}
+        if bonus is not None:  # how often turn 2 earned the bonus (changed a wrong turn 1's answer)
+            stats["changed_after_wrong"] = float(bonus.gt(0).float().mean())
+        yield RolloutBatch(step, stage, st, recs, samples, rewards, train_samples, values, data_pos, stats)

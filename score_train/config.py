@@ -139,6 +139,10 @@ class AlgoConfig:
     estimator: str = setting("rloo", "advantage baseline: rloo | grpo | reinforce | none")
     std_normalize: bool = setting(False, "divide each group's advantages by their standard deviation")
     alpha: float = setting(10.0, "Stage II shaping bonus alpha * (r2 - r1) on turn 2")
+    change_bonus: float = setting(0.0, "a named variant of turn 2's reward (score, multi-turn-rl; two turns): + this "
+                                       "when turn 2 states another answer than a wrong turn 1 did, in every stage "
+                                       "that trains turn 2, added after the shaping; a change after a right turn 1, "
+                                       "or to no answer, earns nothing. 0 = the paper's reward")
     beta1: float = setting(0.01, "KL coefficient on every trained turn (the paper's beta_1)")
     beta2: float = setting(0.1, "Stage I KL coefficient on turn 1 (the paper's beta_2)")
     kl: str = setting("k3", "k1 | k2 | k3 (sampled, from reference log-probs) | exact (full-vocabulary linear_kl)")
@@ -156,8 +160,11 @@ class AlgoConfig:
         for k in ("stage1_steps", "stage2_steps", "steps"):
             _need(getattr(self, k) >= 0, f"algo.{k} must be >= 0; got {getattr(self, k)}")
         _need(self.interleave >= 1, f"algo.interleave must be >= 1; got {self.interleave}")
-        for k in ("beta1", "beta2", "clip_eps"):
+        for k in ("beta1", "beta2", "clip_eps", "change_bonus"):
             _need(getattr(self, k) >= 0, f"algo.{k} must be >= 0; got {getattr(self, k)}")
+        _need(self.change_bonus == 0 or (self.name in MULTI_TURN_ALGOS and self.num_turns == 2),
+              f"algo.change_bonus applies to two-turn {' and '.join(MULTI_TURN_ALGOS)}; got algo.name={self.name}, "
+              f"algo.num_turns={self.num_turns}")
         _need(self.num_turns >= 2, f"algo.num_turns must be >= 2 (the first attempt and at least one correction); "
                                    f"got {self.num_turns}")
         _need(self.num_turns == 2 or self.name in (*MULTI_TURN_ALGOS, "self-refine"),
@@ -187,6 +194,8 @@ class SamplingConfig:
     TRAINING_ONLY: ClassVar[dict[str, str]] = {
         "dtype": _DTYPE_TRAINING,
         "turn2_n": "rollout.turn2_n is a training setting (turn-2 branches of the trainer's rollouts)",
+        "instruction_pool": "rollout.instruction_pool is a training setting (evaluate one text with --instruction)",
+        "reply_prefix_pool": "rollout.reply_prefix_pool is a training setting (evaluate one with --reply-prefix)",
         "prompts_per_step": "rollout.prompts_per_step is a training setting",
         "reuse_prefix": "rollout.reuse_prefix is a training setting",
     }
@@ -385,6 +394,10 @@ class Config(_Command):
                   f"{' and '.join(MULTI_TURN_ALGOS)}; got algo.name={self.algo.name}, algo.num_turns={self.algo.num_turns}")
             _need(self.rollout.engine == "engine",
                   f"rollout.turn2_n={self.rollout.turn2_n} needs rollout.engine=engine (forks over the paged KV cache)")
+        _need(self.algo.change_bonus == 0 or self.rollout.turn2_n == 1,
+              "algo.change_bonus needs rollout.turn2_n=1 (turn-2 branches have their own baseline)")
+        _need(self.algo.change_bonus == 0 or task_kind(self.data.task) != "code",
+              f"algo.change_bonus compares the turns' stated answers, which {self.data.task} (code) does not have")
         self.model.check(training=True)
         self.optim.check()
         self.data.check()

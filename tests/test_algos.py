@@ -177,3 +177,39 @@ def test_three_turn_settings_pack_and_rewards():
     v = algos.turn_values(s2, torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]), torch.tensor([0, 1]),
                           estimator="none")
     assert v.tolist() == [[0.0, 11.0, 1.0], [0.0, 0.0, 11.0]]
+
+
+def _texts(pi, si, y1, y2):
+    return Episode(prompt_index=pi, sample_index=si, prompt_ids=[1], turn1_ids=[2], turn1_logprobs=[-0.5],
+                   turn1_text=y1, finish_reasons=["eos", "eos"], instruction_ids=[3], turn2_ids=[4],
+                   turn2_logprobs=[-0.5], turn2_text=y2)
+
+
+def test_change_bonus_counts_a_changed_answer_only_after_a_wrong_turn_1():
+    """algo.change_bonus's indicator: turn 2 states another answer than a wrong turn 1 (the reward's own answer
+    rule); keeping a wrong answer, changing a right one, or stating none earns nothing."""
+    recs = [{"kind": "arithmetic"}]
+    samples = [_texts(0, 0, "12 + 5 = 18", "12 + 5 = 17"),     # wrong -> another answer (right): counts
+               _texts(0, 1, "12 + 5 = 18", "= 19"),            # wrong -> another wrong answer: counts
+               _texts(0, 2, "12 + 5 = 18", "It is 18."),       # wrong, kept: no
+               _texts(0, 3, "12 + 5 = 17", "12 + 5 = 16"),     # right, changed: no (the shaping punishes it)
+               _texts(0, 4, "12 + 5 = 18", "I am not sure.")]  # wrong -> no answer: no
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    got = algos.changed_after_wrong(samples, recs, rewards, lambda r: r["kind"])
+    assert got.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_change_bonus_is_added_to_turn_2_after_the_shaping():
+    """turn_values(turn2_bonus=b): turn 2's reward is r2 + alpha (r2 - r1) + b before the RLOO baseline, so in a
+    group of two a bonus c on one sample moves the two turn-2 advantages by +c and -c; turn 1 is untouched, and a
+    zero bonus gives the paper's values."""
+    st = algos.stage_settings(AlgoConfig(name="score", alpha=10.0), "stage2")
+    r = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    g = torch.tensor([0, 0])
+    plain = algos.turn_values(st, r, g)
+    assert torch.allclose(algos.turn_values(st, r, g, turn2_bonus=torch.zeros(2)), plain)
+    got = algos.turn_values(st, r, g, turn2_bonus=torch.tensor([0.25, 0.0]))
+    assert torch.allclose(got[:, 0], plain[:, 0])
+    assert torch.allclose(got[:, 1] - plain[:, 1], torch.tensor([0.25, -0.25]))
+    # the shaped turn-2 rewards are 11 and 1 (alpha 10): RLOO gives +10 / -10, then the bonus
+    assert torch.allclose(plain[:, 1], torch.tensor([10.0, -10.0]))

@@ -178,6 +178,10 @@ def test_adam_betas_do_not_clash_with_the_kl_coefficients(tmp_path, capsys):
     (["--algo.agg=mean"], "algo.agg"),
     (["--config", "/nonexistent/c.yaml"], "--config: no such file"),
     (["--model.dtype=float16"], "model.dtype"),  # training in fp16 is not offered
+    (["--algo.change_bonus=-1"], "algo.change_bonus must be >= 0"),
+    (["--algo.change_bonus=0.2", "--algo.name=single-turn-rl"], "algo.change_bonus applies to two-turn"),
+    (["--algo.change_bonus=0.2", "--rollout.turn2_n=2"], "algo.change_bonus needs rollout.turn2_n=1"),
+    (["--preset", "code", "--algo.change_bonus=0.2"], "algo.change_bonus compares the turns' stated answers"),
 ])
 def test_bad_values_are_usage_errors(bad, msg):
     with pytest.raises(UsageError, match=msg.replace("(", r"\(").replace("+", r"\+")):

@@ -495,3 +495,14 @@ def test_turn2_texts_draws_by_global_prompt_index():
     assert turn2_texts(pool, "I.", 6, range(8)) != whole  # another step draws again
     many = turn2_texts(pool, "I.", 5, range(300))
     assert set(many[0]) == {"I.", "A.", "B."} and set(many[1]) == {"R: ", "", "S: "}
+
+
+def test_change_bonus_trains_and_logs_how_often_it_was_earned(tiny_model_dir, tmp_path):
+    """algo.change_bonus > 0 runs both SCoRe stages and multi-turn-rl, and each step's metrics say how often turn 2
+    changed a wrong turn 1's answer (the bonus's indicator); without it the metric is absent."""
+    for algo in ("score", "multi-turn-rl"):
+        run = T.train(tiny_cfg(tiny_model_dir, tmp_path / algo, f"--algo.name={algo}", "--algo.change_bonus=0.25"))
+        rows = metrics(run["run_dir"])
+        assert rows and all(0.0 <= m["changed_after_wrong"] <= 1.0 for m in rows), rows
+    plain = T.train(tiny_cfg(tiny_model_dir, tmp_path / "plain", "--algo.name=score"))
+    assert all("changed_after_wrong" not in m for m in metrics(plain["run_dir"]))
