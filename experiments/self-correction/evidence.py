@@ -62,12 +62,12 @@ def run(names: list[str]) -> None:
     for name in names:
         cmd = jobs()[name]
         print(f"[evidence] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, at = time.perf_counter(), api.commit()  # the code the job runs is the checkout's when it starts
         with open(os.path.join(OUT, "logs", name.replace(":", "_") + ".log"), "w") as log:
             rc = subprocess.run(cmd, cwd=api.ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         with open(os.path.join(OUT, "logs", "wall.jsonl"), "a") as f:
             f.write(json.dumps({"job": name, "returncode": rc, "wall_s": time.perf_counter() - t0,
-                                "commit": api.commit(), "machine": api.machine()}) + "\n")
+                                "commit": at, "machine": api.machine()}) + "\n")
 
 
 def _shown(cmd: list[str]) -> str:
