@@ -106,16 +106,18 @@ def reward_table(samples: list[Episode], reward_fn, records, num_turns: int) -> 
     return out
 
 
-def changed_after_wrong(samples: list[Episode], records, rewards: torch.Tensor, kind_of) -> torch.Tensor:
+def changed_after_wrong(samples: list[Episode], records, rewards: torch.Tensor) -> torch.Tensor:
     """[B] fp32: 1 where turn 1 was wrong (reward 0) and turn 2 states an answer other than turn 1's (by
-    rewards.answer_key, the rule the reward reads; no answer is no change). kind_of(record) -> its task kind."""
+    rewards.answer_key, the rule the reward reads; no answer is no change). records: data.Record, by prompt_index."""
     from score_train.rewards import answer_key
 
     out = torch.zeros(len(samples))
     for i, s in enumerate(samples):
         if rewards[i, 0] > 0 or len(s.turn_texts) < 2:
             continue
-        kind = kind_of(records[s.prompt_index])
+        kind = records[s.prompt_index].kind
+        if kind == "code":  # a jsonl task's kind is only known here
+            raise ValueError("algo.change_bonus compares the turns' stated answers, which code records do not have")
         k1, k2 = answer_key(kind, s.turn_texts[0]), answer_key(kind, s.turn_texts[1])
         out[i] = float(k2 is not None and k2 != k1)
     return out

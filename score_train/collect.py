@@ -102,8 +102,8 @@ def collect(cfg, rollout, model, tok, records, order, *, start_step: int, data_p
         D.all_ok(err, info)
         t_roll = time.perf_counter() - t0
         suffix = chat.suffixes([prompt_of(r) for r in recs], instr, prefix) if a.name == "pair-sft" else None
-        bonus = (a.change_bonus * algos.changed_after_wrong(samples, recs, rewards, lambda r: r.kind)
-                 if a.change_bonus and st.rollout_turns == 2 and st.pg_turns[1] else None)
+        # (config: only two-turn score / multi-turn-rl, whose every stage trains turn 2)
+        bonus = a.change_bonus * algos.changed_after_wrong(samples, recs, rewards) if a.change_bonus else None
         train_samples, values = advantages(
             a, st, samples, rewards,
             lambda s, suffix=suffix: ChatFormat.instruction_ids(suffix[s.prompt_index], s.turn1_ids, eos),

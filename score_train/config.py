@@ -396,7 +396,7 @@ class Config(_Command):
                   f"rollout.turn2_n={self.rollout.turn2_n} needs rollout.engine=engine (forks over the paged KV cache)")
         _need(self.algo.change_bonus == 0 or self.rollout.turn2_n == 1,
               "algo.change_bonus needs rollout.turn2_n=1 (turn-2 branches have their own baseline)")
-        _need(self.algo.change_bonus == 0 or task_kind(self.data.task) != "code",
+        _need(self.algo.change_bonus == 0 or TASK_KINDS.get(self.data.task) != "code",  # jsonl: algos checks
               f"algo.change_bonus compares the turns' stated answers, which {self.data.task} (code) does not have")
         self.model.check(training=True)
         self.optim.check()

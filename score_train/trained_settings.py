@@ -22,7 +22,7 @@ def write(model_dir: str, cfg) -> str:
                 "style": cfg.rollout.style, "max_new_tokens": cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                 "num_turns": cfg.algo.num_turns, "task": cfg.data.task, "algo": cfg.algo.name}
     for k in ("instruction_pool", "reply_prefix_pool"):  # for the record: commands default to the fixed text
-        if getattr(cfg.rollout, k, None):
+        if getattr(cfg.rollout, k):
             settings[k] = list(getattr(cfg.rollout, k))
     with open(path, "w") as f:
         json.dump(settings, f, indent=1)

@@ -188,15 +188,20 @@ def _texts(pi, si, y1, y2):
 def test_change_bonus_counts_a_changed_answer_only_after_a_wrong_turn_1():
     """algo.change_bonus's indicator: turn 2 states another answer than a wrong turn 1 (the reward's own answer
     rule); keeping a wrong answer, changing a right one, or stating none earns nothing."""
-    recs = [{"kind": "arithmetic"}]
+    from score_train.data.records import Record
+
+    recs = [Record(id="a", kind="arithmetic", problem="12 + 5", answer="17")]
     samples = [_texts(0, 0, "12 + 5 = 18", "12 + 5 = 17"),     # wrong -> another answer (right): counts
                _texts(0, 1, "12 + 5 = 18", "= 19"),            # wrong -> another wrong answer: counts
                _texts(0, 2, "12 + 5 = 18", "It is 18."),       # wrong, kept: no
                _texts(0, 3, "12 + 5 = 17", "12 + 5 = 16"),     # right, changed: no (the shaping punishes it)
                _texts(0, 4, "12 + 5 = 18", "I am not sure.")]  # wrong -> no answer: no
     rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
-    got = algos.changed_after_wrong(samples, recs, rewards, lambda r: r["kind"])
+    got = algos.changed_after_wrong(samples, recs, rewards)
     assert got.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0]
+    code = [Record(id="c", kind="code", problem="def f():", tests="assert f() == 1", entry_point="f")]
+    with pytest.raises(ValueError, match="code records"):
+        algos.changed_after_wrong(samples[:1], code, rewards[:1])
 
 
 def test_change_bonus_is_added_to_turn_2_after_the_shaping():

@@ -49,6 +49,13 @@ def test_pools_take_sentences_on_the_command_line():
         parse_args(["--rollout.instruction_pool=A.|A."])
 
 
+def test_change_bonus_takes_a_jsonl_task_whose_kind_is_read_later():
+    """A jsonl task's kind is known once its records are read (algos.changed_after_wrong refuses code then), so
+    the config does not refuse the bonus for it up front."""
+    cfg, _ = parse_args(["--data.task=jsonl:/tmp/problems.jsonl", "--algo.change_bonus=0.2"])
+    assert cfg.algo.change_bonus == 0.2
+
+
 def test_yaml_file_and_override_order(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("algo:\n  name: single-turn-rl\n  steps: 3\noptim:\n  lr: 1.0e-4\n")
