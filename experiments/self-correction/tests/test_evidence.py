@@ -87,17 +87,19 @@ def test_base_only_variants_and_extra_training_flags_reach_the_commands():
     for r in ev.P["runs"]:
         cfg, _ = parse_train(ev.train_cmd(r)[3:])  # as score-train reads it: the demo preset under the flags
         steps = cfg.algo.stage1_steps + cfg.algo.stage2_steps if r["algo"] == "score" else cfg.algo.steps
-        total.setdefault("label" in r, set()).add(steps)
+        total.setdefault(r["name"].startswith("evidence_long_"), set()).add(steps)
         assert cfg.data.dev_fraction == 0.1
         if r.get("schedule") == "20 + 20":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (20, 20, 1)
         elif r.get("schedule") == "15 + 5 + 15 + 5":
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 2)
-        elif r.get("schedule") == "30 + 10":
+        elif r.get("schedule") == "30 + 10" or r["name"].startswith("evidence_lever_"):
+            # a lever changes one thing against the demo's 30 + 10, never the schedule
             assert (cfg.algo.stage1_steps, cfg.algo.stage2_steps, cfg.algo.interleave) == (30, 10, 1)
-    # the candidates and multi-turn-rl at the demo's 40 steps; the longer benchmark's runs at equal steps
+    # the candidates, the levers and multi-turn-rl at the demo's 40 steps; the longer benchmark's runs at equal steps
     assert total[False] == {40} and len(total[True]) == 1 and min(total[True]) > 40
-    assert {r["algo"] for r in ev.P["runs"] if "label" in r} == {"score", "multi-turn-rl"}
+    assert {r["algo"] for r in ev.P["runs"] if r["name"].startswith("evidence_long_")} == {"score", "multi-turn-rl"}
+    assert all("label" in r for r in ev.P["runs"] if r["name"].startswith(("evidence_long_", "evidence_lever_")))
 
 
 def test_the_demo_preset_trains_what_dev_chose():
